@@ -1,0 +1,337 @@
+"""Find the non-linear sites of a timm ViT/DeiT/Swin and wire quantized modules in their place.
+
+``prepare(model)`` replaces, in place: every LayerNorm and GELU by a :class:`QuantSite`, every
+``Attention`` / ``WindowAttention`` by a quantized attention with an explicit softmax site, every
+other Linear and the patch-embedding Conv2d by quantized versions. Until a policy is applied the
+model computes exactly what it computed before. Site names are module paths, the softmax being
+``<attention path>.softmax``; their order is the order the forward pass reaches them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from policysearch.models.attention import QuantAttention, QuantWindowAttention
+from policysearch.models.site import QuantSite, Recorder
+from policysearch.policy import Policy, PolicyError
+from policysearch.quant import QuantConv2d, QuantLinear
+from policysearch.spaces.site import Site
+
+__all__ = [
+    "UnsupportedModelError",
+    "WiringInfo",
+    "apply_policy",
+    "calibrate",
+    "find_sites",
+    "float_mode",
+    "model_family",
+    "prepare",
+    "record_sites",
+    "sites_of",
+]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = "timm VisionTransformer (vit_*, deit_*, including distilled) and SwinTransformer (swin_*)"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's structure cannot be wired; the message names the modules."""
+
+
+@dataclass
+class WiringInfo:
+    family: str
+    observer: str
+    sites: list[Site] = field(default_factory=list)
+    calibrated: bool = False
+    policy: Policy | None = None
+
+
+def model_family(model: nn.Module) -> str:
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, SwinTransformer):
+        return "swin"
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    raise UnsupportedModelError(
+        f"model class {type(model).__name__} is not supported; policysearch supports {SUPPORTED}. "
+        "Pass one of those (a timm name or a zoo name, see `policysearch list models`)."
+    )
+
+
+def _is_gelu(m: nn.Module) -> bool:
+    return isinstance(m, nn.GELU) or (type(m).__name__ == "GELU" and "timm" in type(m).__module__)
+
+
+def _attention_problem(path: str, m: nn.Module) -> str | None:
+    for attr in ("q_norm", "k_norm", "norm"):
+        sub = getattr(m, attr, None)
+        if sub is not None and not isinstance(sub, nn.Identity):
+            return f"{path} ({type(m).__name__} with {attr}={type(sub).__name__})"
+    if getattr(m, "gate", None) is not None:
+        return f"{path} ({type(m).__name__} with a gate)"
+    return None
+
+
+_UNSUPPORTED_NONLINEAR = (nn.Softmax, nn.SiLU, nn.Mish, nn.Hardswish, nn.GroupNorm, nn.BatchNorm1d)
+
+
+def _check(model: nn.Module) -> None:
+    from timm.layers import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    problems: list[str] = []
+    attn_paths: list[str] = []
+    for path, m in model.named_modules():
+        if any(path.startswith(p + ".") for p in attn_paths):
+            continue
+        if type(m) in (Attention, WindowAttention):
+            attn_paths.append(path)
+            if (p := _attention_problem(path, m)) is not None:
+                problems.append(p)
+        elif "Attention" in type(m).__name__ and not isinstance(m, (QuantAttention, QuantWindowAttention)):
+            problems.append(f"{path} ({type(m).__name__})")
+            attn_paths.append(path)
+        elif isinstance(m, _UNSUPPORTED_NONLINEAR) or type(m).__name__ in ("RmsNorm", "SwiGLU", "GluMlp"):
+            problems.append(f"{path} ({type(m).__name__})")
+        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+            problems.append(f"{path} (LayerNorm over {tuple(m.normalized_shape)})")
+    if problems:
+        shown = ", ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise UnsupportedModelError(
+            f"unsupported modules in {type(model).__name__}: {shown}. policysearch wires plain "
+            f"softmax attention, GELU MLPs and LayerNorm as in {SUPPORTED}."
+        )
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)
+
+
+def prepare(model: nn.Module, *, observer: str = "minmax") -> nn.Module:
+    """Wire quantized modules into ``model`` in place (idempotent) and return it."""
+    if isinstance(getattr(model, "_policysearch", None), WiringInfo):
+        return model
+    from timm.layers import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    family = model_family(model)
+    _check(model)
+    for path, m in list(model.named_modules()):
+        if type(m) is Attention:
+            _set(model, path, QuantAttention(m, _site(path + ".softmax", "softmax", None, family, observer), observer))
+        elif type(m) is WindowAttention:
+            _set(model, path, QuantWindowAttention(m, _site(path + ".softmax", "softmax", None, family, observer), observer))
+    for path, m in list(model.named_modules()):
+        if isinstance(m, (QuantAttention, QuantWindowAttention, QuantSite, QuantLinear, QuantConv2d)):
+            continue
+        if model.get_submodule(path) is not m:  # already replaced (an Mlp's fc1, wired with its GELU)
+            continue
+        if isinstance(m, nn.LayerNorm):
+            _set(model, path, _site(path, "layernorm", m, family, observer))
+        elif _is_gelu(m):
+            _set(model, path, _site(path, "gelu", m, family, observer, _fc1_of(model, path, observer)))
+        elif isinstance(m, nn.Linear) and not _inside_quant(model, path):
+            _set(model, path, QuantLinear(m, observer))
+        elif isinstance(m, nn.Conv2d) and path.endswith("patch_embed.proj"):
+            _set(model, path, QuantConv2d(m, observer))
+    model._policysearch = WiringInfo(family=family, observer=observer)  # type: ignore[attr-defined]
+    model._policysearch.sites = _trace_sites(model)  # type: ignore[attr-defined]
+    if not model._policysearch.sites:  # type: ignore[attr-defined]
+        raise UnsupportedModelError(f"{type(model).__name__} has no Softmax, GELU or LayerNorm site")
+    return model
+
+
+def _site(
+    name: str, kind: str, op: nn.Module | None, family: str, observer: str, fc1: QuantLinear | None = None
+) -> QuantSite:
+    acc = (lambda: fc1.last_acc_scale) if fc1 is not None else None
+    return QuantSite(name, kind, op, family=family, observer=observer, acc_scale=acc)
+
+
+def _fc1_of(model: nn.Module, gelu_path: str, observer: str) -> QuantLinear | None:
+    parent_path = gelu_path.rpartition(".")[0]
+    parent = model.get_submodule(parent_path) if parent_path else model
+    fc1 = getattr(parent, "fc1", None)
+    if isinstance(fc1, nn.Linear):
+        q = QuantLinear(fc1, observer)
+        parent.fc1 = q
+        return q
+    return fc1 if isinstance(fc1, QuantLinear) else None
+
+
+def _inside_quant(model: nn.Module, path: str) -> bool:
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (QuantAttention, QuantWindowAttention, QuantLinear)):
+            return True
+    return False
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    pe = getattr(model, "patch_embed", None)
+    size = getattr(pe, "img_size", None)
+    chans = getattr(getattr(pe, "proj", None), "in_channels", None)
+    if size is None or chans is None:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        chans, *size = cfg.get("input_size", (3, 224, 224))
+    if isinstance(size, int):
+        size = (size, size)
+    param = next(model.parameters())
+    return torch.zeros(1, chans, *size, device=param.device, dtype=param.dtype)
+
+
+def _trace_sites(model: nn.Module) -> list[Site]:
+    order: list[str] = []
+    with record_sites(model, lambda name, x, y: order.append(name)), float_mode(model), torch.no_grad():
+        was_training = model.training
+        model.eval()
+        model(_example_input(model))
+        model.train(was_training)
+    kinds = {m.site_name: m.kind for m in _quant_sites(model)}
+    seen = list(dict.fromkeys(order))
+    missing = [n for n in kinds if n not in seen]
+    if missing:
+        log.warning("sites not reached by the forward pass (kept last): %s", ", ".join(missing))
+    return [Site(name=n, kind=kinds[n]) for n in seen + missing]
+
+
+def _quant_sites(model: nn.Module) -> Iterator[QuantSite]:
+    return (m for m in model.modules() if isinstance(m, QuantSite))
+
+
+def sites_of(model: nn.Module) -> dict[str, QuantSite]:
+    """The wired model's site modules by name."""
+    return {m.site_name: m for m in _quant_sites(model)}
+
+
+def find_sites(model: nn.Module) -> list[Site]:
+    """Every Softmax, GELU and LayerNorm site in forward order (wires the model if needed)."""
+    return list(prepare(model)._policysearch.sites)
+
+
+def _info(model: nn.Module) -> WiringInfo:
+    info = getattr(model, "_policysearch", None)
+    if not isinstance(info, WiringInfo):
+        raise UnsupportedModelError("the model is not prepared; call policysearch.prepare(model) first")
+    return info
+
+
+def _set_flag(model: nn.Module, attr: str, value: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, attr) and isinstance(getattr(m, attr), bool) and not isinstance(m, nn.Dropout):
+            setattr(m, attr, value)
+
+
+@contextlib.contextmanager
+def float_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily run the exact float model (quantization switched off)."""
+    states = [(m, m.enabled) for m in model.modules() if isinstance(getattr(m, "enabled", None), bool)]
+    _set_flag(model, "enabled", False)
+    try:
+        yield model
+    finally:
+        for m, e in states:
+            m.enabled = e
+
+
+@contextlib.contextmanager
+def record_sites(model: nn.Module, recorder: Recorder) -> Iterator[None]:
+    """Call ``recorder(name, kernel_input, output)`` at every site during the block."""
+    sites = list(_quant_sites(model))
+    for s in sites:
+        s.recorder = recorder
+    try:
+        yield
+    finally:
+        for s in sites:
+            s.recorder = None
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bool = False) -> nn.Module:
+    """Observe activation ranges on float forwards of ``batches`` (images); returns the model."""
+    info = _info(prepare(model))
+    was_training = model.training
+    model.eval()
+    for m in model.modules():
+        if hasattr(m, "observer"):
+            m.observer.reset()
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="calibrate", leave=False)
+    with float_mode(model):
+        _set_flag(model, "calibrating", True)
+        try:
+            n = 0
+            for x in batches:
+                model(x.to(next(model.parameters()).device))
+                n += 1
+        finally:
+            _set_flag(model, "calibrating", False)
+    if n == 0:
+        raise ValueError("calibration needs at least one batch of images")
+    model.train(was_training)
+    info.calibrated = True
+    return model
+
+
+def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
+    """Make ``model`` run ``policy`` (wires it first if needed) and return it.
+
+    The policy must name exactly the model's sites. An uncalibrated model quantizes each
+    activation from its own range (dynamic); call :func:`calibrate` first for static ranges.
+    """
+    info = _info(prepare(model))
+    names = [s.name for s in info.sites]
+    unknown = [s.name for s in policy.sites if s.name not in names]
+    if unknown:
+        raise PolicyError(
+            f"policy names site(s) the model does not have: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''}; list the model's sites with `policysearch list sites`"
+        )
+    missing = [n for n in names if n not in policy]
+    if missing:
+        raise PolicyError(f"policy assigns no method to site(s): {', '.join(missing[:5])}"
+                          f"{' ...' if len(missing) > 5 else ''}")
+    kinds = {s.name: s.kind for s in info.sites}
+    for site, _ in policy.items():
+        if kinds[site.name] != site.kind:
+            raise PolicyError(f"site {site.name!r} is a {kinds[site.name]} in the model, not {site.kind}")
+    if not info.calibrated:
+        log.warning("model not calibrated: activations are quantized dynamically per tensor")
+    _set_bits(model, policy)
+    _set_flag(model, "enabled", True)
+    info.policy = policy
+    return model
+
+
+def _set_bits(model: nn.Module, policy: Policy) -> None:
+    modules = dict(model.named_modules())
+    for m in modules.values():
+        if isinstance(m, (QuantLinear, QuantConv2d)):
+            m.weight_bits, m.act_bits = policy.weight_bits, policy.act_bits
+        elif isinstance(m, (QuantAttention, QuantWindowAttention)):
+            m.act_bits = m.qk_bits = policy.act_bits
+    for site, choice in policy.items():
+        mod = modules[site.name]
+        mod.choice, mod.act_bits = choice, policy.act_bits
+        if choice.method != "ibert" or choice.bits is None:
+            continue
+        # I-BERT eats the accumulator: its bits are those of the producing matmul's operands
+        parent = modules[site.name.rpartition(".")[0]]
+        if site.kind == "softmax":
+            parent.qk_bits = choice.bits
+        elif site.kind == "gelu" and isinstance(getattr(parent, "fc1", None), QuantLinear):
+            parent.fc1.act_bits = choice.bits
