@@ -67,9 +67,9 @@ class EvalResult:
     def from_dict(cls, data: Mapping[str, Any]) -> "EvalResult":
         return cls(
             values=tuple(data["values"]),
-            metrics=dict(data.get("metrics", {})),
+            metrics={k: float(v) for k, v in data.get("metrics", {}).items()},
             sites={
-                k: SiteMetrics(gamma=v["gamma"], beta=v["beta"])
+                k: SiteMetrics(gamma=float(v["gamma"]), beta=float(v["beta"]))
                 for k, v in data.get("sites", {}).items()
             },
             error=data.get("error"),

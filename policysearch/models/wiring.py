@@ -181,7 +181,8 @@ def _inside_quant(model: nn.Module, path: str) -> bool:
 def _example_input(model: nn.Module) -> torch.Tensor:
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
-    chans = getattr(getattr(pe, "proj", None), "in_channels", None)
+    weight = getattr(getattr(pe, "proj", None), "weight", None)
+    chans = weight.shape[1] if weight is not None else None
     if size is None or chans is None:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         chans, *size = cfg.get("input_size", (3, 224, 224))

@@ -1,0 +1,175 @@
+"""Thin command-line interface: every command calls the public API and prints its result."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Callable, Sequence
+
+__all__ = ["main"]
+
+log = logging.getLogger("policysearch")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from policysearch import kernels
+
+        for kind in kernels.kinds():
+            print(f"{kind:10s} {', '.join(kernels.methods(kind))}")
+        return 0
+    if args.what == "models":
+        from policysearch.models.zoo import list_zoo
+
+        for name in list_zoo():
+            print(name)
+        print("(and any timm ViT/DeiT/Swin name with --checkpoint PATH)")
+        return 0
+    if args.what == "strategies":
+        from policysearch.strategies import list_strategies
+
+        print("\n".join(list_strategies()))
+        return 0
+    from policysearch import find_sites
+    from policysearch.models.loading import load_model
+
+    model = load_model(args.model, checkpoint=args.checkpoint)
+    sites = find_sites(model)
+    width = max(len(s.name) for s in sites)
+    for s in sites:
+        print(f"{s.name:{width}s}  {s.kind}")
+    counts = Counter(s.kind for s in sites)
+    print(f"{len(sites)} sites: " + ", ".join(f"{counts[k]} {k}" for k in ("softmax", "gelu", "layernorm")))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from policysearch.search import SearchConfig, search
+
+    config = SearchConfig(
+        strategy=args.strategy, model=args.model, checkpoint=args.checkpoint, data=args.data,
+        space=args.space, objective=args.objective, runner=args.runner, trials=args.trials,
+        seed=args.seed, weight_bits=args.weight_bits or args.bits, act_bits=args.bits,
+        storage=args.storage, run_name=args.run_name, device=args.device, results_dir=args.results_dir,
+    )
+    res = search(config, progress=not args.no_progress)
+    _print_summary(res)
+    return 0
+
+
+def _print_summary(res: "object") -> None:
+    from policysearch.report import summary_text
+
+    print(summary_text(res))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from policysearch.report import export_run
+
+    path = export_run(args.run, out=args.out, results_dir=args.results_dir)
+    print(path)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from policysearch.report import evaluate_policy_file
+
+    report = evaluate_policy_file(
+        args.policy, model=args.model, checkpoint=args.checkpoint, data=args.data, device=args.device,
+        eval_size=args.eval_size,
+    )
+    print(report)
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="fmnist_vit", help="zoo name or timm model name (default: fmnist_vit)")
+    p.add_argument("--checkpoint", default=None, help="weights file for a timm model (safetensors or torch)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policysearch",
+        description="Search per-layer integer-only quantization policies for vision transformers.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list sites of a model, methods, models or strategies")
+    p.add_argument("what", choices=["sites", "methods", "models", "strategies"])
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("run", help="search a policy and write results/<run>/")
+    p.add_argument("--strategy", required=True, help="search strategy (see `policysearch list strategies`)")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--space", default="paper", help="space preset name or YAML path (default: paper)")
+    p.add_argument("--objective", default="kl", help="objective preset name or YAML path (default: kl)")
+    p.add_argument("--runner", default="local", help="runner (default: local)")
+    p.add_argument("--trials", type=int, default=None, help="evaluation budget for tpe/nsga2/random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, default=8, help="activation bits (default 8)")
+    p.add_argument("--weight-bits", type=int, default=None, help="weight bits (default: --bits)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///results/studies.db)")
+    p.add_argument("--run-name", default=None, help="study/run name; the same name resumes")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("export", help="write the policy JSON of a finished run")
+    p.add_argument("run", help="run name (folder under results/) or its path")
+    p.add_argument("--out", default=None, help="output file (default: print the run's policy.json path)")
+    p.add_argument("--results-dir", default="results")
+    p.set_defaults(func=_cmd_export)
+
+    for name, help_ in (("apply", "evaluate a policy file in a fresh process and compare with its metrics"),
+                        ("eval", "top-1 of a model in float, or under --policy")):
+        p = sub.add_parser(name, help=help_)
+        if name == "apply":
+            p.add_argument("policy", help="policy JSON file")
+            p.add_argument("--model", default=None, help="model (default: the one named in the policy file)")
+            p.add_argument("--checkpoint", default=None)
+        else:
+            p.add_argument("--policy", default=None, help="policy JSON file (default: float model)")
+            _add_model_args(p)
+        _add_data_args(p)
+        p.add_argument("--eval-size", type=int, default=None, help="limit the evaluation images")
+        p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="fmnist-sample",
+                   help="fmnist-sample (default, shipped) | fmnist | imagefolder:PATH")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+
+
+class _CleanExit(Exception):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    from policysearch.errors import USER_ERRORS
+
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        print(f"policysearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("policysearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

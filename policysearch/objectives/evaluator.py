@@ -1,0 +1,181 @@
+"""The evaluator: calibrate once, cache float references, then score policies.
+
+For a policy it returns per site the ASQNR of the kernel's input (gamma) and output (beta) against
+the float model on the calibration batch, and model-level metrics on the evaluation images:
+logit SQNR, KL(float || quantized), top-1 agreement with float and top-1 accuracy.
+
+Activation reuse: the forward is a chain of segments (stem, blocks, head). The inputs of every
+segment are kept for the last evaluated policies; a policy whose first changed site lies in
+segment ``k`` restarts there. Site metrics of earlier segments are reused too.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from policysearch.models.segments import Segment, segments
+from policysearch.models.wiring import apply_policy, calibrate, find_sites, float_mode, record_sites
+from policysearch.objectives.objective import Objective, load_objective
+from policysearch.objectives.sqnr import asqnr, logit_metrics
+from policysearch.policy import Policy
+from policysearch.result import EvalResult, SiteMetrics
+from policysearch.spaces.site import Site
+
+__all__ = ["Evaluator"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Run:
+    """Cached activations of one evaluated policy."""
+
+    policy: Policy
+    inputs: list[list[torch.Tensor]]  # [batch][segment] -> input of that segment
+    logits: list[torch.Tensor]
+    sites: dict[str, SiteMetrics] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Scores policies on one prepared, calibrated model. Build once per process and reuse."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        calib_images: torch.Tensor,
+        eval_images: torch.Tensor,
+        eval_labels: torch.Tensor | None = None,
+        objective: Objective | str = "kl",
+        batch_size: int = 256,
+        sqnr_batch: int = 64,
+        device: str | torch.device = "cpu",
+        reuse: bool = True,
+        keep_runs: int = 2,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.objective = load_objective(objective)
+        self.reuse = reuse
+        self.keep_runs = keep_runs
+        self.sites: list[Site] = find_sites(self.model)
+        self.segments: list[Segment] = segments(self.model)
+        self._site_segment = {s.name: self._segment_of(s.name) for s in self.sites}
+        calib = calib_images.to(self.device)
+        calibrate(self.model, calib.split(batch_size))
+        # batch 0: the SQNR batch (site recording); the rest: evaluation images
+        self.batches: list[torch.Tensor] = [calib[:sqnr_batch]] + list(eval_images.to(self.device).split(batch_size))
+        self.labels = eval_labels.to(self.device) if eval_labels is not None else None
+        self._runs: list[_Run] = []
+        self._float_reference()
+        self.evaluations = 0
+        self.segment_calls = 0
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _segment_of(self, site: str) -> int:
+        for i, seg in enumerate(self.segments):
+            if seg.owns(site):
+                return i
+        raise RuntimeError(f"site {site!r} belongs to no segment")  # wiring bug, not user input
+
+    @torch.no_grad()
+    def _float_reference(self) -> None:
+        store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with float_mode(self.model), record_sites(self.model, lambda n, x, y: store.__setitem__(n, (x, y))):
+            self.ref_logits = [self.model(self.batches[0])]
+            store_copy = dict(store)
+            self.ref_logits += [self.model(b) for b in self.batches[1:]]
+        self.ref_sites = store_copy
+        eval_ref = torch.cat(self.ref_logits[1:]) if len(self.batches) > 1 else self.ref_logits[0]
+        self.float_metrics = {"top1": self._top1(eval_ref)}
+
+    def _top1(self, logits: torch.Tensor) -> float:
+        if self.labels is None:
+            return math.nan
+        return float((logits.argmax(-1) == self.labels).double().mean())
+
+    # -- evaluation --------------------------------------------------------------------------
+    def first_changed_segment(self, policy: Policy, run: _Run) -> int:
+        if (policy.weight_bits, policy.act_bits) != (run.policy.weight_bits, run.policy.act_bits):
+            return 0
+        for site, choice in policy.items():
+            if run.policy[site.name] != choice:
+                return self._site_segment[site.name]
+        return len(self.segments)
+
+    def _best_run(self, policy: Policy) -> tuple[_Run | None, int]:
+        best, start = None, 0
+        if self.reuse:
+            for run in self._runs:
+                k = self.first_changed_segment(policy, run)
+                if k > start:
+                    best, start = run, k
+        return best, min(start, len(self.segments) - 1)
+
+    @torch.no_grad()
+    def evaluate(self, policy: Policy) -> EvalResult:
+        """Score ``policy``; a non-finite output gives a failed result, never an exception."""
+        apply_policy(self.model, policy)
+        base, start = self._best_run(policy)
+        recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        inputs: list[list[torch.Tensor]] = []
+        logits: list[torch.Tensor] = []
+        for b, x in enumerate(self.batches):
+            seg_inputs = list(base.inputs[b][:start]) if base is not None else []
+            h = base.inputs[b][start] if base is not None else x
+            rec = (lambda n, xi, yo: recorded.__setitem__(n, (xi, yo))) if b == 0 else (lambda *a: None)
+            with record_sites(self.model, rec):
+                for seg in self.segments[start:]:
+                    seg_inputs.append(h)
+                    h = seg.fn(h)
+                    self.segment_calls += 1
+            inputs.append(seg_inputs)
+            logits.append(h)
+        site_metrics = {n: m for n, m in (base.sites.items() if base is not None else ())
+                        if self._site_segment[n] < start}
+        for name, (xq, yq) in recorded.items():
+            x_ref, y_ref = self.ref_sites[name]
+            site_metrics[name] = SiteMetrics(gamma=asqnr(x_ref, xq), beta=asqnr(y_ref, yq))
+        run = _Run(policy=policy, inputs=inputs, logits=logits, sites=site_metrics)
+        self._remember(run)
+        self.evaluations += 1
+        return self._result(run)
+
+    def _remember(self, run: _Run) -> None:
+        if not self.reuse:
+            return
+        self._runs.append(run)
+        del self._runs[: -self.keep_runs]
+
+    def _result(self, run: _Run) -> EvalResult:
+        ordered = {s.name: run.sites[s.name] for s in self.sites if s.name in run.sites}
+        eval_logits = torch.cat(run.logits[1:]) if len(run.logits) > 1 else run.logits[0]
+        eval_ref = torch.cat(self.ref_logits[1:]) if len(self.ref_logits) > 1 else self.ref_logits[0]
+        metrics = logit_metrics(eval_ref, eval_logits)
+        metrics["top1"] = self._top1(eval_logits)
+        finite = [m for m in ordered.values() if math.isfinite(m.gamma) and math.isfinite(m.beta)]
+        n = max(len(finite), 1)
+        metrics["mean_sqnr_diff"] = sum(m.diff for m in finite) / n if finite else math.nan
+        metrics["mean_sqnr_drop"] = sum(m.drop for m in finite) / n if finite else math.nan
+        metrics["mean_beta"] = sum(m.beta for m in finite) / n if finite else math.nan
+        values = self.objective.compute(metrics)
+        error = None
+        if not bool(torch.isfinite(eval_logits).all()):
+            error = "the quantized model produced non-finite logits (NaN/inf)"
+        return EvalResult(values=values, metrics=metrics, sites=ordered, error=error)
+
+    def clear_cache(self) -> None:
+        self._runs.clear()
+
+    def uniform(self, method: str, *, act_bits: int = 8, weight_bits: int = 8) -> Policy:
+        return Policy.uniform(self.sites, method, act_bits=act_bits, weight_bits=weight_bits,
+                              fallback={"gelu": "ivit"})
+
+    @property
+    def site_names(self) -> Sequence[str]:
+        return [s.name for s in self.sites]

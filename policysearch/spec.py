@@ -1,0 +1,70 @@
+"""EvaluatorSpec: the picklable recipe a worker uses to build its evaluator once."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["EvaluatorSpec", "get_evaluator", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from policysearch.errors import ConfigError
+
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluatorSpec:
+    model: str = "fmnist_vit"
+    checkpoint: str | None = None
+    data: str = "fmnist-sample"
+    objective: Mapping[str, Any] = field(default_factory=lambda: {"name": "kl"})
+    device: str = "auto"
+    calib_size: int | None = None
+    eval_size: int | None = None
+    batch_size: int = 256
+    sqnr_batch: int = 64
+    seed: int = 0
+    reuse: bool = True
+
+    def key(self) -> str:
+        return repr(sorted((k, repr(v)) for k, v in self.__dict__.items()))
+
+    def build(self) -> Any:
+        from policysearch.data import load_data
+        from policysearch.models.loading import check_compatible, load_model
+        from policysearch.objectives import Evaluator, Objective
+
+        torch.manual_seed(self.seed)
+        model = load_model(self.model, checkpoint=self.checkpoint)
+        data = load_data(self.data, model=model, calib_size=self.calib_size, eval_size=self.eval_size)
+        check_compatible(model, data)
+        calib_x = data.calib_images()
+        eval_x, eval_y = data.eval_tensors()
+        objective = self.objective if isinstance(self.objective, Objective) else Objective.from_dict(self.objective)
+        return Evaluator(
+            model, calib_images=calib_x, eval_images=eval_x, eval_labels=eval_y, objective=objective,
+            batch_size=self.batch_size, sqnr_batch=self.sqnr_batch, device=resolve_device(self.device),
+            reuse=self.reuse,
+        )
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def get_evaluator(spec: EvaluatorSpec) -> Any:
+    """The process-wide evaluator for ``spec`` (built on first use)."""
+    key = spec.key()
+    if key not in _CACHE:
+        _CACHE.clear()  # one model per process at a time
+        _CACHE[key] = spec.build()
+    return _CACHE[key]
