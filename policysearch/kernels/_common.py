@@ -1,0 +1,77 @@
+"""Shared pieces of the integer kernels: the registry, STE wrapping, the i-exp polynomials.
+
+Conventions of every official reference, kept here: integers are simulated in float32,
+``x_int = x / scale`` is *not* rounded, "floor" is ``torch.floor`` and "round" ``torch.round``
+(half to even), and float32 intermediates are kept where the references have them (so
+``2**31 - 1`` becomes ``2**31`` when it meets a float32 tensor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from policysearch.registry import Registry
+
+__all__ = ["KERNELS", "KernelEntry", "as_scale", "i_exp_poly", "shift_exp", "with_ste"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelEntry:
+    factory: Callable[..., nn.Module]
+    bits: tuple[int, ...] = ()  # allowed output bits; () = the method has none
+    default_bits: int | None = None
+
+
+#: ``"kind/method"`` -> entry.
+KERNELS: Registry[KernelEntry] = Registry("kernel")
+
+
+def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A float32 scale tensor on ``x``'s device, shape () / (1,) / (C,) broadcasting on the last dim."""
+    s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    return s.reshape(()) if s.numel() == 1 else s.reshape(-1)
+
+
+def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Integer result forward, gradient of the float operator backward (for QAT)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return y_int
+    yf = y_float()
+    return yf + (y_int - yf).detach()
+
+
+# I-BERT i-exp (IntSoftmax.int_polynomial / int_exp), shared by I-BERT and FQ-ViT.
+IEXP_X0 = -0.6931  # ~ -ln 2
+IEXP_N = 30
+IEXP_COEF = (0.35815147, 0.96963238, 1.0)
+
+
+def i_exp_poly(x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-BERT's integer exp of ``x_int <= 0`` at scale ``s``: ``(exp_int, exp_scale)``."""
+    a, b, c = IEXP_COEF
+    b_over_a, c_over_a = b / a, c / a  # Python floats, as the reference stores them
+    x0_int = torch.floor(IEXP_X0 / s)
+    x_int = torch.maximum(x_int, IEXP_N * x0_int)
+    q = torch.floor(x_int / x0_int)
+    r = x_int - x0_int * q
+    b_int = torch.floor(b_over_a / s)
+    c_int = torch.floor(c_over_a / s**2)
+    z = r * (r + b_int) + c_int
+    poly_scale = a * s**2
+    exp_int = torch.clamp(torch.floor(z * 2 ** (IEXP_N - q)), min=0)
+    return exp_int, poly_scale / 2**IEXP_N
+
+
+def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-ViT's ``int_exp_shift``: e^x by shifts, log2(e) ~ 1.0111b, linear 2^f ~ 1 + f/2."""
+    x_int = x_int + torch.floor(x_int / 2) - torch.floor(x_int / 2**4)
+    x0_int = torch.floor(-1.0 / s)
+    x_int = torch.maximum(x_int, n * x0_int)
+    q = torch.floor(x_int / x0_int)
+    r = x_int - x0_int * q
+    exp_int = r / 2 - x0_int
+    exp_int = torch.clamp(torch.floor(exp_int * 2 ** (n - q)), min=0)
+    return exp_int, s / 2**n

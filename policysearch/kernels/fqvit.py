@@ -1,0 +1,114 @@
+"""FQ-ViT integer operators (Lin et al. 2022): Log-Int-Softmax and the PTF LayerNorm.
+
+Reference: megvii-research/FQ-ViT @ 5daf5915, ``models/ptq/layers.py`` (``QIntSoftmax`` with
+``log_i_softmax=True``, ``QIntLayerNorm`` in ``'int'`` mode). FQ-ViT has no integer GELU.
+Design input precision: softmax from a uint8 activation; LayerNorm from a uint8 Power-of-Two-Factor
+(per-channel ``s * 2^alpha``) activation. Constants: i-exp as I-BERT (``n = 30``, no 16-bit
+requantization); LIS output ``bits = 4``, ``log_round`` threshold ``1.5 * 2^f``; ``get_MN`` with
+an 8-bit ``M`` and ``N <= 31``.
+
+Output representation: the LIS output ``2^-qlog`` (codes 0..15, masked = 0) is expressed on the
+uniform grid ``out_scale = 2^-(2^bits - 1)`` with ``q_out = 2^(2^bits - 1 - qlog)``, so
+``y = q_out * out_scale`` is exactly the reference's ``y``; :func:`log2_codes` recovers the codes.
+
+Deviations, each tested:
+
+* Softmax: an entry whose ``exp_int`` is 0 (far below the row max) gives ``S / 0 = inf`` in the
+  reference's ratio; here it is masked directly (code >= 16, value 0), which is what the
+  reference's mask does with that ``inf``; ``-inf`` inputs behave the same.
+* LayerNorm: ``out_scale`` (the next activation quantizer's scale in the reference) is an
+  optional argument; without it, it is derived from this call as ``max|LayerNorm(x)| / 127``.
+  A constant row (``std = 0``) gives NaN in the reference (FQ-ViT #31); here its output is the
+  bias, quantized to ``out_scale``, as a float LayerNorm with any eps gives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, i_exp_poly, with_ste
+
+__all__ = ["FQViTLayerNorm", "FQViTSoftmax", "log2_codes"]
+
+
+def log_round(ratio: torch.Tensor) -> torch.Tensor:
+    """FQ-ViT's ``log_round``: ``floor(log2 r)``, plus 1 where ``r >= 1.5 * 2^floor(log2 r)``."""
+    big = torch.floor(torch.log2(ratio))
+    extra = (ratio - 2**big) >= 2 ** (big - 1)
+    return big + extra.to(big.dtype)
+
+
+def log2_codes(y: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """Codes ``qlog`` of a LIS output (``2^bits`` stands for a masked, zero entry)."""
+    return torch.where(y > 0, -torch.log2(y), torch.full_like(y, 2**bits))
+
+
+class FQViTSoftmax(nn.Module):
+    def __init__(self, bits: int = 4) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        top = 2**self.bits - 1
+        with torch.no_grad():
+            x_int = x.detach() / s
+            x_int = x_int - x_int.max(dim=-1, keepdim=True).values
+            x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
+            exp_int, _ = i_exp_poly(x_int, s)
+            total = exp_int.sum(dim=-1, keepdim=True)
+            zero = exp_int == 0
+            ratio = torch.round(total / torch.where(zero, torch.ones_like(exp_int), exp_int))
+            code = log_round(ratio)
+            mask = zero | (code >= 2**self.bits)
+            qlog = torch.clamp(code, 0, top)
+            q_out = torch.where(mask, torch.zeros_like(qlog), torch.pow(2.0, top - qlog))
+            out_scale = torch.tensor(2.0**-top, device=x.device)
+        return with_ste(x, q_out * out_scale, lambda: x.softmax(-1)), out_scale
+
+
+def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a ~= M / 2^N`` with an 8-bit ``M`` (FQ-ViT ``get_MN``)."""
+    n = torch.clamp(bit - 1 - torch.floor(torch.log2(a)), 0, 31)
+    m = torch.clamp(torch.floor(a * torch.pow(2, n)), 0, 2**bit - 1)
+    return m, n
+
+
+class FQViTLayerNorm(nn.Module):
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def _float(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.norm
+        return F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps)
+
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor, *, out_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = self.norm.weight.detach(), self.norm.bias.detach()
+        with torch.no_grad():
+            if out_scale is None:
+                out_scale = (self._float(x.detach()).abs().max() / 127).clamp(min=1e-8)
+            out_scale = as_scale(out_scale, x)
+            in_scale = as_scale(scale, x)
+            channels = x.shape[-1]
+            x_q = torch.round(x.detach() / in_scale)
+            s1 = in_scale.min()
+            x_q = x_q * torch.round(in_scale / s1)
+            mean = x_q.mean(dim=-1) * s1
+            std = (s1 / channels) * torch.sqrt(channels * (x_q**2).sum(dim=-1) - x_q.sum(dim=-1) ** 2)
+            flat = ~(std > 0)
+            std = torch.where(flat, torch.ones_like(std), std)
+            a = (s1 / std).unsqueeze(-1) * weight / out_scale
+            m, n = get_mn(a.abs())
+            b = torch.round((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * torch.pow(2, n))
+            out_int = torch.round((a.sign() * m * x_q + b) / torch.pow(2, n))
+            out_int = torch.where(flat.unsqueeze(-1), torch.round(bias / out_scale).expand_as(out_int), out_int)
+        return with_ste(x, out_int * out_scale, lambda: self._float(x)), out_scale
+
+
+KERNELS.register("softmax/fqvit", KernelEntry(factory=lambda bits=4, **_: FQViTSoftmax(bits),
+                                              bits=(4,), default_bits=4))
+KERNELS.register("layernorm/fqvit", KernelEntry(factory=lambda norm, **_: FQViTLayerNorm(norm)))

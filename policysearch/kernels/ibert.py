@@ -1,0 +1,140 @@
+"""I-BERT integer operators (Kim et al. 2021): i-exp softmax, i-GELU, integer-sqrt LayerNorm.
+
+Reference: kssteven418/I-BERT, branch ``ibert`` @ 1b09c759,
+``fairseq/quantization/utils/quant_modules.py`` (``IntSoftmax``, ``IntGELU``, ``IntLayerNorm``).
+Design input precision: softmax and GELU take the int32 matmul accumulator (scales ~1e-5..1e-3);
+LayerNorm takes a 22-bit activation. Constants: exp ``x0 = -0.6931``, ``n = 30``,
+``(a, b, c) = (0.35815147, 0.96963238, 1)``; GELU ``k = 1.4142``, ``n = 14``,
+``(a, b, c) = (-0.2888, -1.769, 1)``; numerators 2^32 (softmax) and 2^31 (LayerNorm).
+
+Deviations, each tested:
+
+* Softmax: the reference requantizes ``exp_int`` to 16 bits through a ``QuantAct`` that keeps an
+  EMA range across calls (and is never frozen, I-BERT #10). Here every call computes what a
+  *freshly built* module computes on its first call: the range is this call's min/max of
+  ``exp_int``. No state leaks between calls.
+* Softmax: ``out_scale`` is a tensor on ``x.device`` (the reference returns a Python float, I-BERT #4).
+* GELU: the reference's output scale is negative (``s * a * s_e^2 * 2^14 / 2`` with ``a < 0``);
+  here ``out_scale`` is its absolute value and the integers are negated, so ``y`` is identical.
+* LayerNorm: the reference's overflow ``shift`` is a buffer that only grows; here it is the shift
+  a fresh module would set on this call. A constant row gives ``std_int = 0`` and NaN in the
+  reference (open PR #30); here ``std_int`` is clamped to at least 1, so the output is the bias.
+  ``dim_sqrt`` is computed per call from the last dim (the reference caches it and needs 3-D input);
+  any rank works, reduced over the last dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, i_exp_poly, with_ste
+
+__all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax"]
+
+_EXP_BITS = 16
+
+
+def _frexp31(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mantissa, exponent = torch.frexp(ratio.double())
+    return torch.floor(mantissa * 2.0**31 + 0.5), 31.0 - exponent.double()
+
+
+class IBertSoftmax(nn.Module):
+    def __init__(self, output_bit: int = 8) -> None:
+        super().__init__()
+        self.output_bit = output_bit
+
+    def _requant16(self, exp_int: torch.Tensor, exp_scale: torch.Tensor) -> torch.Tensor:
+        """The internal ``QuantAct(16)`` on its first call (see the module docstring)."""
+        lo, hi = exp_int.min(), exp_int.max()
+        act_sf = torch.clamp(torch.maximum(lo.abs(), hi.abs()), min=1e-8) / (2 ** (_EXP_BITS - 1) - 1)
+        z_int = torch.round(exp_int / exp_scale)
+        m, e = _frexp31(exp_scale.double() / act_sf.float().double())
+        out = torch.round(z_int.double() * m / 2.0**e)
+        out = torch.clamp(out, -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1).float()
+        return (out * act_sf) / act_sf
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        with torch.no_grad():
+            x_int = x.detach() / s
+            x_int = x_int - x_int.max(dim=-1, keepdim=True).values
+            x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
+            exp_int, exp_scale = i_exp_poly(x_int, s)
+            exp_int = self._requant16(exp_int, exp_scale)
+            total = exp_int.sum(dim=-1, keepdim=True)
+            factor = torch.floor(2**32 / total)
+            out_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
+            out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
+        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1)), out_scale
+
+
+class IBertGELU(nn.Module):
+    K = 1.4142
+    N = 14
+    COEF = (-0.2888, -1.769, 1.0)
+
+    def _int_erf(self, x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b, c = self.COEF
+        b_int = torch.floor(b / s)
+        c_int = torch.floor((c / a) / s**2)
+        sign = torch.sign(x_int)
+        abs_int = torch.minimum(x_int.abs(), -b_int)
+        y_int = sign * ((abs_int + b_int) ** 2 + c_int)
+        scale = s**2 * a
+        return torch.floor(y_int / 2**self.N), scale * 2**self.N
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        with torch.no_grad():
+            x_int = x.detach() / s
+            sig_int, sig_scale = self._int_erf(x_int, s / self.K)
+            shift_int = torch.floor(1.0 / sig_scale)
+            out_int = x_int * (sig_int + shift_int)
+            out_scale = s * sig_scale / 2  # negative, as in the reference
+            y = out_int * out_scale
+        return with_ste(x, y, lambda: F.gelu(x)), out_scale.abs()
+
+
+class IBertLayerNorm(nn.Module):
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    @staticmethod
+    def _shift(y_int: torch.Tensor) -> torch.Tensor:
+        var_full = (y_int**2).sum(dim=-1, keepdim=True)
+        if float(var_full.max()) < 2**32:
+            return torch.zeros((), device=y_int.device)
+        shift = torch.ceil(torch.log2(torch.sqrt(var_full / 2**32))).max()
+        return torch.clamp(shift, min=0)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        weight, bias = self.norm.weight, self.norm.bias
+        with torch.no_grad():
+            dim_sqrt = math.sqrt(x.shape[-1])
+            x_int = x.detach() / s
+            mean_int = torch.round(x_int.mean(dim=-1, keepdim=True))
+            y_int = x_int - mean_int
+            shift = self._shift(y_int)
+            var_int = (torch.floor(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
+            std_int = torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
+            factor = torch.floor(2**31 / std_int)
+            y_int = torch.floor(y_int * factor / 2)
+            base = dim_sqrt / 2**30
+            bias_int = torch.floor((bias.detach() / weight.detach()) / base)
+            y_int = y_int + bias_int
+            out_scale = base * weight.detach()
+        y = with_ste(x, y_int * out_scale, lambda: F.layer_norm(x, self.norm.normalized_shape, weight, bias,
+                                                                self.norm.eps))
+        return y, out_scale
+
+
+KERNELS.register("softmax/ibert", KernelEntry(factory=lambda bits=8, **_: IBertSoftmax(bits),
+                                              bits=(8, 16), default_bits=8))
+KERNELS.register("gelu/ibert", KernelEntry(factory=lambda **_: IBertGELU()))
+KERNELS.register("layernorm/ibert", KernelEntry(factory=lambda norm, **_: IBertLayerNorm(norm)))

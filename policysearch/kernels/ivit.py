@@ -1,0 +1,114 @@
+"""I-ViT integer operators (Li & Gu 2023): Shiftmax, ShiftGELU, I-LayerNorm.
+
+Reference: zkkli/I-ViT @ 380ba991, ``models/quantization_utils/quant_modules.py``
+(``IntSoftmax``, ``IntGELU``, ``IntLayerNorm``), the PyTorch modules (not the TVM variants).
+Design input precision: softmax and GELU from 8-bit activations, LayerNorm from a 16-bit
+activation (the Newton iteration needs it to converge). Constants: softmax ``n = 15``; GELU
+``n = 23`` and 1.702; log2(e) ~ 1.0111b via ``x + floor(x/2) - floor(x/16)``; numerators
+``2^31 - 1`` (2^31 in float32); Newton 10 iterations from 2^16; softmax output 16 bits in
+ViT/DeiT and 8 bits in Swin (the caller passes ``bits``), scale ``1 / 2^(bits-1)``.
+
+Deviations: the LayerNorm reduces over the last dim of any rank and computes ``dim_sqrt`` per
+call (the reference caches it from its first call and needs 3-D input); ``-inf`` softmax inputs
+(masks) are clamped like any very negative value instead of producing NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, shift_exp, with_ste
+
+__all__ = ["IViTGELU", "IViTLayerNorm", "IViTSoftmax"]
+
+_NUMERATOR = 2**31 - 1
+
+
+class IViTSoftmax(nn.Module):
+    N = 15
+
+    def __init__(self, output_bit: int = 8) -> None:
+        super().__init__()
+        self.output_bit = output_bit
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        with torch.no_grad():
+            x_int = x.detach() / s
+            x_int = x_int - x_int.max(dim=-1, keepdim=True).values
+            x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
+            exp_int, _ = shift_exp(x_int, s, self.N)
+            total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
+            factor = torch.floor(_NUMERATOR / total)
+            out_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
+            out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
+        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1)), out_scale
+
+
+class IViTGELU(nn.Module):
+    N = 23
+    SIGMOID_K = 1.702
+
+    def __init__(self, output_bit: int = 8) -> None:
+        super().__init__()
+        self.output_bit = output_bit
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        with torch.no_grad():
+            pre_x_int = x.detach() / s
+            s_sig = s * self.SIGMOID_K
+            x_max = pre_x_int.max(dim=-1, keepdim=True).values
+            exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N)
+            exp_max, _ = shift_exp(-x_max, s_sig, self.N)
+            total = torch.clamp(exp_int + exp_max, max=_NUMERATOR)
+            factor = torch.floor(_NUMERATOR / total)
+            sig_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
+            out_int = pre_x_int * sig_int
+            out_scale = s / 2 ** (self.output_bit - 1)
+        return with_ste(x, out_int * out_scale, lambda: F.gelu(x)), out_scale
+
+
+class IViTLayerNorm(nn.Module):
+    ITERATIONS = 10
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    @classmethod
+    def newton_sqrt(cls, var_int: torch.Tensor) -> torch.Tensor:
+        """I-ViT's integer square root: 10 Newton steps from 2^16 (floors at 64 for small inputs)."""
+        k = torch.full_like(var_int, 2.0**16)
+        for _ in range(cls.ITERATIONS):
+            k = torch.floor((k + torch.floor(var_int / k)) / 2)
+        return k
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        weight, bias = self.norm.weight, self.norm.bias
+        with torch.no_grad():
+            dim_sqrt = math.sqrt(x.shape[-1])
+            x_int = x.detach() / s
+            mean_int = torch.round(x_int.mean(dim=-1, keepdim=True))
+            y_int = x_int - mean_int
+            var_int = (y_int**2).sum(dim=-1, keepdim=True)
+            std_int = self.newton_sqrt(var_int)
+            factor = torch.floor(_NUMERATOR / std_int)
+            y_int = torch.floor(y_int * factor / 2)
+            base = dim_sqrt / 2**30
+            bias_int = torch.floor((bias.detach() / weight.detach()) / base)
+            y_int = y_int + bias_int
+            out_scale = base * weight.detach()
+        y = with_ste(x, y_int * out_scale,
+                     lambda: F.layer_norm(x, self.norm.normalized_shape, weight, bias, self.norm.eps))
+        return y, out_scale
+
+
+KERNELS.register("softmax/ivit", KernelEntry(factory=lambda bits=8, **_: IViTSoftmax(bits),
+                                             bits=(8, 16), default_bits=8))
+KERNELS.register("gelu/ivit", KernelEntry(factory=lambda **_: IViTGELU()))
+KERNELS.register("layernorm/ivit", KernelEntry(factory=lambda norm, **_: IViTLayerNorm(norm)))

@@ -1,0 +1,22 @@
+"""``relu``: ReLU in place of GELU (Tayaranian et al. 2024, GELU-less Swin; no official code).
+
+An integer ReLU is exact: ``out_int = max(x_int, 0)`` and ``out_scale = scale``, so ``y`` equals
+``relu(x)``. The gradient is ReLU's own (the site's function really changes; recover accuracy
+by distillation).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from policysearch.kernels._common import KERNELS, KernelEntry, as_scale
+
+__all__ = ["IntReLU"]
+
+
+class IntReLU(nn.Module):
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.relu(x), as_scale(scale, x)
+
+
+KERNELS.register("gelu/relu", KernelEntry(factory=lambda **_: IntReLU()))

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from policysearch.models.tiny import tiny_swin, tiny_vit
+from policysearch.objectives import Evaluator, asqnr, kl_divergence
+from policysearch.policy import Policy
+
+
+def _evaluator(make=tiny_vit, reuse=True, objective="kl"):
+    torch.manual_seed(0)
+    model = make()
+    calib = torch.randn(16, 3, 32, 32)
+    images = torch.randn(24, 3, 32, 32)
+    labels = torch.randint(0, 10, (24,))
+    return Evaluator(model, calib_images=calib, eval_images=images, eval_labels=labels,
+                     objective=objective, batch_size=8, sqnr_batch=8, reuse=reuse)
+
+
+def test_asqnr_definition():
+    x = torch.ones(2, 4)
+    q = x + 0.1  # E[x^2] / E[e^2] = 100 per sample -> 20 log10(100) = 40 dB
+    assert asqnr(x, q) == pytest.approx(40.0)
+    assert asqnr(x, x) == 200.0
+    assert asqnr(x, torch.full_like(x, float("nan"))) == -math.inf
+    # the batch mean is over per-sample ratios, not over dB values
+    x2 = torch.ones(2, 4)
+    q2 = torch.stack([x2[0] + 0.1, x2[1] + 1.0])
+    assert asqnr(x2, q2) == pytest.approx(20 * math.log10((100 + 1) / 2))
+
+
+def test_kl_is_zero_for_equal_logits():
+    z = torch.randn(5, 10)
+    assert kl_divergence(z, z) == pytest.approx(0.0, abs=1e-12)
+    assert kl_divergence(z, z + torch.randn(5, 10)) > 0
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_evaluate_reports_site_and_model_metrics(make):
+    ev = _evaluator(make)
+    res = ev.evaluate(Policy.uniform(ev.sites, "ivit"))
+    assert res.ok
+    assert list(res.sites) == [s.name for s in ev.sites]
+    for m in res.sites.values():
+        assert math.isfinite(m.gamma) and math.isfinite(m.beta)
+        assert m.diff == pytest.approx(m.beta - m.gamma)
+    assert 0 <= res.metrics["agreement"] <= 1 and res.metrics["kl"] >= 0
+    assert res.values == (res.metrics["kl"],)
+    fp = ev.evaluate(Policy.uniform(ev.sites, "fp32", act_bits=16, weight_bits=16))
+    assert fp.metrics["kl"] < res.metrics["kl"]
+
+
+def test_activation_reuse_gives_identical_results_with_fewer_segment_calls():
+    with_reuse, without = _evaluator(reuse=True), _evaluator(reuse=False)
+    base = Policy.uniform(with_reuse.sites, "ivit")
+    changes = [base] + [base.replace({s.name: "fp32"}) for s in with_reuse.sites[4:]]
+    for p in changes:
+        a, b = with_reuse.evaluate(p), without.evaluate(p)
+        assert a.values == pytest.approx(b.values, rel=1e-6)
+        for name in a.sites:
+            assert a.sites[name].beta == pytest.approx(b.sites[name].beta, rel=1e-6)
+    assert with_reuse.segment_calls < without.segment_calls
+
+
+def test_non_finite_logits_give_failed_result():
+    ev = _evaluator()
+    with torch.no_grad():
+        ev.model.head.weight[0, 0] = float("nan")
+    res = ev.evaluate(Policy.uniform(ev.sites, "fp32"))
+    assert not res.ok and "non-finite" in res.error
