@@ -347,7 +347,8 @@ def save_weights(model: nn.Module, path: Path, entry: ZooEntry) -> None:
 
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "zoo_name": entry.name, "card_format": CARD_FORMAT})
+    # one metadata key only: safetensors writes several in random order, which would change the sha256
+    save_file(state, str(path), metadata={"policysearch_zoo": entry.name})
     path.chmod(0o644)
 
 
