@@ -14,9 +14,10 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -183,7 +184,7 @@ class ImageFileDataset(Dataset):
 def _stack(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     if len(ds) == 0:
         raise DataError("the dataset is empty")
-    xs, ys = zip(*(ds[i] for i in range(len(ds))))
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
     return torch.stack(xs), torch.as_tensor(ys, dtype=torch.int64)
 
 

@@ -104,7 +104,7 @@ def test_make_loader_is_reproducible() -> None:
     data = load_data(calib_size=64, eval_size=100)
     a = [y for _, y in make_loader(data.eval, 32, shuffle=True, seed=3)]
     b = [y for _, y in make_loader(data.eval, 32, shuffle=True, seed=3)]
-    assert all(torch.equal(p, q) for p, q in zip(a, b)) and len(a) == 4
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True)) and len(a) == 4
     x, _ = next(iter(make_loader(data.calib, 16)))
     assert x.shape == (16, 1, 28, 28)
 

@@ -1,8 +1,9 @@
 """policysearch.models.loading: timm names + checkpoints in every common format, clear errors."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch

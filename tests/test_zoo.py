@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,6 @@ def test_swin_windows_divide_every_stage() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_model_reproduces_card_on_sample(name: str) -> None:
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     model = load_model(name)
     assert model_data_config(model)["mean"] == zoo.FMNIST_MEAN
     data = load_data("fmnist-sample", model=model)
@@ -68,6 +68,16 @@ def test_zoo_model_reproduces_card_on_sample(name: str) -> None:
     assert cpu and abs(top1 - cpu[0]["float_top1_sample"]) < 1e-9
 
 
+@pytest.fixture
+def restore_torch_state() -> Iterator[None]:
+    """train.main switches on deterministic algorithms and 2 threads; undo it for the other tests."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+@pytest.mark.usefixtures("restore_torch_state")
 def test_train_smoke_is_reproducible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     fake = (rng.integers(0, 256, (48, 28, 28), dtype=np.uint8), np.arange(48) % 10)

@@ -38,12 +38,12 @@ class IViTSoftmax(nn.Module):
         s = as_scale(scale, x)
         with torch.no_grad():
             x_int = x.detach() / s
-            x_int = x_int - x_int.max(dim=-1, keepdim=True).values
-            x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
+            x_int = x_int.sub_(x_int.max(dim=-1, keepdim=True).values)
+            x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
             exp_int, _ = shift_exp(x_int, s, self.N)
             total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
-            out_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
+            out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
             out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
         return with_ste(x, out_int * out_scale, lambda: x.softmax(-1)), out_scale
 
@@ -64,10 +64,10 @@ class IViTGELU(nn.Module):
             x_max = pre_x_int.max(dim=-1, keepdim=True).values
             exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N)
             exp_max, _ = shift_exp(-x_max, s_sig, self.N)
-            total = torch.clamp(exp_int + exp_max, max=_NUMERATOR)
+            total = torch.clamp_(exp_int + exp_max, max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
-            sig_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
-            out_int = pre_x_int * sig_int
+            sig_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
+            out_int = sig_int.mul_(pre_x_int)
             out_scale = s / 2 ** (self.output_bit - 1)
         return with_ste(x, out_int * out_scale, lambda: F.gelu(x)), out_scale
 

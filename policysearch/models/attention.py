@@ -57,7 +57,7 @@ class _AttnBase(nn.Module):
         kq, s_k = self.k_act(k, self.qk_bits)
         vq, s_v = self.v_act(v, self.act_bits)
         acc_scale = (s_q * s_k * self.scale).reshape(())
-        acc = (qq @ kq.transpose(-2, -1)) * self.scale
+        acc = (qq * self.scale) @ kq.transpose(-2, -1)  # = q_int k_int * acc_scale
         if bias is not None:  # relative-position bias on the accumulator grid
             acc = acc + torch.round(bias / acc_scale) * acc_scale
         attn = self.softmax(acc, acc_scale, mask)

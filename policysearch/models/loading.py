@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

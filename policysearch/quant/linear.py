@@ -47,12 +47,24 @@ class _QuantBase(nn.Module):
         self.enabled = False  # False: exact float op of the wrapped module
         self.weight_bits = 8
         self.act_bits = 8
+        self._wcache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def _weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantized weight; cached while the weight is unchanged and no gradient is needed."""
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return quantize_weight(w, self.weight_bits)
+        key = (self.weight_bits, w._version, w.data_ptr(), w.device)
+        if self._wcache is None or self._wcache[0] != key:
+            with torch.no_grad():
+                self._wcache = (key, quantize_weight(w, self.weight_bits))
+        return self._wcache[1]
 
     def _inputs(
         self, x: torch.Tensor, pre_scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         xq, s_x = self.act(x, self.act_bits, pre_scale)
-        wq, s_w = quantize_weight(self.weight, self.weight_bits)
+        wq, s_w = self._weight()
         return xq, s_x, wq, s_w
 
 
