@@ -55,6 +55,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         space=args.space, objective=args.objective, runner=args.runner, trials=args.trials,
         seed=args.seed, weight_bits=args.weight_bits or args.bits, act_bits=args.bits,
         storage=args.storage, run_name=args.run_name, device=args.device, results_dir=args.results_dir,
+        eval_size=None if args.eval_size == 0 else args.eval_size,
     )
     res = search(config, progress=not args.no_progress)
     _print_summary(res)
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-bits", type=int, default=None, help="weight bits (default: --bits)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///results/studies.db)")
     p.add_argument("--run-name", default=None, help="study/run name; the same name resumes")
+    p.add_argument("--eval-size", type=int, default=1000,
+                   help="evaluation images scored per policy (default 1000; 0 = all)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--policy", default=None, help="policy JSON file (default: float model)")
             _add_model_args(p)
         _add_data_args(p)
-        p.add_argument("--eval-size", type=int, default=None, help="limit the evaluation images")
+        p.add_argument("--eval-size", type=int, default=None,
+                       help="evaluation images (default: as recorded in the policy file, else all)")
         p.set_defaults(func=_cmd_eval)
     return parser
 

@@ -46,7 +46,9 @@ class SearchConfig:
     device: str = "auto"
     results_dir: str = "results"
     calib_size: int | None = None
-    eval_size: int | None = None
+    #: evaluation images scored per policy (the first N of the data's evaluation split, class
+    #: balanced in the shipped sample); None = all. 1000 keeps the default job within a minute.
+    eval_size: int | None = 1000
     batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class SearchConfig:
             v = getattr(self, name)
             if not 2 <= v <= 16:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [2, 16], got {v}")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ConfigError(f"--eval-size must be positive, got {self.eval_size}")
         if self.trials is not None and self.trials < 1:
             raise ConfigError(f"--trials must be positive, got {self.trials}")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name):
@@ -222,7 +226,8 @@ def _write_outputs(run_dir: Path, config: SearchConfig, objective: dict, space: 
                 "strategy_options": dict(config.strategy_options)}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     provenance = {"strategy": config.strategy, "objective": objective["name"], "space": config.space,
-                  "seed": config.seed, "data": config.data, "run_name": run_dir.name,
+                  "seed": config.seed, "data": config.data, "eval_size": config.eval_size,
+                  "calib_size": config.calib_size, "run_name": run_dir.name,
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "versions": _versions()}
     metrics = {**result.metrics, "values": list(result.values),

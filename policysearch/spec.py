@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -27,7 +27,7 @@ class EvaluatorSpec:
     model: str = "fmnist_vit"
     checkpoint: str | None = None
     data: str = "fmnist-sample"
-    objective: Mapping[str, Any] = field(default_factory=lambda: {"name": "kl"})
+    objective: str | Mapping[str, Any] = "kl"  # a preset name, or Objective.to_dict()
     device: str = "auto"
     calib_size: int | None = None
     eval_size: int | None = None
@@ -42,7 +42,7 @@ class EvaluatorSpec:
     def build(self) -> Any:
         from policysearch.data import load_data
         from policysearch.models.loading import check_compatible, load_model
-        from policysearch.objectives import Evaluator, Objective
+        from policysearch.objectives import Evaluator, Objective, load_objective
 
         torch.manual_seed(self.seed)
         model = load_model(self.model, checkpoint=self.checkpoint)
@@ -50,7 +50,8 @@ class EvaluatorSpec:
         check_compatible(model, data)
         calib_x = data.calib_images()
         eval_x, eval_y = data.eval_tensors()
-        objective = self.objective if isinstance(self.objective, Objective) else Objective.from_dict(self.objective)
+        objective = (load_objective(self.objective) if isinstance(self.objective, str)
+                     else Objective.from_dict(self.objective))
         return Evaluator(
             model, calib_images=calib_x, eval_images=eval_x, eval_labels=eval_y, objective=objective,
             batch_size=self.batch_size, sqnr_batch=self.sqnr_batch, device=resolve_device(self.device),

@@ -74,13 +74,17 @@ def i_exp_poly(x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torc
     return exp_int, poly_scale / 2**IEXP_N
 
 
-def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """I-ViT's ``int_exp_shift``: e^x by shifts, log2(e) ~ 1.0111b, linear 2^f ~ 1 + f/2."""
-    # divisions by powers of two are written as exact multiplications
-    x_int = x_int + torch.floor(x_int * 0.5) - torch.floor(x_int * 0.0625)
+def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-ViT's ``int_exp_shift``: e^x by shifts, log2(e) ~ 1.0111b, linear 2^f ~ 1 + f/2.
+
+    Written with in-place operations (``inplace=True`` may overwrite ``x_int``); divisions by
+    powers of two are exact multiplications. Same integers as the reference.
+    """
+    t = torch.floor_(x_int * 0.5)
+    t.sub_(torch.floor_(x_int * 0.0625))
+    t = t.add_(x_int) if not inplace else x_int.add_(t)  # x + floor(x/2) - floor(x/16)
     x0_int = torch.floor(-1.0 / s)
-    x_int = torch.maximum(x_int, n * x0_int)
-    q = torch.floor(x_int / x0_int)
-    exp_int = x_int.sub_(x0_int * q).mul_(0.5).sub_(x0_int)  # r / 2 - x0_int, r = x - x0 * q
-    exp_int = torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(n - q))), min=0)
-    return exp_int, s / 2**n
+    t = torch.clamp_(t, min=n * x0_int) if x0_int.dim() == 0 else torch.maximum(t, n * x0_int)
+    q = torch.floor_(t / x0_int)
+    exp_int = t.sub_(q * x0_int).mul_(0.5).sub_(x0_int)  # r / 2 - x0_int, r = x - x0 * q
+    return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n)))), min=0), s / 2**n

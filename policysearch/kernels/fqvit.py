@@ -27,15 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, i_exp_poly, with_ste
+from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, exp2_int, i_exp_poly, with_ste
 
 __all__ = ["FQViTLayerNorm", "FQViTSoftmax", "log2_codes"]
 
 
+def floor_log2(v: torch.Tensor) -> torch.Tensor:
+    """``floor(log2 v)`` for positive finite ``v``, exactly, from the float exponent (``frexp``)."""
+    return torch.frexp(v).exponent.to(v.dtype) - 1
+
+
 def log_round(ratio: torch.Tensor) -> torch.Tensor:
     """FQ-ViT's ``log_round``: ``floor(log2 r)``, plus 1 where ``r >= 1.5 * 2^floor(log2 r)``."""
-    big = torch.floor(torch.log2(ratio))
-    extra = (ratio - 2**big) >= 2 ** (big - 1)
+    big = floor_log2(ratio)
+    extra = (ratio - exp2_int(big)) >= exp2_int(big - 1)
     return big + extra.to(big.dtype)
 
 
@@ -63,15 +68,16 @@ class FQViTSoftmax(nn.Module):
             code = log_round(ratio)
             mask = zero | (code >= 2**self.bits)
             qlog = torch.clamp(code, 0, top)
-            q_out = torch.where(mask, torch.zeros_like(qlog), torch.pow(2.0, top - qlog))
+            q_out = exp2_int(top - qlog).masked_fill_(mask, 0.0)
             out_scale = torch.tensor(2.0**-top, device=x.device)
         return with_ste(x, q_out * out_scale, lambda: x.softmax(-1)), out_scale
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``a ~= M / 2^N`` with an 8-bit ``M`` (FQ-ViT ``get_MN``)."""
-    n = torch.clamp(bit - 1 - torch.floor(torch.log2(a)), 0, 31)
-    m = torch.clamp(torch.floor(a * torch.pow(2, n)), 0, 2**bit - 1)
+    a = torch.nan_to_num(a, posinf=3.0e38)
+    n = torch.clamp_(bit - 1 - floor_log2(torch.clamp(a, min=2.0**-120)), 0, 31)
+    m = torch.clamp_(torch.floor_(a * exp2_int(n)), 0, 2**bit - 1)
     return m, n
 
 
@@ -103,8 +109,9 @@ class FQViTLayerNorm(nn.Module):
             std = torch.where(flat, torch.ones_like(std), std)
             a = (s1 / std).unsqueeze(-1) * weight / out_scale
             m, n = get_mn(a.abs())
-            b = torch.round((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * torch.pow(2, n))
-            out_int = torch.round((a.sign() * m * x_q + b) / torch.pow(2, n))
+            p2n = exp2_int(n)
+            b = torch.round_((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
+            out_int = torch.round_((a.sign() * m * x_q + b) / p2n)
             out_int = torch.where(flat.unsqueeze(-1), torch.round(bias / out_scale).expand_as(out_int), out_int)
         return with_ste(x, out_int * out_scale, lambda: self._float(x)), out_scale
 

@@ -53,7 +53,8 @@ class IBertSoftmax(nn.Module):
         act_sf = torch.clamp(torch.maximum(lo.abs(), hi.abs()), min=1e-8) / (2 ** (_EXP_BITS - 1) - 1)
         z_int = torch.round(exp_int / exp_scale)
         m, e = _frexp31(exp_scale.double() / act_sf.float().double())
-        out = torch.round(z_int.double() * m / 2.0**e)
+        # (z * m) / 2^e == z * (m * 2^-e) in float64: scaling by a power of two commutes with rounding
+        out = torch.round(z_int.double() * (m * 2.0**-e))
         out = torch.clamp(out, -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1).float()
         return (out * act_sf) / act_sf
 

@@ -40,7 +40,7 @@ class IViTSoftmax(nn.Module):
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.max(dim=-1, keepdim=True).values)
             x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
-            exp_int, _ = shift_exp(x_int, s, self.N)
+            exp_int, _ = shift_exp(x_int, s, self.N, inplace=True)
             total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
             out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
@@ -62,14 +62,14 @@ class IViTGELU(nn.Module):
             pre_x_int = x.detach() / s
             s_sig = s * self.SIGMOID_K
             x_max = pre_x_int.max(dim=-1, keepdim=True).values
-            exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N)
+            exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N, inplace=True)
             exp_max, _ = shift_exp(-x_max, s_sig, self.N)
-            total = torch.clamp_(exp_int + exp_max, max=_NUMERATOR)
-            factor = torch.floor(_NUMERATOR / total)
+            total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
+            factor = torch.floor_(_NUMERATOR / total)
             sig_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_int = sig_int.mul_(pre_x_int)
             out_scale = s / 2 ** (self.output_bit - 1)
-        return with_ste(x, out_int * out_scale, lambda: F.gelu(x)), out_scale
+            y = sig_int.mul_(pre_x_int).mul_(out_scale)
+        return with_ste(x, y, lambda: F.gelu(x)), out_scale
 
 
 class IViTLayerNorm(nn.Module):

@@ -54,8 +54,8 @@ class QuantAct(nn.Module):
             q = requantize(x, pre_scale, s, bits)
         else:
             lim = 2 ** (bits - 1)
-            q = torch.clamp(torch.round(x.detach() / s), -lim, lim - 1)
-        return ste(x, q * s), s
+            q = torch.div(x.detach(), s).round_().clamp_(-lim, lim - 1)
+        return ste(x, q.mul_(s)), s
 
 
 class PTFQuant(nn.Module):

@@ -70,9 +70,13 @@ def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: s
     if model is None:
         model = (doc.model.get("name") if doc else None) or "fmnist_vit"
         checkpoint = checkpoint or (doc.model.get("checkpoint") if doc else None)
+    if eval_size is None and doc is not None:
+        eval_size = doc.provenance.get("eval_size")
     spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size)
     ev = get_evaluator(spec)
-    lines = [f"model {model}, data {data}: float top-1 {_pct(ev.float_metrics.get('top1'))}"]
+    n_eval = ev.labels.numel() if ev.labels is not None else 0
+    lines = [f"model {model}, data {data} ({n_eval} evaluation images): "
+             f"float top-1 {_pct(ev.float_metrics.get('top1'))}"]
     if doc is None:
         return "\n".join(lines)
     res = ev.evaluate(doc.policy)
