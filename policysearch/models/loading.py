@@ -66,6 +66,10 @@ def _build_zoo(entry: Any, overrides: dict[str, Any], checkpoint: str | Path | N
         raise ModelError(f"zoo model {entry.name} ships weights for "
                          f"{ {k: entry.kwargs.get(k) for k in changed} }, not {changed}; "
                          "drop the override or pass a checkpoint trained for it")
+    if not entry.shipped_weights:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return entry.build(**overrides)
     model = entry.build(**overrides)
     if checkpoint is None:
         from policysearch.models.zoo import weights_path

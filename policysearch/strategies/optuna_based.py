@@ -38,6 +38,7 @@ class _OptunaStrategy(Strategy):
                               for s in space.sites}
         self.study = optuna.create_study(directions=list(self.directions), sampler=self._sampler(0))
         self._trial_of: dict[str, int] = {}
+        self._replaying = False
 
     def _sampler(self, salt: int) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
@@ -59,7 +60,8 @@ class _OptunaStrategy(Strategy):
                 params=params, distributions=self.distributions, values=values, state=state))
 
     def _told(self, policy: Policy, result: EvalResult) -> None:
-        self._record(policy, result)
+        if not self._replaying:
+            self._record(policy, result)
 
     def _propose(self) -> Policy | None:
         for _ in range(_MAX_DUPLICATE_RETRIES):
@@ -94,10 +96,29 @@ class _OptunaStrategy(Strategy):
         return self.proposed < self.trials
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "proposed": self.proposed}
+        """Told history plus the whole finished Optuna history (duplicates and the samplers'
+        system attributes included), so the rebuilt study is identical."""
+        trials = [{"params": t.params, "values": t.values, "state": t.state.name,
+                   "system_attrs": t.system_attrs}
+                  for t in self.study.get_trials(deepcopy=False)
+                  if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+        storage = self.study._storage
+        study_attrs = storage.get_study_system_attrs(self.study._study_id)
+        return {**super().state_dict(), "proposed": self.proposed, "trials": trials,
+                "study_system_attrs": study_attrs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        self._replaying = True
+        try:
+            super().load_state_dict(state)
+        finally:
+            self._replaying = False
+        for t in state.get("trials", []):
+            self.study.add_trial(optuna.trial.create_trial(
+                params=t["params"], distributions={k: self.distributions[k] for k in t["params"]},
+                values=t["values"], state=TrialState[t["state"]], system_attrs=t["system_attrs"]))
+        for key, value in state.get("study_system_attrs", {}).items():
+            self.study._storage.set_study_system_attr(self.study._study_id, key, value)
         self.proposed = state.get("proposed", self.proposed)
 
     def pareto(self) -> list[tuple[Policy, EvalResult]]:

@@ -83,6 +83,8 @@ class ZooEntry:
     crop_pct: float = 1.0
     class_names: tuple[str, ...] = FMNIST_CLASSES
     description: str = ""
+    #: False for the tiny test models: seeded random weights, nothing shipped
+    shipped_weights: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -184,3 +186,25 @@ def read_card(name: str, root: Path | None = None) -> dict[str, Any]:
             f"model card {path} is missing; run `python -m policysearch.models.zoo.train {name}`"
         )
     return json.loads(path.read_text())
+
+# Tiny models with seeded random weights (no file): fast end-to-end tests on the shipped sample.
+_register(ZooEntry(
+    name="test_fmnist_vit",
+    family="vit",
+    model_class="timm.models.vision_transformer.VisionTransformer",
+    kwargs=dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2,
+                num_heads=2, mlp_ratio=2.0),
+    recipe=Recipe(epochs=0),
+    description="test model: 2-block ViT, random weights (seed 0); for tests, not accuracy",
+    shipped_weights=False,
+))
+_register(ZooEntry(
+    name="test_fmnist_swin",
+    family="swin",
+    model_class="timm.models.swin_transformer.SwinTransformer",
+    kwargs=dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=16, depths=(1, 1),
+                num_heads=(1, 2), window_size=7, mlp_ratio=2.0),
+    recipe=Recipe(epochs=0),
+    description="test model: 2-stage Swin, random weights (seed 0); for tests, not accuracy",
+    shipped_weights=False,
+))
