@@ -21,7 +21,8 @@ NAMES = ["fmnist_swin", "fmnist_vit"]
 
 
 def test_registry_names() -> None:
-    assert zoo.list_zoo() == NAMES
+    assert zoo.list_zoo() == NAMES + ["test_fmnist_swin", "test_fmnist_vit"]
+    assert all(zoo.get(n).shipped_weights for n in NAMES)
     with pytest.raises(UnknownNameError, match="fmnist_swin, fmnist_vit"):
         zoo.get("fmnist_deit")
 

@@ -70,9 +70,12 @@ def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: s
     if model is None:
         model = (doc.model.get("name") if doc else None) or "fmnist_vit"
         checkpoint = checkpoint or (doc.model.get("checkpoint") if doc else None)
-    if eval_size is None and doc is not None:
-        eval_size = doc.provenance.get("eval_size")
-    spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size)
+    calib_size = None
+    if doc is not None:  # evaluate on the images the run used, calibrated the same way
+        eval_size = eval_size if eval_size is not None else doc.provenance.get("eval_size")
+        calib_size = doc.provenance.get("calib_size")
+    spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size,
+                         calib_size=calib_size)
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
     lines = [f"model {model}, data {data} ({n_eval} evaluation images): "
