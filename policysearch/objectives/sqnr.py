@@ -21,12 +21,14 @@ _TINY = 1e-30
 
 def asqnr(x: torch.Tensor, q: torch.Tensor) -> float:
     """Averaged SQNR in dB (eq. 10, 20·log10 convention); see the module docstring."""
-    x = x.detach().double().reshape(x.shape[0], -1)
-    q = q.detach().double().reshape(q.shape[0], -1)
-    if not bool(torch.isfinite(q).all()):
+    x = x.detach().float().reshape(x.shape[0], -1)
+    q = q.detach().float().reshape(q.shape[0], -1)
+    diff = x - q
+    # float32 elements, float64 accumulation (no float64 copies of the tensors)
+    signal = (x * x).sum(1, dtype=torch.float64) / x.shape[1]
+    noise = (diff * diff).sum(1, dtype=torch.float64) / x.shape[1]
+    if not bool(torch.isfinite(noise).all()):
         return -math.inf
-    signal = (x * x).mean(1)
-    noise = ((x - q) ** 2).mean(1)
     ratio = signal / noise.clamp(min=_TINY)
     ratio = torch.where(noise > 0, ratio, torch.full_like(ratio, 10 ** (MAX_DB / 20)))
     value = 20.0 * math.log10(max(float(ratio.mean()), _TINY))

@@ -28,12 +28,16 @@ class Observer(nn.Module):
         self.register_buffer("ch_min", torch.empty(0))
         self.register_buffer("ch_max", torch.empty(0))
         self.last: torch.Tensor | None = None  # last batch, for searches on it (PTF)
+        self._ready: bool | None = None  # cached; None = look at the buffers
 
     @property
     def ready(self) -> bool:
-        return bool(torch.isfinite(self.min_val)) and bool(torch.isfinite(self.max_val))
+        if self._ready is None:
+            self._ready = bool(torch.isfinite(self.min_val)) and bool(torch.isfinite(self.max_val))
+        return self._ready
 
     def reset(self) -> None:
+        self._ready = None
         self.min_val.fill_(float("nan"))
         self.max_val.fill_(float("nan"))
         self.ch_min = torch.empty(0, device=self.min_val.device)
@@ -56,6 +60,7 @@ class Observer(nn.Module):
         first = not self.ready
         self.min_val.copy_(lo if first else self.merge(self.min_val, lo, True))
         self.max_val.copy_(hi if first else self.merge(self.max_val, hi, False))
+        self._ready = None
         if self.per_channel:
             flat = torch.nan_to_num(x.reshape(-1, x.shape[-1]))
             cmin, cmax = flat.amin(0), flat.amax(0)
@@ -71,6 +76,7 @@ class Observer(nn.Module):
         for name in ("ch_min", "ch_max"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        self._ready = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
