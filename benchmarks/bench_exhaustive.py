@@ -24,7 +24,7 @@ from policysearch.strategies import create_strategy
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="deit_tiny_patch16_224")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--space", default="paper")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

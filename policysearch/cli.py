@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from collections import Counter
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["main"]
 
@@ -151,10 +151,6 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="fmnist-sample",
                    help="fmnist-sample (default, shipped) | fmnist | imagefolder:PATH")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
-
-
-class _CleanExit(Exception):
-    pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,19 +12,12 @@ class ConfigError(ValueError):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [PolicyError, UnknownNameError, ConfigError, FileNotFoundError]
-    try:  # optional modules land in pieces; collect what exists
-        from policysearch.models.wiring import UnsupportedModelError
+    from policysearch.data import DataError
+    from policysearch.models.loading import ModelError
+    from policysearch.models.wiring import UnsupportedModelError
 
-        errors.append(UnsupportedModelError)
-    except ImportError:  # pragma: no cover
-        pass
-    for mod, name in (("policysearch.data", "DataError"), ("policysearch.models.loading", "ModelError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return (PolicyError, UnknownNameError, ConfigError, FileNotFoundError, DataError, ModelError,
+            UnsupportedModelError)
 
 
 USER_ERRORS = _user_errors()

@@ -7,11 +7,13 @@ on read and on write; see :func:`write_policy` / :func:`read_policy`.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from policysearch.spaces.site import KIND_METHODS, Site, check_method
 
@@ -281,7 +283,7 @@ def write_policy(path: str | Path, doc: PolicyDocument | Policy, **meta: Any) ->
     """Write a schema-valid policy JSON file; ``meta`` may give model/metrics/provenance."""
     if isinstance(doc, Policy):
         doc = PolicyDocument(policy=doc, **meta)
-    data = json.loads(json.dumps(doc.to_json(), default=_json_default))
+    data = _finite(json.loads(json.dumps(doc.to_json(), default=_json_default)))
     validate_json(data, source=str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +319,17 @@ def document_from_json(data: Any, *, source: str = "policy") -> PolicyDocument:
     )
 
 
+def _finite(obj: Any) -> Any:
+    """Non-finite floats become ``null``: strict JSON for other tools."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
@@ -326,6 +339,3 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} in a policy file")
 
-
-def iter_sites(entries: Iterable[Mapping[str, Any]]) -> list[Site]:
-    return [Site(name=e["name"], kind=e["kind"]) for e in entries]

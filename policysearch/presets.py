@@ -5,8 +5,9 @@ directory, then the defaults built into the code, so the package runs with no pr
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -5,7 +5,8 @@ package (kernels, strategies, objectives, runners, zoo models) fails the same cl
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

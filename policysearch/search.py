@@ -10,9 +10,10 @@ import csv
 import datetime as _dt
 import logging
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class EvaluatorSpec:
     sqnr_batch: int = 64
     seed: int = 0
     reuse: bool = True
+    progress: bool = False
 
     def key(self) -> str:
         return repr(sorted((k, repr(v)) for k, v in self.__dict__.items()))
@@ -55,7 +57,7 @@ class EvaluatorSpec:
         return Evaluator(
             model, calib_images=calib_x, eval_images=eval_x, eval_labels=eval_y, objective=objective,
             batch_size=self.batch_size, sqnr_batch=self.sqnr_batch, device=resolve_device(self.device),
-            reuse=self.reuse,
+            reuse=self.reuse, progress=self.progress,
         )
 
 

@@ -1,6 +1,5 @@
 """Kernel tests: float bounds at each method's operating point, integer grids, hand-worked cases,
 statelessness, documented deviations, gradients, CPU vs CUDA."""
-import math
 
 import pytest
 import torch

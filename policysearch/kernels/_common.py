@@ -7,8 +7,8 @@ Conventions of every official reference, kept here: integers are simulated in fl
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -6,8 +6,8 @@ A segment's output may depend only on the sites inside it and on the model-wide 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -1,7 +1,7 @@
 """QuantSite: one Softmax / GELU / LayerNorm of a model, running the method its Choice names."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

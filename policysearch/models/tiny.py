@@ -8,8 +8,8 @@ __all__ = ["tiny_swin", "tiny_vit"]
 
 def tiny_vit(*, num_classes: int = 10, img_size: int = 32, in_chans: int = 3, distilled: bool = False) -> nn.Module:
     """A 2-block ViT (width 32, 2 heads, patch 8): 2 softmax, 2 GELU, 5 LayerNorm sites."""
-    from timm.models.vision_transformer import VisionTransformer
     from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
 
     cls = VisionTransformerDistilled if distilled else VisionTransformer
     return cls(

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -57,12 +57,14 @@ class Evaluator:
         device: str | torch.device = "cpu",
         reuse: bool = True,
         keep_runs: int = 2,
+        progress: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.objective = load_objective(objective)
         self.reuse = reuse
         self.keep_runs = keep_runs
+        self.progress = progress
         self.sites: list[Site] = find_sites(self.model)
         self.segments: list[Segment] = segments(self.model)
         self._site_segment = {s.name: self._segment_of(s.name) for s in self.sites}
@@ -89,7 +91,7 @@ class Evaluator:
         with float_mode(self.model), record_sites(self.model, lambda n, x, y: store.__setitem__(n, (x, y))):
             self.ref_logits = [self.model(self.batches[0])]
             store_copy = dict(store)
-            self.ref_logits += [self.model(b) for b in self.batches[1:]]
+            self.ref_logits += [self.model(b) for b in self._bar(self.batches[1:], "float reference")]
         self.ref_sites = store_copy
         eval_ref = torch.cat(self.ref_logits[1:]) if len(self.batches) > 1 else self.ref_logits[0]
         self.float_metrics = {"top1": self._top1(eval_ref)}
@@ -125,7 +127,7 @@ class Evaluator:
         recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         inputs: list[list[torch.Tensor]] = []
         logits: list[torch.Tensor] = []
-        for b, x in enumerate(self.batches):
+        for b, x in enumerate(self._bar(self.batches, "evaluate")):
             seg_inputs = list(base.inputs[b][:start]) if base is not None else []
             h = base.inputs[b][start] if base is not None else x
             rec = (lambda n, xi, yo: recorded.__setitem__(n, (xi, yo))) if b == 0 else (lambda *a: None)
@@ -169,12 +171,15 @@ class Evaluator:
             error = "the quantized model produced non-finite logits (NaN/inf)"
         return EvalResult(values=values, metrics=metrics, sites=ordered, error=error)
 
+    def _bar(self, items: Sequence[torch.Tensor], desc: str) -> Sequence[torch.Tensor]:
+        if not self.progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, unit="batch", leave=False)
+
     def clear_cache(self) -> None:
         self._runs.clear()
-
-    def uniform(self, method: str, *, act_bits: int = 8, weight_bits: int = 8) -> Policy:
-        return Policy.uniform(self.sites, method, act_bits=act_bits, weight_bits=weight_bits,
-                              fallback={"gelu": "ivit"})
 
     @property
     def site_names(self) -> Sequence[str]:

@@ -11,9 +11,9 @@ below (the package runs with no preset file). A preset file looks like::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from policysearch.errors import ConfigError
 from policysearch.registry import Registry

@@ -30,19 +30,27 @@ def _counts(policy) -> str:  # noqa: ANN001
     return "; ".join(f"{k}: " + ", ".join(f"{m} {n}" for m, n in sorted(v.items())) for k, v in c.items())
 
 
+class _Cached:
+    """Evaluate each policy once: the rules share the uniform runs."""
+
+    def __init__(self, evaluator: object) -> None:
+        self.evaluator = evaluator
+        self.cache: dict[str, EvalResult] = {}
+
+    def evaluate(self, policy: object) -> EvalResult:
+        key = policy.key()
+        if key not in self.cache:
+            self.cache[key] = self.evaluator.evaluate(policy)
+        return self.cache[key]
+
+
 def run(models: list[str], data: str, bits: list[int], device: str, eval_size: int | None) -> list[str]:
     rows, details = [], []
     for model in models:
         ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device, eval_size=eval_size))
         for b in bits:
             space = load_space("paper", ev.sites, weight_bits=b, act_bits=b)
-            cache: dict[str, EvalResult] = {}
-
-            def evaluate(p):  # noqa: ANN001, ANN202
-                if p.key() not in cache:
-                    cache[p.key()] = ev.evaluate(p)
-                return cache[p.key()]
-
+            evaluate = _Cached(ev).evaluate
             uniform = {m: evaluate(p) for m, p in space.uniform_policies().items()}
             row = [model, f"W{b}A{b}", f"{100 * ev.float_metrics['top1']:.2f}"]
             row += [f"{100 * uniform[m].metrics['top1']:.2f}" for m in ("ibert", "fqvit", "ivit")]

@@ -75,7 +75,7 @@ def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: s
         eval_size = eval_size if eval_size is not None else doc.provenance.get("eval_size")
         calib_size = doc.provenance.get("calib_size")
     spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size,
-                         calib_size=calib_size)
+                         calib_size=calib_size, progress=True)
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
     lines = [f"model {model}, data {data} ({n_eval} evaluation images): "

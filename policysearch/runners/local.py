@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from policysearch.policy import Policy
 from policysearch.result import EvalResult

@@ -14,8 +14,9 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from policysearch.errors import ConfigError
 from policysearch.policy import Choice, Policy

@@ -1,7 +1,8 @@
 """Search strategies (torch-free), registered by name; all pass one conformance suite."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 

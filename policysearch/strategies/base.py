@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from policysearch.policy import Choice, Policy
 from policysearch.result import EvalResult

@@ -1,7 +1,8 @@
 """Deterministic strategies: ``uniform``, the SQNR rules and ``exhaustive``."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from policysearch.policy import Choice, Policy
 from policysearch.result import EvalResult, SiteMetrics
