@@ -159,11 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from policysearch.errors import USER_ERRORS
+    from policysearch.errors import user_errors
 
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"policysearch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,14 +4,15 @@ from __future__ import annotations
 from policysearch.policy import PolicyError
 from policysearch.registry import UnknownNameError
 
-__all__ = ["ConfigError", "USER_ERRORS"]
+__all__ = ["ConfigError", "user_errors"]
 
 
 class ConfigError(ValueError):
     """A bad option, preset or configuration value."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (imported lazily: the modules import this one)."""
     from policysearch.data import DataError
     from policysearch.models.loading import ModelError
     from policysearch.models.wiring import UnsupportedModelError
@@ -19,5 +20,3 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (PolicyError, UnknownNameError, ConfigError, FileNotFoundError, DataError, ModelError,
             UnsupportedModelError)
 
-
-USER_ERRORS = _user_errors()
