@@ -16,9 +16,19 @@ __all__ = ["RUNNERS", "LocalRunner", "Runner", "create_runner", "list_runners"]
 RUNNERS: Registry[type[Runner]] = Registry("runner")
 RUNNERS.register("local", LocalRunner)
 
+#: Built-in presets (``runners/<name>.yaml`` in the working directory wins over these).
+PRESETS: Registry[dict[str, Any]] = Registry("runner preset")
+PRESETS.register("local", {"type": "local"})
+
 
 def create_runner(name: str = "local", **options: Any) -> Runner:
-    return RUNNERS.get(name)(**options)
+    """A runner from a preset name or YAML path: ``{type: <registered runner>, ...options}``."""
+    from policysearch.presets import resolve_preset
+
+    data, _ = resolve_preset("runners", name, PRESETS)
+    data = {k: v for k, v in data.items() if k != "name"}
+    kind = data.pop("type", "local")
+    return RUNNERS.get(kind)(**{**data, **options})
 
 
 def list_runners() -> list[str]:
