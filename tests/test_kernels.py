@@ -226,3 +226,22 @@ def test_cpu_and_cuda_agree_within_one_lsb(kind, method):
     y_gpu, _ = k_gpu(x.cuda(), s.cuda())
     lsb = o.max().item() if o is not None else 1e-5
     assert (y_gpu.cpu() - y_cpu).abs().max().item() <= lsb * 1.01 + 1e-5 or kind == "softmax" and method == "fqvit"
+
+
+def test_shift_exp_keeps_the_reference_float_order():
+    """x/s is not rounded, so (x + floor(x/2)) - floor(x/16) must associate as in I-ViT."""
+    torch.manual_seed(0)
+    s = torch.tensor(0.0371)
+    x = (torch.randn(20000) * 3) / s  # not integral
+    x = x - x.max()
+
+    def formula(x_int):
+        x_int = x_int + torch.floor(x_int / 2) - torch.floor(x_int / 2**4)
+        x0 = torch.floor(-1.0 / s)
+        x_int = torch.max(x_int, 15 * x0)
+        q = torch.floor(x_int / x0)
+        r = x_int - x0 * q
+        return torch.clamp(torch.floor((r / 2 - x0) * 2 ** (15 - q)), min=0)
+
+    assert torch.equal(shift_exp(x.clone(), s, 15)[0], formula(x))
+    assert torch.equal(shift_exp(x.clone(), s, 15, inplace=True)[0], formula(x))

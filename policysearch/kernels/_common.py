@@ -80,9 +80,11 @@ def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = F
     Written with in-place operations (``inplace=True`` may overwrite ``x_int``); divisions by
     powers of two are exact multiplications. Same integers as the reference.
     """
-    t = torch.floor_(x_int * 0.5)
-    t.sub_(torch.floor_(x_int * 0.0625))
-    t = t.add_(x_int) if not inplace else x_int.add_(t)  # x + floor(x/2) - floor(x/16)
+    # (x + floor(x/2)) - floor(x/16) in the reference's order: x_int is not integral, so the
+    # float32 sums must associate the same way
+    sixteenth = torch.floor_(x_int * 0.0625)
+    half = torch.floor_(x_int * 0.5)
+    t = (x_int.add_(half) if inplace else half.add_(x_int)).sub_(sixteenth)
     x0_int = torch.floor(-1.0 / s)
     t = torch.clamp_(t, min=n * x0_int) if x0_int.dim() == 0 else torch.maximum(t, n * x0_int)
     q = torch.floor_(t / x0_int)
