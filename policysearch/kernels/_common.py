@@ -7,15 +7,18 @@ Conventions of every official reference, kept here: integers are simulated in fl
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from policysearch.registry import Registry
 
-__all__ = ["KERNELS", "KernelEntry", "as_scale", "exp2_int", "i_exp_poly", "shift_exp", "with_ste"]
+__all__ = ["KERNELS", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "exp2_int", "i_exp_poly", "shift_exp",
+           "with_ste"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,3 +93,35 @@ def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = F
     q = torch.floor_(t / x0_int)
     exp_int = t.sub_(q * x0_int).mul_(0.5).sub_(x0_int)  # r / 2 - x0_int, r = x - x0 * q
     return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n)))), min=0), s / 2**n
+
+
+class IntSqrtLayerNorm(nn.Module):
+    """The LayerNorm shared by I-BERT and I-ViT; they differ in the integer std and numerator.
+
+    ``y = floor((x_int - round(mean)) * floor(NUMERATOR / std_int) / 2) + floor(b / w / s_o)`` with
+    ``out_scale = sqrt(C) / 2^30 * weight``, reduced over the last dim of any rank.
+    """
+
+    NUMERATOR: float = 2**31
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        weight, bias = self.norm.weight, self.norm.bias
+        with torch.no_grad():
+            x_int = x.detach() / s
+            y_int = x_int - torch.round(x_int.mean(dim=-1, keepdim=True))
+            factor = torch.floor(self.NUMERATOR / self.std_int(y_int))
+            y_int = torch.floor(y_int * factor / 2)
+            base = math.sqrt(x.shape[-1]) / 2**30
+            y_int = y_int + torch.floor((bias.detach() / weight.detach()) / base)
+            out_scale = base * weight.detach()
+        n = self.norm
+        return with_ste(x, y_int * out_scale,
+                        lambda: F.layer_norm(x, n.normalized_shape, weight, bias, n.eps)), out_scale

@@ -24,13 +24,18 @@ Deviations, each tested:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, i_exp_poly, with_ste
+from policysearch.kernels._common import (
+    KERNELS,
+    IntSqrtLayerNorm,
+    KernelEntry,
+    as_scale,
+    i_exp_poly,
+    with_ste,
+)
 
 __all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax"]
 
@@ -100,39 +105,23 @@ class IBertGELU(nn.Module):
         return with_ste(x, y, lambda: F.gelu(x)), out_scale.abs()
 
 
-class IBertLayerNorm(nn.Module):
-    def __init__(self, norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.norm = norm
+class IBertLayerNorm(IntSqrtLayerNorm):
+    NUMERATOR = 2**31
 
     @staticmethod
     def _shift(y_int: torch.Tensor) -> torch.Tensor:
+        """The overflow shift a fresh reference module sets on this call (0 without overflow)."""
         var_full = (y_int**2).sum(dim=-1, keepdim=True)
         if float(var_full.max()) < 2**32:
             return torch.zeros((), device=y_int.device)
         shift = torch.ceil(torch.log2(torch.sqrt(var_full / 2**32))).max()
         return torch.clamp(shift, min=0)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = as_scale(scale, x)
-        weight, bias = self.norm.weight, self.norm.bias
-        with torch.no_grad():
-            dim_sqrt = math.sqrt(x.shape[-1])
-            x_int = x.detach() / s
-            mean_int = torch.round(x_int.mean(dim=-1, keepdim=True))
-            y_int = x_int - mean_int
-            shift = self._shift(y_int)
-            var_int = (torch.floor(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
-            std_int = torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
-            factor = torch.floor(2**31 / std_int)
-            y_int = torch.floor(y_int * factor / 2)
-            base = dim_sqrt / 2**30
-            bias_int = torch.floor((bias.detach() / weight.detach()) / base)
-            y_int = y_int + bias_int
-            out_scale = base * weight.detach()
-        y = with_ste(x, y_int * out_scale, lambda: F.layer_norm(x, self.norm.normalized_shape, weight, bias,
-                                                                self.norm.eps))
-        return y, out_scale
+    def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
+        """``floor(sqrt(var))`` in float as the reference, at least 1 (PR #30: no NaN)."""
+        shift = self._shift(y_int)
+        var_int = (torch.floor(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
+        return torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
 
 
 KERNELS.register("softmax/ibert", KernelEntry(factory=lambda bits=8, **_: IBertSoftmax(bits),

@@ -14,13 +14,11 @@ call (the reference caches it from its first call and needs 3-D input); ``-inf``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, shift_exp, with_ste
+from policysearch.kernels._common import KERNELS, IntSqrtLayerNorm, KernelEntry, as_scale, shift_exp, with_ste
 
 __all__ = ["IViTGELU", "IViTLayerNorm", "IViTSoftmax"]
 
@@ -72,12 +70,9 @@ class IViTGELU(nn.Module):
         return with_ste(x, y, lambda: F.gelu(x)), out_scale
 
 
-class IViTLayerNorm(nn.Module):
+class IViTLayerNorm(IntSqrtLayerNorm):
+    NUMERATOR = _NUMERATOR  # 2^31 - 1, i.e. 2^31 once it meets float32
     ITERATIONS = 10
-
-    def __init__(self, norm: nn.LayerNorm) -> None:
-        super().__init__()
-        self.norm = norm
 
     @classmethod
     def newton_sqrt(cls, var_int: torch.Tensor) -> torch.Tensor:
@@ -87,25 +82,8 @@ class IViTLayerNorm(nn.Module):
             k = torch.floor((k + torch.floor(var_int / k)) / 2)
         return k
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = as_scale(scale, x)
-        weight, bias = self.norm.weight, self.norm.bias
-        with torch.no_grad():
-            dim_sqrt = math.sqrt(x.shape[-1])
-            x_int = x.detach() / s
-            mean_int = torch.round(x_int.mean(dim=-1, keepdim=True))
-            y_int = x_int - mean_int
-            var_int = (y_int**2).sum(dim=-1, keepdim=True)
-            std_int = self.newton_sqrt(var_int)
-            factor = torch.floor(_NUMERATOR / std_int)
-            y_int = torch.floor(y_int * factor / 2)
-            base = dim_sqrt / 2**30
-            bias_int = torch.floor((bias.detach() / weight.detach()) / base)
-            y_int = y_int + bias_int
-            out_scale = base * weight.detach()
-        y = with_ste(x, y_int * out_scale,
-                     lambda: F.layer_norm(x, self.norm.normalized_shape, weight, bias, self.norm.eps))
-        return y, out_scale
+    def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
+        return self.newton_sqrt((y_int**2).sum(dim=-1, keepdim=True))
 
 
 KERNELS.register("softmax/ivit", KernelEntry(factory=lambda bits=8, **_: IViTSoftmax(bits),
