@@ -1,4 +1,4 @@
-"""A model's forward pass as a chain of segments (stem, each block, head).
+"""A model's forward pass as a chain of segments (stem, each block's two halves, head).
 
 The evaluator caches each segment's input for a policy; a policy that first differs at a site in
 segment ``k`` restarts from segment ``k``'s cached input instead of recomputing the whole forward.
@@ -40,13 +40,50 @@ def _head(model: nn.Module) -> Segment:
     )
 
 
+def _halves(name: str, block: nn.Module, first: Callable, second: Callable) -> list[Segment]:
+    """A pre-norm block as two segments (attention half, MLP half): a change in the MLP half
+    restarts after the attention half."""
+    return [
+        Segment(name=f"{name}.attn", prefixes=(f"{name}.norm1", f"{name}.attn"), fn=first),
+        Segment(name=f"{name}.mlp", prefixes=(f"{name}.norm2", f"{name}.mlp"), fn=second),
+    ]
+
+
+def _vit_block(name: str, b: nn.Module) -> list[Segment]:
+    from timm.models.vision_transformer import Block
+
+    if type(b) is not Block:  # other block types: one segment, their own forward
+        return [Segment(name=name, prefixes=(name,), fn=b)]
+    return _halves(name, b,
+                   lambda x: x + b.drop_path1(b.ls1(b.attn(b.norm1(x)))),
+                   lambda x: x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))))
+
+
+def _swin_second(b: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    def second(x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        y = x.reshape(B, -1, C)
+        y = y + b.drop_path2(b.mlp(b.norm2(y)))
+        return y.reshape(B, H, W, C)
+
+    return second
+
+
+def _swin_block(name: str, b: nn.Module) -> list[Segment]:
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    if type(b) is not SwinTransformerBlock:
+        return [Segment(name=name, prefixes=(name,), fn=b)]
+    return _halves(name, b, lambda x: x + b.drop_path1(b._attn(b.norm1(x))), _swin_second(b))
+
+
 def _vit(m: nn.Module) -> list[Segment]:
     stem = Segment(
         name="stem",
         prefixes=("patch_embed", "norm_pre"),
         fn=lambda x: m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))),
     )
-    blocks = [Segment(name=f"blocks.{i}", prefixes=(f"blocks.{i}",), fn=b) for i, b in enumerate(m.blocks)]
+    blocks = [seg for i, b in enumerate(m.blocks) for seg in _vit_block(f"blocks.{i}", b)]
     return [stem, *blocks, _head(m)]
 
 
@@ -57,6 +94,5 @@ def _swin(m: nn.Module) -> list[Segment]:
             name = f"layers.{j}.downsample"
             out.append(Segment(name=name, prefixes=(name,), fn=stage.downsample))
         for k, block in enumerate(stage.blocks):
-            name = f"layers.{j}.blocks.{k}"
-            out.append(Segment(name=name, prefixes=(name,), fn=block))
+            out += _swin_block(f"layers.{j}.blocks.{k}", block)
     return [*out, _head(m)]
