@@ -94,6 +94,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     from policysearch.study import StudyRecorder, default_storage
 
     objective = load_objective(config.objective)
+    runner = create_runner(config.runner)  # before the (slow) evaluator: fail fast on a bad name
     spec = EvaluatorSpec(
         model=config.model, checkpoint=config.checkpoint, data=config.data, objective=objective.to_dict(),
         device=config.device, calib_size=config.calib_size, eval_size=config.eval_size,
@@ -118,7 +119,6 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
         attrs={"strategy": config.strategy, "model": config.model, "data": config.data,
                "space": config.space, "objective": objective.name},
     )
-    runner = create_runner(config.runner)
     loop = _Loop(recorder=recorder, runner=runner, spec=spec, progress=progress)
     try:
         loop.drive(strategy)

@@ -74,6 +74,8 @@ def test_cli_list(capsys):
     (["list", "sites", "--model", "resnet_nope"], "unknown model"),
     (["run", "--strategy", "uniform", "--model", "test_fmnist_vit", "--space", "nope"], "unknown space"),
     (["run", "--strategy", "uniform", "--bits", "40"], "must be in [2, 16]"),
+    (["run", "--strategy", "uniform", "--model", "test_fmnist_vit", "--runner", "ray"], "not built yet"),
+    (["run", "--strategy", "uniform", "--model", "test_fmnist_vit", "--runner", "nope"], "unknown runner"),
 ])
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)

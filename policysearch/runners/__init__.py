@@ -21,10 +21,18 @@ PRESETS: Registry[dict[str, Any]] = Registry("runner preset")
 PRESETS.register("local", {"type": "local"})
 
 
+#: Runners the design names that are not built yet: they fail with a clear message.
+_PLANNED = ("ray", "ray_local", "ray_cluster")
+
+
 def create_runner(name: str = "local", **options: Any) -> Runner:
     """A runner from a preset name or YAML path: ``{type: <registered runner>, ...options}``."""
     from policysearch.presets import resolve_preset
 
+    if name in _PLANNED:
+        from policysearch.errors import ConfigError
+
+        raise ConfigError(f"the {name!r} runner is not built yet in this version; use --runner local")
     data, _ = resolve_preset("runners", name, PRESETS)
     data = {k: v for k, v in data.items() if k != "name"}
     kind = data.pop("type", "local")
