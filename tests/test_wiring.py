@@ -142,3 +142,17 @@ def test_qat_gradients_flow():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_deepcopy_of_a_prepared_model_runs_on_its_own_modules():
+    import copy
+
+    model, x = _calibrated(tiny_vit)
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ibert"))
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x))
+        clone.blocks[0].mlp.fc1.weight.mul_(2)  # the clone's GELU must follow the clone's fc1
+        assert not torch.allclose(clone(x), model(x))
+    site = clone.blocks[0].mlp.act
+    assert site._producer[0] is clone.blocks[0].mlp.fc1

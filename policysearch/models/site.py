@@ -23,7 +23,7 @@ class QuantSite(nn.Module):
 
     ``forward(x, scale=None, mask=None)``: ``x`` is the dequantized input as the model produces it
     (for softmax the ``q·kᵀ`` accumulator, with its ``scale``; for GELU the fc1 accumulator, whose
-    scale comes from ``acc_scale``). ``mask`` (Swin's shifted-window mask) is added after input
+    scale is that of the producing ``QuantLinear``, ``producer``). ``mask`` (Swin's shifted-window mask) is added after input
     quantization, as the references do.
     """
 
@@ -35,7 +35,7 @@ class QuantSite(nn.Module):
         *,
         family: str,
         observer: str = "minmax",
-        acc_scale: Callable[[], torch.Tensor | None] | None = None,
+        producer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.site_name = name
@@ -45,7 +45,8 @@ class QuantSite(nn.Module):
         self.act = QuantAct(observer)
         self.ptf = PTFQuant(observer) if kind == "layernorm" else None
         self.out_obs = create_observer(observer) if kind == "layernorm" else None
-        self._acc_scale = acc_scale
+        # kept in a list: not a submodule (no duplicate state), and deepcopy maps it to the copy
+        self._producer = [producer] if producer is not None else []
         self.choice = Choice(method="fp32")
         self.act_bits = 8
         self.enabled = False
@@ -80,8 +81,8 @@ class QuantSite(nn.Module):
         if prec.source == "float":
             return x, None
         if prec.source == "accumulator":
-            if scale is None and self._acc_scale is not None:
-                scale = self._acc_scale()
+            if scale is None and self._producer:
+                scale = self._producer[0].last_acc_scale
             if scale is None:  # no integer producer upstream: quantize at high precision
                 return self.act(x, 16)
             return x, scale

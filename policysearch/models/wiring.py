@@ -155,8 +155,7 @@ def prepare(model: nn.Module, *, observer: str = "minmax") -> nn.Module:
 def _site(
     name: str, kind: str, op: nn.Module | None, family: str, observer: str, fc1: QuantLinear | None = None
 ) -> QuantSite:
-    acc = (lambda: fc1.last_acc_scale) if fc1 is not None else None
-    return QuantSite(name, kind, op, family=family, observer=observer, acc_scale=acc)
+    return QuantSite(name, kind, op, family=family, observer=observer, producer=fc1)
 
 
 def _fc1_of(model: nn.Module, gelu_path: str, observer: str) -> QuantLinear | None:
