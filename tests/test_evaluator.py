@@ -69,3 +69,14 @@ def test_non_finite_logits_give_failed_result():
         ev.model.head.weight[0, 0] = float("nan")
     res = ev.evaluate(Policy.uniform(ev.sites, "fp32"))
     assert not res.ok and "non-finite" in res.error
+
+
+def test_nan_float_model_is_one_clear_error():
+    from policysearch.models.loading import ModelError
+
+    torch.manual_seed(0)
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    with pytest.raises(ModelError, match="non-finite"):
+        Evaluator(model, calib_images=torch.randn(4, 3, 32, 32), eval_images=torch.randn(4, 3, 32, 32))

@@ -93,6 +93,11 @@ class Evaluator:
             store_copy = dict(store)
             self.ref_logits += [self.model(b) for b in self._bar(self.batches[1:], "float reference")]
         self.ref_sites = store_copy
+        if not all(bool(torch.isfinite(z).all()) for z in self.ref_logits):
+            from policysearch.models.loading import ModelError
+
+            raise ModelError("the float model gives non-finite (NaN/inf) outputs on this data; "
+                             "check the checkpoint's weights and the data's preprocessing")
         eval_ref = torch.cat(self.ref_logits[1:]) if len(self.batches) > 1 else self.ref_logits[0]
         self.float_metrics = {"top1": self._top1(eval_ref)}
 
