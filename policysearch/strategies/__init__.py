@@ -1,65 +1,84 @@
-"""Search strategies (torch-free), registered by name; all pass one conformance suite."""
+"""Search strategies (torch-free), registered by name; all pass one conformance suite.
+
+``create_strategy(name, space, directions=..., seed=..., **options)`` builds one; see
+:mod:`policysearch.strategies.base` for the ask/tell contract.
+"""
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
-import optuna
-
-from policysearch.registry import Registry
 from policysearch.spaces.space import SearchSpace
-from policysearch.strategies.base import Strategy
-from policysearch.strategies.optuna_based import NSGA2, TPE, RandomSearch
-from policysearch.strategies.simple import (
-    Exhaustive,
+from policysearch.strategies.base import STRATEGIES, Strategy, dominates, rank_key, register
+from policysearch.strategies.exhaustive import Exhaustive, ExhaustiveOptions
+from policysearch.strategies.optuna_based import (
+    NSGA2,
+    TPE,
+    NSGA2Options,
+    OptunaOptions,
+    OptunaStrategy,
+    RandomSearch,
+    TPEOptions,
+)
+from policysearch.strategies.sqnr import (
+    SiteSelection,
     SQNRDiff,
     SQNRDrop,
     SQNROutput,
     SQNRRule,
-    Uniform,
     rule_sqnr_diff,
     rule_sqnr_drop,
     rule_sqnr_output,
 )
+from policysearch.strategies.uniform import Uniform
 
 __all__ = [
-    "STRATEGIES",
-    "Exhaustive",
     "NSGA2",
+    "STRATEGIES",
+    "TPE",
+    "Exhaustive",
+    "ExhaustiveOptions",
+    "NSGA2Options",
+    "OptunaOptions",
+    "OptunaStrategy",
     "RandomSearch",
     "SQNRDiff",
     "SQNRDrop",
     "SQNROutput",
     "SQNRRule",
+    "SiteSelection",
     "Strategy",
-    "TPE",
+    "TPEOptions",
     "Uniform",
     "create_strategy",
+    "dominates",
     "list_strategies",
+    "rank_key",
+    "register",
     "rule_sqnr_diff",
     "rule_sqnr_drop",
     "rule_sqnr_output",
 ]
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
-for _name, _cls in (("uniform", Uniform), ("sqnr_diff", SQNRDiff), ("sqnr_drop", SQNRDrop),
-                    ("sqnr_output", SQNROutput), ("exhaustive", Exhaustive), ("tpe", TPE),
-                    ("nsga2", NSGA2), ("random", RandomSearch)):
-    STRATEGIES.register(_name, _cls)
+log = logging.getLogger(__name__)
 
-#: Options that only budgeted strategies take; others ignore them with a log line.
-_BUDGET_OPTIONS = ("trials",)
+#: Options a driver may pass to any strategy; one that does not take it ignores it (logged).
+BUDGET_OPTIONS = ("trials",)
 
 
 def create_strategy(name: str, space: SearchSpace, *, directions: Sequence[str] = ("maximize",),
                     seed: int = 0, **options: Any) -> Strategy:
+    """The strategy registered as ``name`` (unknown names list the valid ones)."""
     cls = STRATEGIES.get(name)
-    if not issubclass(cls, (TPE, NSGA2, RandomSearch)):
-        for opt in _BUDGET_OPTIONS:
-            options.pop(opt, None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return cls(space, directions=tuple(directions), seed=seed, **options)
+    accepted = {f.name for f in fields(cls.Options)}
+    for opt in BUDGET_OPTIONS:
+        if opt in options and opt not in accepted:
+            log.warning("strategy %s has no %r option; ignoring %s=%r", name, opt, opt, options.pop(opt))
+    return cls(space, directions=directions, seed=seed, **options)
 
 
 def list_strategies() -> list[str]:
+    """The registered strategy names, sorted."""
     return STRATEGIES.names()

@@ -1,14 +1,30 @@
 """Optuna-driven strategies over the joint policy: ``tpe``, ``nsga2``, ``random``.
 
-Each keeps an in-memory Optuna study (one categorical parameter per site, values like ``ivit`` or
-``ivit@6``). The sampler is re-seeded from ``seed`` and the number of trials before every
-``study.ask()``, so sampling depends only on the history: replaying the told results into a fresh
-strategy (``load_state_dict``) continues exactly like the original. A proposal that repeats an
-evaluated policy is told its known result at once and counts against the budget.
+Each keeps an in-memory Optuna study with one categorical parameter per site (values are choice
+strings such as ``ivit`` or ``ivit@6``), driven by ``study.ask()`` / ``study.tell()``; every told
+result in the space is a trial (results told without being asked are added with
+``study.add_trial``). Optuna's INFO logging is silenced around these calls only.
+
+Budget: ``trials`` counts the *new* policies the sampler hands to the driver. A proposal that
+repeats an evaluated policy is told its known result in the study at once (the sampler learns
+from it) and does not count; one that repeats a pending policy is told as failed. After
+``max_duplicates`` repeats in a row with nothing pending, or once every policy of the space has
+been asked, the search ends early (logged).
+
+Determinism and exact resume: the sampler is rebuilt before every ``study.ask()`` with a seed
+derived from ``seed`` and the number of trials in the study, so a proposal depends only on the
+study's history. ``state_dict`` stores that history (params, values, state and system
+attributes of every trial, pending ones as RUNNING, and the study's system attributes), the
+trial number of each pending policy and the budget counters; ``load_state_dict`` rebuilds the
+study trial by trial.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -17,132 +33,178 @@ from optuna.trial import TrialState
 
 from policysearch.policy import Choice, Policy
 from policysearch.result import EvalResult
-from policysearch.strategies.base import Strategy
-from policysearch.strategies.simple import SQNRDiff
+from policysearch.spaces.space import SearchSpace
+from policysearch.strategies.base import Strategy, decode_policy, encode_policy, register
+from policysearch.strategies.sqnr import SQNRDiff
 
-__all__ = ["NSGA2", "RandomSearch", "TPE"]
+__all__ = ["NSGA2", "NSGA2Options", "OptunaOptions", "OptunaStrategy", "RandomSearch", "TPE", "TPEOptions"]
 
 log = logging.getLogger(__name__)
 
-_MAX_DUPLICATE_RETRIES = 20
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs at WARNING inside the block; the previous verbosity is restored after."""
+    old = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(old, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(old)
 
 
-class _OptunaStrategy(Strategy):
-    def __init__(self, space: Any, *, trials: int = 20, **kw: Any) -> None:
+def _derived_seed(seed: int, n: int) -> int:
+    return random.Random(f"policysearch/{seed}/{n}").getrandbits(31)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptunaOptions:
+    """``trials``: new policies to ask (the budget); ``max_duplicates``: repeated proposals in a
+    row that end the search."""
+
+    trials: int = 20
+    max_duplicates: int = 50
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.max_duplicates < 1:
+            raise ValueError(f"trials and max_duplicates must be >= 1, got {self.trials}, {self.max_duplicates}")
+
+
+class OptunaStrategy(Strategy):
+    """Base of the Optuna strategies; subclasses give the sampler."""
+
+    Options = OptunaOptions
+
+    def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
-        if trials < 1:
-            raise ValueError(f"trials must be positive, got {trials}")
-        self.trials = min(trials, space.size())
-        self.proposed = 0  # sampler proposals, duplicates included (the budget)
-        self.distributions = {s.name: CategoricalDistribution([str(c) for c in space.choices(s.name)])
-                              for s in space.sites}
-        self.study = optuna.create_study(directions=list(self.directions), sampler=self._sampler(0))
-        self._trial_of: dict[str, int] = {}
-        self._replaying = False
+        self.distributions = {s.name: CategoricalDistribution([str(c) for c in opts])
+                              for s, opts in zip(space.sites, space.options)}
+        with quiet_optuna():
+            self.study = optuna.create_study(directions=list(self.directions), sampler=self._sampler(self.seed))
+        self.asked = 0  # new policies proposed by the sampler (the budget)
+        self.stalled = False  # too many repeated proposals in a row: finished
+        self._trial_of: dict[str, int] = {}  # pending proposal -> its RUNNING trial number
+        self._in_space: set[str] = set()  # told keys that lie in the space
 
-    def _sampler(self, salt: int) -> optuna.samplers.BaseSampler:
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
 
-    def _policy(self, params: dict[str, str]) -> Policy:
-        return self.space.policy([Choice.parse(params[s.name]) for s in self.space.sites])
-
-    def _record(self, policy: Policy, result: EvalResult) -> None:
-        params = {s.name: str(c) for s, c in policy.items()}
-        if any(v not in self.distributions[k].choices for k, v in params.items()):
-            return  # told a policy outside the space (a replayed trial): keep it out of the sampler
-        number = self._trial_of.pop(policy.key(), None)
-        values = list(result.values) if result.ok else None
-        state = TrialState.COMPLETE if result.ok else TrialState.FAIL
-        if number is not None:
-            self.study.tell(number, values, state=state)
-        else:
-            self.study.add_trial(optuna.trial.create_trial(
-                params=params, distributions=self.distributions, values=values, state=state))
+    # -- study bookkeeping -------------------------------------------------------------------------
+    def _params(self, policy: Policy) -> dict[str, str]:
+        return {s.name: str(c) for s, c in policy.items()}
 
     def _told(self, policy: Policy, result: EvalResult) -> None:
-        if not self._replaying:
+        if not self.space.contains(policy):
+            return  # a replayed trial from outside the space: recorded by the base, not sampled from
+        self._in_space.add(policy.key())
+        if not self._loading:
             self._record(policy, result)
 
-    def _propose(self) -> Policy | None:
-        for _ in range(_MAX_DUPLICATE_RETRIES):
-            if self.proposed >= self.trials:
-                return None
-            self.study.sampler = self._sampler(len(self.study.trials))
-            trial = self.study.ask(self.distributions)
-            self.proposed += 1
-            policy = self._policy(trial.params)
-            known = self.results.get(policy.key())
-            if known is None and policy.key() not in self.pending:
-                self._trial_of[policy.key()] = trial.number
-                return policy
-            if known is not None:
-                r = known[1]
-                self.study.tell(trial.number, list(r.values) if r.ok else None,
-                                state=TrialState.COMPLETE if r.ok else TrialState.FAIL)
+    def _record(self, policy: Policy, result: EvalResult) -> None:
+        values = list(result.values) if result.ok else None
+        state = TrialState.COMPLETE if result.ok else TrialState.FAIL
+        number = self._trial_of.pop(policy.key(), None)
+        with quiet_optuna():
+            if number is not None:
+                self.study.tell(number, values, state=state)
             else:
-                self.study.tell(trial.number, state=TrialState.FAIL)
-        return None
+                self.study.add_trial(optuna.trial.create_trial(
+                    params=self._params(policy), distributions=self.distributions, values=values, state=state))
+
+    # -- proposing ---------------------------------------------------------------------------------
+    def _exhausted(self, batch: int = 0) -> bool:
+        """Every policy of the space is told or pending (``batch``: proposed in this call)."""
+        return len(self._in_space | set(self.pending)) + batch >= self.space.size()
+
+    def _propose(self, n: int) -> list[Policy]:
+        out: dict[str, Policy] = {}
+        repeats = 0
+        while len(out) < n and self.asked < self.options.trials and not self._exhausted(len(out)):
+            if repeats >= self.options.max_duplicates:
+                if not self.pending and not out:
+                    log.info("%s: %d repeated proposals in a row; stopping after %d new policies",
+                             self.name, repeats, self.asked)
+                    self.stalled = True
+                break
+            policy, number = self._ask_study()
+            key = policy.key()
+            known = self.result_of(policy)
+            if known is None and key not in self.pending and key not in out:
+                self._trial_of[key] = number
+                self.asked += 1
+                out[key] = policy
+                continue
+            repeats += 1  # an evaluated policy: its known result; a pending one: failed
+            with quiet_optuna():
+                if known is not None and known.ok:
+                    self.study.tell(number, list(known.values))
+                else:
+                    self.study.tell(number, state=TrialState.FAIL)
+        return list(out.values())
+
+    def _ask_study(self) -> tuple[Policy, int]:
+        with quiet_optuna():
+            self.study.sampler = self._sampler(_derived_seed(self.seed, len(self.study.get_trials(deepcopy=False))))
+            trial = self.study.ask(self.distributions)
+        return self.space.policy([Choice.parse(trial.params[s.name]) for s in self.space.sites]), trial.number
 
     def _next(self, n: int) -> list[Policy]:
-        out = []
-        while len(out) < n:
-            p = self._propose()
-            if p is None:
-                break
-            out.append(p)
-        return out
+        return self._propose(n)
 
     def _has_more(self) -> bool:
-        return self.proposed < self.trials
+        return not self.stalled and self.asked < self.options.trials and not self._exhausted()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Told history plus the whole finished Optuna history (duplicates and the samplers'
-        system attributes included), so the rebuilt study is identical."""
-        trials = [{"params": t.params, "values": t.values, "state": t.state.name,
-                   "system_attrs": t.system_attrs}
-                  for t in self.study.get_trials(deepcopy=False)
-                  if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
-        storage = self.study._storage
-        study_attrs = storage.get_study_system_attrs(self.study._study_id)
-        return {**super().state_dict(), "proposed": self.proposed, "trials": trials,
-                "study_system_attrs": study_attrs}
+    # -- state -------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict[str, Any]:
+        trials = [{"params": t.params, "values": t.values, "state": t.state.name, "system_attrs": t.system_attrs}
+                  for t in self.study.get_trials(deepcopy=False)]
+        return {"asked": self.asked, "stalled": self.stalled,
+                "trial_of": [[encode_policy(self.space, self.pending.get(k) or self._pending_policy(k)), n]
+                             for k, n in self._trial_of.items()],
+                "trials": trials,
+                "study_system_attrs": self.study._storage.get_study_system_attrs(self.study._study_id)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._replaying = True
-        try:
-            super().load_state_dict(state)
-        finally:
-            self._replaying = False
-        for t in state.get("trials", []):
-            self.study.add_trial(optuna.trial.create_trial(
-                params=t["params"], distributions={k: self.distributions[k] for k in t["params"]},
-                values=t["values"], state=TrialState[t["state"]], system_attrs=t["system_attrs"]))
-        for key, value in state.get("study_system_attrs", {}).items():
-            self.study._storage.set_study_system_attr(self.study._study_id, key, value)
-        self.proposed = state.get("proposed", self.proposed)
+    def _pending_policy(self, key: str) -> Policy:
+        return next(p for p in self._redo if p.key() == key)
 
-    def pareto(self) -> list[tuple[Policy, EvalResult]]:
-        """Non-dominated successful results (all objective values)."""
-        ok = [self.results[k] for k in self.order if self.results[k][1].ok]
-        signs = [(-1.0 if d == "maximize" else 1.0) for d in self.directions]
-
-        def dominated(a: EvalResult, b: EvalResult) -> bool:
-            av = [s * v for s, v in zip(signs, a.values)]
-            bv = [s * v for s, v in zip(signs, b.values)]
-            return all(y <= x for x, y in zip(av, bv)) and any(y < x for x, y in zip(av, bv))
-
-        return [(p, r) for p, r in ok if not any(dominated(r, q) for _, q in ok if q is not r)]
+    def _load_extra(self, state: Mapping[str, Any]) -> None:
+        with quiet_optuna():
+            for t in state["trials"]:
+                self.study.add_trial(optuna.trial.create_trial(
+                    params=t["params"], distributions={k: self.distributions[k] for k in t["params"]},
+                    values=t["values"], state=TrialState[t["state"]], system_attrs=t["system_attrs"]))
+            for key, value in state["study_system_attrs"].items():
+                self.study._storage.set_study_system_attr(self.study._study_id, key, value)
+        self._trial_of = {decode_policy(self.space, p).key(): int(n) for p, n in state["trial_of"]}
+        self.asked = int(state["asked"])
+        self.stalled = bool(state["stalled"])
 
 
-class TPE(_OptunaStrategy):
-    """Optuna TPE, warm-started with the sqnr_diff procedure (its uniform and mixed evaluations)."""
+@dataclass(frozen=True, kw_only=True)
+class TPEOptions(OptunaOptions):
+    """``n_startup_trials``: complete trials (warm start included) before TPE models the history."""
 
-    def __init__(self, space: Any, **kw: Any) -> None:
+    n_startup_trials: int = 5
+
+
+@register
+class TPE(OptunaStrategy):
+    """Optuna TPE over the joint policy, warm-started with the sqnr_diff procedure.
+
+    It first runs ``sqnr_diff`` (an internal :class:`SQNRDiff`: the uniform policies, then the
+    mixed one), whose evaluations become trials of the TPE study, then samples ``trials`` new
+    policies.
+    """
+
+    name = "tpe"
+    Options = TPEOptions
+
+    def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
         self.warm = SQNRDiff(space, directions=self.directions, seed=self.seed)
 
-    def _sampler(self, salt: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.TPESampler(seed=self.seed + salt, n_startup_trials=5)
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.options.n_startup_trials)
 
     def _next(self, n: int) -> list[Policy]:
         if not self.warm.finished:
@@ -158,20 +220,35 @@ class TPE(_OptunaStrategy):
         return not self.warm.finished or super()._has_more()
 
 
-class NSGA2(_OptunaStrategy):
-    """Optuna NSGA-II over one or several objectives; ``best()`` is the best by the first value."""
+@dataclass(frozen=True, kw_only=True)
+class NSGA2Options(OptunaOptions):
+    """``population_size``: NSGA-II's generation size (>= 2)."""
 
-    def __init__(self, space: Any, *, population_size: int = 8, **kw: Any) -> None:
-        self.population_size = population_size
-        super().__init__(space, **kw)
+    population_size: int = 8
 
-    def _sampler(self, salt: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.NSGAIISampler(seed=self.seed + salt, population_size=self.population_size)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.population_size < 2:
+            raise ValueError(f"population_size must be >= 2, got {self.population_size}")
 
 
-class RandomSearch(_OptunaStrategy):
-    """Uniformly random policies from the space, de-duplicated."""
+@register
+class NSGA2(OptunaStrategy):
+    """Optuna NSGA-II over one or several objectives. ``best()`` is the lexicographic best
+    (first objective first, so it lies on the front); ``pareto()`` gives the whole front."""
 
-    def _sampler(self, salt: int) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.RandomSampler(seed=self.seed + salt)
+    name = "nsga2"
+    Options = NSGA2Options
 
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
+
+
+@register
+class RandomSearch(OptunaStrategy):
+    """Uniformly random policies of the space (Optuna's RandomSampler), de-duplicated."""
+
+    name = "random"
+
+    def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=seed)
