@@ -47,11 +47,14 @@ def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.T
 
 
 def exp2_int(k: torch.Tensor) -> torch.Tensor:
-    """``2.0 ** k`` for integer-valued float ``k`` in [-126, 127], built from the float32 bits.
+    """``2.0 ** k`` for integer-valued float ``k``, built from the float32 bits.
 
-    Exact, like ``2 ** k`` in the references, and several times cheaper than ``torch.pow``.
+    Exact for ``k`` in [-126, 127], like ``2 ** k`` in the references, and several times cheaper
+    than ``torch.pow``. Outside that range it saturates to ``0`` / ``inf`` as float32 ``2 ** k``
+    does (I-ViT's GELU reaches ``2^(n - q) = inf`` on very negative rows at fine input scales).
     """
-    return ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+    k = torch.clamp(k, -127.0, 128.0).to(torch.int32)
+    return ((k + 127) << 23).view(torch.float32)
 
 
 # I-BERT i-exp (IntSoftmax.int_polynomial / int_exp), shared by I-BERT and FQ-ViT.
@@ -119,7 +122,9 @@ class IntSqrtLayerNorm(nn.Module):
             y_int = x_int - torch.round(x_int.mean(dim=-1, keepdim=True))
             factor = torch.floor(self.NUMERATOR / self.std_int(y_int))
             y_int = torch.floor(y_int * factor / 2)
-            base = math.sqrt(x.shape[-1]) / 2**30
+            # a float32 tensor, as the reference's dim_sqrt / 2^30: on CUDA, dividing by a Python
+            # float multiplies by its reciprocal, which moves bias_int by a few units
+            base = torch.full((), math.sqrt(x.shape[-1]) / 2**30, dtype=torch.float32, device=x.device)
             y_int = y_int + torch.floor((bias.detach() / weight.detach()) / base)
             out_scale = base * weight.detach()
         n = self.norm

@@ -10,16 +10,24 @@ an 8-bit ``M`` and ``N <= 31``.
 Output representation: the LIS output ``2^-qlog`` (codes 0..15, masked = 0) is expressed on the
 uniform grid ``out_scale = 2^-(2^bits - 1)`` with ``q_out = 2^(2^bits - 1 - qlog)``, so
 ``y = q_out * out_scale`` is exactly the reference's ``y``; :func:`log2_codes` recovers the codes.
+Only ``bits = 4`` is offered: 8-bit LIS (``BIT_TYPE_S = uint8``) would need ``out_scale = 2^-255``
+and values down to ``2^-255``, which float32 cannot hold (the reference's own ``2^-qlog`` flushes
+to 0 for ``qlog > 149``).
 
 Deviations, each tested:
 
-* Softmax: an entry whose ``exp_int`` is 0 (far below the row max) gives ``S / 0 = inf`` in the
+* Softmax: an entry whose ``exp_int`` is 0 (coarse scales only: ``s > 1.67`` gives
+  ``c_int = 0``) gives ``S / 0 = inf`` (or ``0 / 0 = NaN`` when the whole row is 0) in the
   reference's ratio; here it is masked directly (code >= 16, value 0), which is what the
-  reference's mask does with that ``inf``; ``-inf`` inputs behave the same.
+  reference's mask does with that ``inf``. A row that is entirely ``-inf`` (NaN in the reference)
+  gives finite codes; ``-inf`` or ``-100``-masked entries of a row with a finite maximum are
+  clamped as in the reference.
 * LayerNorm: ``out_scale`` (the next activation quantizer's scale in the reference) is an
   optional argument; without it, it is derived from this call as ``max|LayerNorm(x)| / 127``.
-  A constant row (``std = 0``) gives NaN in the reference (FQ-ViT #31); here its output is the
-  bias, quantized to ``out_scale``, as a float LayerNorm with any eps gives.
+  A constant row (``std = 0``, or a negative one-pass variance from float32 cancellation, both
+  NaN in the reference, FQ-ViT #31) outputs the bias quantized to ``out_scale``, as a float
+  LayerNorm with any eps gives. ``in_scale_expand`` (Swin PatchMerging) is the caller's job: pass
+  the tiled (C,) scale. ``out_scale`` may be () / (1,) / (C,), as the reference's reshape allows.
 """
 from __future__ import annotations
 
@@ -38,7 +46,11 @@ def floor_log2(v: torch.Tensor) -> torch.Tensor:
 
 
 def log_round(ratio: torch.Tensor) -> torch.Tensor:
-    """FQ-ViT's ``log_round``: ``floor(log2 r)``, plus 1 where ``r >= 1.5 * 2^floor(log2 r)``."""
+    """FQ-ViT's ``log_round``: ``floor(log2 r)``, plus 1 where ``r >= 1.5 * 2^floor(log2 r)``.
+
+    The reference's float32 ``log2`` rounds up to ``k`` just below ``r = 2^k``; the exact exponent
+    used here then gives ``k - 1`` plus the ``+1`` of the midpoint test: the same code.
+    """
     big = floor_log2(ratio)
     extra = (ratio - exp2_int(big)) >= exp2_int(big - 1)
     return big + extra.to(big.dtype)
@@ -74,9 +86,13 @@ class FQViTSoftmax(nn.Module):
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a ~= M / 2^N`` with an 8-bit ``M`` (FQ-ViT ``get_MN``)."""
-    a = torch.nan_to_num(a, posinf=3.0e38)
-    n = torch.clamp_(bit - 1 - floor_log2(torch.clamp(a, min=2.0**-120)), 0, 31)
+    """``a ~= M / 2^N`` with an 8-bit ``M`` (FQ-ViT ``get_MN``).
+
+    ``floor(log2 a)`` is the float32 ``torch.log2`` as in the reference, not the exact exponent: for
+    the float just below ``2^k`` (k >= 3) ``log2`` rounds up to ``k``, and the reference then uses
+    ``(M, N) = (127, 7 - k)`` where the exact exponent would give ``(255, 8 - k)``.
+    """
+    n = torch.clamp_(bit - 1 - torch.floor_(torch.log2(a)), 0, 31)  # a = 0 -> N = 31, M = 0
     m = torch.clamp_(torch.floor_(a * exp2_int(n)), 0, 2**bit - 1)
     return m, n
 

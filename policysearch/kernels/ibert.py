@@ -14,11 +14,16 @@ Deviations, each tested:
   *freshly built* module computes on its first call: the range is this call's min/max of
   ``exp_int``. No state leaks between calls.
 * Softmax: ``out_scale`` is a tensor on ``x.device`` (the reference returns a Python float, I-BERT #4).
+* Softmax: a row that is entirely ``-inf`` (NaN in the reference and in the float softmax) gives a
+  uniform row; ``-inf`` entries in a row with a finite maximum are clamped to ``30 * x0_int``
+  exactly as in the reference.
 * GELU: the reference's output scale is negative (``s * a * s_e^2 * 2^14 / 2`` with ``a < 0``);
   here ``out_scale`` is its absolute value and the integers are negated, so ``y`` is identical.
-* LayerNorm: the reference's overflow ``shift`` is a buffer that only grows; here it is the shift
-  a fresh module would set on this call. A constant row gives ``std_int = 0`` and NaN in the
-  reference (open PR #30); here ``std_int`` is clamped to at least 1, so the output is the bias.
+* LayerNorm: the reference's overflow ``shift`` is a buffer that only grows (and stops updating
+  after ``fix()``); here it is the shift a fresh, unfixed module sets on this call (0 without
+  overflow). A constant row gives ``std_int = 0`` and NaN in the reference (open PR #30); here
+  ``std_int`` is clamped to at least 1, so the output is the bias. ``eps`` is ignored, as in the
+  reference.
   ``dim_sqrt`` is computed per call from the last dim (the reference caches it and needs 3-D input);
   any rank works, reduced over the last dim.
 """
@@ -111,11 +116,11 @@ class IBertLayerNorm(IntSqrtLayerNorm):
     @staticmethod
     def _shift(y_int: torch.Tensor) -> torch.Tensor:
         """The overflow shift a fresh reference module sets on this call (0 without overflow)."""
-        var_full = (y_int**2).sum(dim=-1, keepdim=True)
-        if float(var_full.max()) < 2**32:
-            return torch.zeros((), device=y_int.device)
-        shift = torch.ceil(torch.log2(torch.sqrt(var_full / 2**32))).max()
-        return torch.clamp(shift, min=0)
+        # The reference takes max over rows of ceil(log2(sqrt(var / 2^32))) when max(var) >= 2^32;
+        # the functions are monotone, so this is the same on the largest row, and it is <= 0 (so
+        # clamped to 0) exactly when there is no overflow: no branch, no device sync.
+        var_max = (y_int**2).sum(dim=-1).max()
+        return torch.clamp(torch.ceil(torch.log2(torch.sqrt(var_max / 2**32))), min=0)
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         """``floor(sqrt(var))`` in float as the reference, at least 1 (PR #30: no NaN)."""

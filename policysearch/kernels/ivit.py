@@ -8,9 +8,19 @@ activation (the Newton iteration needs it to converge). Constants: softmax ``n =
 ``2^31 - 1`` (2^31 in float32); Newton 10 iterations from 2^16; softmax output 16 bits in
 ViT/DeiT and 8 bits in Swin (the caller passes ``bits``), scale ``1 / 2^(bits-1)``.
 
-Deviations: the LayerNorm reduces over the last dim of any rank and computes ``dim_sqrt`` per
-call (the reference caches it from its first call and needs 3-D input); ``-inf`` softmax inputs
-(masks) are clamped like any very negative value instead of producing NaN.
+Deviations, each tested:
+
+* LayerNorm: reduces over the last dim of any rank and computes ``dim_sqrt`` per call (the
+  reference caches it from its first call and needs 3-D input). ``eps`` is ignored, as in the
+  reference; a constant row gives ``std_int = 64`` (the Newton floor) and the bias, as there.
+* Softmax: a row that is entirely ``-inf`` (NaN in the reference and in the float softmax) gives a
+  uniform row. ``-inf`` or ``-100``-masked entries in a row with a finite maximum are clamped to
+  ``n * x0_int`` exactly as in the reference (no deviation).
+* ``out_scale`` is created on ``x.device`` (the reference calls ``.cuda()``).
+
+Not a deviation: at fine input scales a very negative GELU row makes ``2^(n - q)`` overflow to
+``inf`` in the reference (its output is then 0 or garbage); the same ``inf`` is reproduced here.
+GELU ``bits`` is the sigmoid's ``output_bit`` (8 only, the reference's default and wiring).
 """
 from __future__ import annotations
 
@@ -88,5 +98,6 @@ class IViTLayerNorm(IntSqrtLayerNorm):
 
 KERNELS.register("softmax/ivit", KernelEntry(factory=lambda bits=8, **_: IViTSoftmax(bits),
                                              bits=(8, 16), default_bits=8))
-KERNELS.register("gelu/ivit", KernelEntry(factory=lambda **_: IViTGELU()))
+KERNELS.register("gelu/ivit", KernelEntry(factory=lambda bits=8, **_: IViTGELU(bits),
+                                          bits=(8,), default_bits=8))
 KERNELS.register("layernorm/ivit", KernelEntry(factory=lambda norm, **_: IViTLayerNorm(norm)))
