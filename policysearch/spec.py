@@ -27,6 +27,10 @@ def resolve_device(device: str = "auto") -> str:
 class EvaluatorSpec:
     model: str = "fmnist_vit"
     checkpoint: str | None = None
+    #: architecture overrides for the model: num_classes, img_size, in_chans (None = the model's own)
+    model_args: tuple[tuple[str, Any], ...] = ()
+    #: "paper" (one integer pipeline for every method) or "native" (each method as its paper wires it)
+    wiring: str = "native"
     data: str = "fmnist-sample"
     objective: str | Mapping[str, Any] = "kl"  # a preset name, or Objective.to_dict()
     device: str = "auto"
@@ -47,7 +51,10 @@ class EvaluatorSpec:
         from policysearch.objectives import Evaluator, Objective, load_objective
 
         torch.manual_seed(self.seed)
-        model = load_model(self.model, checkpoint=self.checkpoint)
+        from policysearch.models.wiring import prepare
+
+        model = load_model(self.model, checkpoint=self.checkpoint, **dict(self.model_args))
+        prepare(model, wiring=self.wiring)
         data = load_data(self.data, model=model, calib_size=self.calib_size, eval_size=self.eval_size)
         check_compatible(model, data)
         calib_x = data.calib_images()

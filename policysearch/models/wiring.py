@@ -48,6 +48,7 @@ class UnsupportedModelError(ValueError):
 class WiringInfo:
     family: str
     observer: str
+    wiring: str = "native"
     sites: list[Site] = field(default_factory=list)
     calibrated: bool = False
     policy: Policy | None = None
@@ -118,8 +119,19 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def prepare(model: nn.Module, *, observer: str = "minmax") -> nn.Module:
+WIRINGS = ("paper", "native")
+
+
+def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "native") -> nn.Module:
     """Wire quantized modules into ``model`` in place (idempotent) and return it."""
+    if wiring not in WIRINGS:
+        from policysearch.errors import ConfigError
+
+        raise ConfigError(f"unknown wiring {wiring!r}; valid: {', '.join(WIRINGS)}")
+    if wiring == "paper":
+        from policysearch.errors import ConfigError
+
+        raise ConfigError("the 'paper' wiring is not built yet in this version; use --wiring native")
     if isinstance(getattr(model, "_policysearch", None), WiringInfo):
         return model
     from timm.layers import Attention
@@ -145,7 +157,7 @@ def prepare(model: nn.Module, *, observer: str = "minmax") -> nn.Module:
             _set(model, path, QuantLinear(m, observer))
         elif isinstance(m, nn.Conv2d) and path.endswith("patch_embed.proj"):
             _set(model, path, QuantConv2d(m, observer))
-    model._policysearch = WiringInfo(family=family, observer=observer)  # type: ignore[attr-defined]
+    model._policysearch = WiringInfo(family=family, observer=observer, wiring=wiring)  # type: ignore[attr-defined]
     model._policysearch.sites = _trace_sites(model)  # type: ignore[attr-defined]
     if not model._policysearch.sites:  # type: ignore[attr-defined]
         raise UnsupportedModelError(f"{type(model).__name__} has no Softmax, GELU or LayerNorm site")
