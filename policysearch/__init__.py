@@ -1,31 +1,55 @@
-"""policysearch: search per-layer integer-only quantization policies for vision transformers."""
+"""policysearch: search per-layer integer-only quantization policies for vision transformers.
+
+The package root imports lazily (PEP 562): ``import policysearch`` loads nothing heavy, and a name
+below is imported from its module on first use, so ``policysearch.policy``, ``.spaces``,
+``.strategies`` and ``.methods`` work without loading torch or optuna.
+"""
 from __future__ import annotations
 
+import importlib
 import logging
-
-from policysearch.models import (
-    UnsupportedModelError,
-    apply_policy,
-    calibrate,
-    find_sites,
-    float_mode,
-    prepare,
-    record_sites,
-)
-from policysearch.policy import (
-    Choice,
-    Policy,
-    PolicyDocument,
-    PolicyError,
-    read_policy,
-    write_policy,
-)
-from policysearch.result import EvalResult, SiteMetrics
-from policysearch.spaces.site import KIND_METHODS, Site
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+#: public name -> the module that defines it
+_LAZY: dict[str, str] = {
+    "KIND_METHODS": "policysearch.spaces.site",
+    "Site": "policysearch.spaces.site",
+    "Choice": "policysearch.policy",
+    "Policy": "policysearch.policy",
+    "PolicyDocument": "policysearch.policy",
+    "read_policy": "policysearch.policy",
+    "write_policy": "policysearch.policy",
+    "PolicyError": "policysearch.errors",
+    "PolicySearchError": "policysearch.errors",
+    "EvalResult": "policysearch.result",
+    "SiteMetrics": "policysearch.result",
+    "UnsupportedModelError": "policysearch.models.wiring",
+    "apply_policy": "policysearch.models",
+    "calibrate": "policysearch.models",
+    "find_sites": "policysearch.models",
+    "float_mode": "policysearch.models",
+    "prepare": "policysearch.models",
+    "record_sites": "policysearch.models",
+}
+
+if TYPE_CHECKING:
+    from policysearch.errors import PolicyError, PolicySearchError
+    from policysearch.models import (
+        apply_policy,
+        calibrate,
+        find_sites,
+        float_mode,
+        prepare,
+        record_sites,
+    )
+    from policysearch.models.wiring import UnsupportedModelError
+    from policysearch.policy import Choice, Policy, PolicyDocument, read_policy, write_policy
+    from policysearch.result import EvalResult, SiteMetrics
+    from policysearch.spaces.site import KIND_METHODS, Site
 
 __all__ = [
     "KIND_METHODS",
@@ -34,6 +58,7 @@ __all__ = [
     "Policy",
     "PolicyDocument",
     "PolicyError",
+    "PolicySearchError",
     "Site",
     "SiteMetrics",
     "UnsupportedModelError",
@@ -47,3 +72,16 @@ __all__ = [
     "record_sites",
     "write_policy",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from policysearch.errors import PolicyError
 from policysearch.spaces.site import KIND_METHODS, Site, check_method
 
 __all__ = [
@@ -33,10 +34,6 @@ __all__ = [
 FORMAT = "policysearch.policy/v1"
 #: Allowed bit widths for weights, activations and per-site input overrides.
 BITS_RANGE = range(2, 17)
-
-
-class PolicyError(ValueError):
-    """A policy (object or file) is invalid; the message names the offending part."""
 
 
 def _check_bits(bits: int, what: str) -> None:
@@ -242,13 +239,18 @@ class PolicyDocument:
     model: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    #: the integer pipeline the policy was measured in ("paper" | "native"); None = not recorded
+    wiring: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         body = self.policy.to_dict()
+        quantization = dict(body["quantization"])
+        if self.wiring is not None:
+            quantization["wiring"] = self.wiring
         return {
             "format": FORMAT,
             "model": dict(self.model),
-            "quantization": body["quantization"],
+            "quantization": quantization,
             "sites": body["sites"],
             "metrics": dict(self.metrics),
             "provenance": dict(self.provenance),
@@ -316,6 +318,7 @@ def document_from_json(data: Any, *, source: str = "policy") -> PolicyDocument:
         model=data.get("model", {}),
         metrics=data.get("metrics", {}),
         provenance=data.get("provenance", {}),
+        wiring=data.get("quantization", {}).get("wiring"),
     )
 
 

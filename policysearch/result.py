@@ -11,7 +11,11 @@ __all__ = ["EvalResult", "SiteMetrics"]
 
 @dataclass(frozen=True, kw_only=True)
 class SiteMetrics:
-    """ASQNR (dB, paper eq. 10) of a site's input (gamma) and output (beta) against float."""
+    """ASQNR (dB, paper eq. 10) of a site's input (gamma) and output (beta) against float.
+
+    Stored in the 20·log10 convention of :func:`policysearch.objectives.sqnr.asqnr`; see
+    :func:`policysearch.objectives.sqnr.convert_db` for 10·log10 (exactly half).
+    """
 
     gamma: float
     beta: float
@@ -25,6 +29,11 @@ class SiteMetrics:
     def drop(self) -> float:
         """SQNR lost across the site: gamma - beta."""
         return self.gamma - self.beta
+
+    @property
+    def absdiff(self) -> float:
+        """How much the SQNR changes across the site, either way: |beta - gamma|."""
+        return abs(self.beta - self.gamma)
 
     def to_dict(self) -> dict[str, float]:
         return {"gamma": self.gamma, "beta": self.beta, "diff": self.diff}

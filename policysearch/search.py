@@ -1,29 +1,31 @@
-"""The one driver loop: ask -> map -> tell -> record, for every strategy.
+"""Set-up and the one driver loop: ask -> map -> tell -> record, for every strategy.
 
-``search(config)`` resolves the space, objective, strategy and runner, replays what the study
-already holds (resume), evaluates the rest, always adds the uniform baselines for the summary,
-and writes ``results/<run>/``: config.yaml, policy.json, sensitivity.csv.
+``search(config)`` checks everything it can before any work (names, device, storage, the run
+folder, the run's fingerprint), then builds the evaluator, replays what the study and studies of
+the same work already hold (resume), evaluates the rest, always adds the uniform baselines, and
+leaves ``results/<run>/``: run.json (the record later stages read), config.yaml, policy.json,
+sensitivity.csv.
 """
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import logging
-import platform
+import re
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from policysearch.errors import ConfigError
-from policysearch.policy import Policy, PolicyDocument, write_policy
+from policysearch.policy import Policy
 from policysearch.result import EvalResult
 
 __all__ = ["SearchConfig", "SearchResult", "search"]
 
 log = logging.getLogger(__name__)
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +36,10 @@ class SearchConfig:
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     model: str = "fmnist_vit"
     checkpoint: str | None = None
+    #: architecture overrides (None: the model's own, or inferred from the checkpoint)
+    num_classes: int | None = None
+    img_size: int | None = None
+    in_chans: int | None = None
     data: str = "fmnist-sample"
     space: str = "paper"
     objective: str = "kl"
@@ -42,6 +48,8 @@ class SearchConfig:
     seed: int = 0
     weight_bits: int = 8
     act_bits: int = 8
+    #: "paper": every method in one integer pipeline (I-ViT's); "native": each as its paper wires it
+    wiring: str = "native"  # flips to "paper" with the paper wiring (issue 8)
     storage: str | None = None
     run_name: str | None = None
     device: str = "auto"
@@ -57,12 +65,27 @@ class SearchConfig:
             v = getattr(self, name)
             if not 2 <= v <= 16:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [2, 16], got {v}")
-        if self.eval_size is not None and self.eval_size < 1:
-            raise ConfigError(f"--eval-size must be positive, got {self.eval_size}")
-        if self.trials is not None and self.trials < 1:
-            raise ConfigError(f"--trials must be positive, got {self.trials}")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
-            raise ConfigError(f"--run-name must be a plain name, got {self.run_name!r}")
+        for name in ("eval_size", "calib_size", "trials", "num_classes", "img_size", "in_chans"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"--device {self.device[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
+        from policysearch.models.wiring import WIRINGS
+
+        if self.wiring not in WIRINGS:
+            raise ConfigError(f"--wiring {self.wiring[:40]!r} is unknown; valid: {', '.join(WIRINGS)}")
+        if self.run_name is not None:
+            from policysearch.run import check_run_name
+
+            check_run_name(self.run_name)
+
+    @property
+    def model_args(self) -> dict[str, int]:
+        return {k: v for k, v in (("num_classes", self.num_classes), ("img_size", self.img_size),
+                                  ("in_chans", self.in_chans)) if v is not None}
 
 
 @dataclass(kw_only=True)
@@ -82,73 +105,147 @@ def _run_name(config: SearchConfig) -> str:
     if config.run_name:
         return config.run_name
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{config.model}-{config.strategy}-w{config.weight_bits}a{config.act_bits}-{stamp}"
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", config.model)[:60].strip("-.") or "model"
+    return f"{model}-{config.strategy}-w{config.weight_bits}a{config.act_bits}-{stamp}"
 
 
 def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
+    """Run the search ``config`` describes; see the module docstring."""
     from policysearch.objectives import load_objective
+    from policysearch.run import RunRecord, check_writable, lock_run, run_fingerprint
     from policysearch.runners import create_runner
-    from policysearch.spaces import load_space
-    from policysearch.spec import EvaluatorSpec, get_evaluator
-    from policysearch.strategies import create_strategy
-    from policysearch.study import StudyRecorder, default_storage
+    from policysearch.spec import EvaluatorSpec, resolve_device
+    from policysearch.strategies import STRATEGIES
+    from policysearch.study import StudyRecorder, default_storage, redact_url
 
+    t_start = time.perf_counter()
     objective = load_objective(config.objective)
-    runner = create_runner(config.runner)  # before the (slow) evaluator: fail fast on a bad name
-    spec = EvaluatorSpec(
-        model=config.model, checkpoint=config.checkpoint, data=config.data, objective=objective.to_dict(),
-        device=config.device, calib_size=config.calib_size, eval_size=config.eval_size,
-        batch_size=config.batch_size, seed=config.seed,
-    )
+    STRATEGIES.get(config.strategy)  # a bad name fails before any work
+    runner = create_runner(config.runner)
+    resolve_device(config.device)
+    run_name = _run_name(config)
+    run_dir = Path(config.results_dir) / run_name
+    check_writable(run_dir)
+    storage = config.storage or default_storage(config.results_dir)
+    fingerprint = run_fingerprint(config)
+    try:
+        with lock_run(run_dir):
+            record = RunRecord.open(run_dir, name=run_name, fingerprint=fingerprint)
+            recorder = StudyRecorder(
+                storage=storage, study_name=run_name, directions=objective.directions,
+                fingerprint=fingerprint, objective=objective.to_dict(),
+                attrs={"strategy": config.strategy, "model": config.model, "data": config.data,
+                       "space": config.space, "objective": objective.name, "wiring": config.wiring},
+            )
+            record.update(config=config_dict(config), objective=objective.to_dict(),
+                          storage=redact_url(storage), study=run_name)
+            spec = EvaluatorSpec(
+                model=config.model, checkpoint=config.checkpoint, model_args=tuple(config.model_args.items()),
+                wiring=config.wiring, data=config.data, objective=objective.to_dict(), device=config.device,
+                calib_size=config.calib_size, eval_size=config.eval_size, batch_size=config.batch_size,
+                seed=config.seed,
+            )
+            return _search(config, spec, objective, runner, record, recorder, progress, t_start)
+    except BaseException as exc:
+        _mark_stopped(run_dir, exc)
+        raise
+
+
+def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
+    from policysearch.run import RUN_FILE, RunRecord
+
+    if not (run_dir / RUN_FILE).is_file():
+        return
+    try:
+        record = RunRecord.load(run_dir)
+        if record.data.get("status") == "running":
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            record.update(status=status, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    except Exception:  # noqa: BLE001 - never hide the original error
+        log.debug("could not mark run %s as stopped", run_dir, exc_info=True)
+
+
+def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record: Any, recorder: Any,
+            progress: bool, t_start: float) -> SearchResult:
+    from policysearch.run import sensitivity_rows, write_outputs
+    from policysearch.spaces import load_space
+    from policysearch.spec import get_evaluator
+    from policysearch.strategies import create_strategy
+
     evaluator = get_evaluator(spec)  # the driver needs the sites; local runners reuse it
+    record.check_data(evaluator.data_digest)
+    recorder.set_data_digest(evaluator.data_digest)
     space = load_space(config.space, evaluator.sites, weight_bits=config.weight_bits, act_bits=config.act_bits)
     options = dict(config.strategy_options)
     if config.trials is not None:
         options["trials"] = config.trials
-    strategy = create_strategy(
-        config.strategy, space, directions=objective.directions, seed=config.seed, **options
-    )
-    run_name = _run_name(config)
-    run_dir = Path(config.results_dir) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recorder = StudyRecorder(
-        storage=config.storage or default_storage(config.results_dir),
-        study_name=run_name,
-        directions=objective.directions,
-        choices={s.name: [str(c) for c in space.choices(s.name)] for s in space.sites},
-        attrs={"strategy": config.strategy, "model": config.model, "data": config.data,
-               "space": config.space, "objective": objective.name},
-    )
-    loop = _Loop(recorder=recorder, runner=runner, spec=spec, progress=progress)
+    strategy = create_strategy(config.strategy, space, directions=objective.directions, seed=config.seed, **options)
+    recorder.set_choices({s.name: [str(c) for c in space.choices(s.name)] for s in space.sites})
+    record.update(float_metrics=dict(evaluator.float_metrics), sites=len(evaluator.sites))
+    t_setup = time.perf_counter()
+    loop = _Loop(recorder=recorder, record=record, runner=runner, spec=spec, objective=objective,
+                 progress=progress)
     try:
         loop.drive(strategy)
         baselines = {m: loop.evaluate(p, tag="baseline") for m, p in space.uniform_policies().items()}
     finally:
         runner.close()
+        loop.close()
     best = strategy.best()
     if best is None:
         raise ConfigError("the search finished without any successful evaluation (every result failed)")
     policy, result = best
-    sensitivity = _sensitivity(space.uniform_policies(), baselines)
-    _write_outputs(run_dir, config, objective.to_dict(), space, policy, result, sensitivity, evaluator)
+    sensitivity = sensitivity_rows(space.uniform_policies(), baselines)
+    t_end = time.perf_counter()
+    write_outputs(record, config=config, objective=objective.to_dict(), space=space, policy=policy,
+                  result=result, baselines=baselines, sensitivity=sensitivity,
+                  float_metrics=dict(evaluator.float_metrics),
+                  timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
+                           "total_s": round(t_end - t_start, 3)},
+                  counts={"evaluated": loop.evaluated, "reused": loop.reused})
     return SearchResult(
-        run_dir=run_dir, run_name=run_name, policy=policy, result=result, baselines=baselines,
+        run_dir=record.run_dir, run_name=record.name, policy=policy, result=result, baselines=baselines,
         float_metrics=dict(evaluator.float_metrics), evaluated=loop.evaluated, reused=loop.reused,
         sensitivity=sensitivity,
     )
 
 
+def config_dict(config: SearchConfig) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {**asdict(config), "strategy_options": dict(config.strategy_options)}
+
+
 class _Loop:
     """ask -> (cache | runner.map) -> tell -> record."""
 
-    def __init__(self, *, recorder: Any, runner: Any, spec: Any, progress: bool) -> None:
-        self.recorder, self.runner, self.spec = recorder, runner, spec
-        self.cache: dict[str, EvalResult] = recorder.completed()
+    def __init__(self, *, recorder: Any, record: Any, runner: Any, spec: Any, objective: Any,
+                 progress: bool) -> None:
+        self.recorder, self.record, self.runner, self.spec = recorder, record, runner, spec
+        self.cache: dict[str, EvalResult] = recorder.completed(objective)
+        self.in_study = set(self.cache)
+        self.lent, donors = recorder.reusable(objective)
+        self.donors = donors
         self.evaluated = 0
         self.reused = 0
         if self.cache:
             log.info("resuming: %d evaluations already in the study", len(self.cache))
+        if self.lent:
+            log.info("reusing %d evaluations of the same work from run(s) %s", len(self.lent), ", ".join(donors))
         self.bar = _progress(progress)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _cached(self, policy: Policy) -> EvalResult | None:
+        key = policy.key()
+        hit = self.cache.get(key)
+        if hit is None and key in self.lent:
+            hit = self.lent[key]
+            self.recorder.record(policy, hit, tag="reused", reused_from=",".join(self.donors))
+            self.cache[key] = hit
+        return hit
 
     def drive(self, strategy: Any) -> None:
         while True:
@@ -159,7 +256,7 @@ class _Loop:
                 raise RuntimeError(f"strategy {type(strategy).__name__} asked nothing but is not finished")
             todo = []
             for p in asked:
-                cached = self.cache.get(p.key())
+                cached = self._cached(p)
                 if cached is not None:
                     self.reused += 1
                     strategy.tell(p, cached)
@@ -169,7 +266,7 @@ class _Loop:
                 strategy.tell(p, r)
 
     def evaluate(self, policy: Policy, *, tag: str = "") -> EvalResult:
-        cached = self.cache.get(policy.key())
+        cached = self._cached(policy)
         if cached is not None:
             return cached
         return next(iter(self._map([policy], tag=tag)))[1]
@@ -177,16 +274,28 @@ class _Loop:
     def _map(self, policies: list[Policy], tag: str = "") -> Any:
         if not policies:
             return
+        t0 = time.perf_counter()
         for p, r in self.runner.map(self.spec, policies):
+            t1 = time.perf_counter()
             self.recorder.record(p, r, tag=tag)
+            self.record.add_evaluation(_summary(p, r, tag, t1 - t0))
             self.cache[p.key()] = r
             self.evaluated += 1
             if self.bar is not None:
                 self.bar.update(1)
                 if r.ok:
-                    self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in
-                                                      list(r.metrics.items())[:3]))
+                    self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:3]))
             yield p, r
+            t0 = time.perf_counter()
+
+
+def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:
+    import hashlib
+
+    metrics = {k: result.metrics.get(k) for k in ("top1", "agreement", "kl", "logit_sqnr") if k in result.metrics}
+    return {"policy": hashlib.sha256(policy.key().encode()).hexdigest()[:12], "tag": tag,
+            "counts": policy.method_counts(), "values": list(result.values), **metrics,
+            "error": result.error, "seconds": round(seconds, 3)}
 
 
 def _progress(enabled: bool) -> Any:
@@ -195,49 +304,3 @@ def _progress(enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(desc="evaluations", unit="policy", leave=False)
-
-
-def _sensitivity(uniform: Mapping[str, Policy], results: Mapping[str, EvalResult]) -> list[dict[str, Any]]:
-    rows = []
-    for method, policy in uniform.items():
-        res = results[method]
-        for site, choice in policy.items():
-            m = res.sites.get(site.name)
-            if m is None or choice.method != method:
-                continue
-            rows.append({"site": site.name, "kind": site.kind, "method": method,
-                         "gamma": m.gamma, "beta": m.beta, "sqnr_diff": m.diff})
-    return rows
-
-
-def _versions() -> dict[str, str]:
-    import optuna
-    import timm
-    import torch
-
-    import policysearch
-
-    return {"policysearch": policysearch.__version__, "torch": torch.__version__, "timm": timm.__version__,
-            "optuna": optuna.__version__, "python": platform.python_version()}
-
-
-def _write_outputs(run_dir: Path, config: SearchConfig, objective: dict, space: Any, policy: Policy,
-                   result: EvalResult, sensitivity: list[dict[str, Any]], evaluator: Any) -> None:
-    resolved = {**asdict(config), "objective": objective, "space": space.to_dict(),
-                "strategy_options": dict(config.strategy_options)}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    provenance = {"strategy": config.strategy, "objective": objective["name"], "space": config.space,
-                  "seed": config.seed, "data": config.data, "eval_size": config.eval_size,
-                  "calib_size": config.calib_size, "run_name": run_dir.name,
-                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "versions": _versions()}
-    metrics = {**result.metrics, "values": list(result.values),
-               "sites": {k: v.to_dict() for k, v in result.sites.items()},
-               "float_top1": evaluator.float_metrics.get("top1")}
-    write_policy(run_dir / "policy.json", PolicyDocument(
-        policy=policy, model={"name": config.model, "checkpoint": config.checkpoint},
-        metrics=metrics, provenance=provenance))
-    with (run_dir / "sensitivity.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["site", "kind", "method", "gamma", "beta", "sqnr_diff"])
-        writer.writeheader()
-        writer.writerows(sensitivity)

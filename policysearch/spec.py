@@ -8,12 +8,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["EvaluatorSpec", "get_evaluator", "resolve_device"]
+__all__ = ["EvaluatorSpec", "data_digest", "get_evaluator", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> cuda when present, else cpu; an unknown or unavailable device is one clear error."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        from policysearch.errors import ConfigError
+
+        raise ConfigError(f"--device {str(device)[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -61,11 +68,28 @@ class EvaluatorSpec:
         eval_x, eval_y = data.eval_tensors()
         objective = (load_objective(self.objective) if isinstance(self.objective, str)
                      else Objective.from_dict(self.objective))
-        return Evaluator(
+        evaluator = Evaluator(
             model, calib_images=calib_x, eval_images=eval_x, eval_labels=eval_y, objective=objective,
             batch_size=self.batch_size, sqnr_batch=self.sqnr_batch, device=resolve_device(self.device),
             reuse=self.reuse, progress=self.progress,
         )
+        evaluator.data_digest = data_digest(calib_x, eval_x, eval_y)
+        return evaluator
+
+
+def data_digest(*tensors: torch.Tensor | None) -> str:
+    """A content hash of the exact images and labels a run calibrates and evaluates on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 _CACHE: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """policysearch.models.loading: timm names + checkpoints in every common format, clear errors."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,13 @@ from policysearch.data import load_data
 from policysearch.models.loading import (
     ModelError,
     check_compatible,
+    infer_model_args,
     load_model,
+    model_class_names,
     model_data_config,
+    model_input_size,
+    model_num_classes,
+    read_checkpoint,
     read_state_dict,
 )
 
@@ -113,3 +119,110 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
 def test_zoo_override_needs_checkpoint() -> None:
     with pytest.raises(ModelError, match="fmnist_vit ships weights for .*num_classes.*checkpoint"):
         load_model("fmnist_vit", num_classes=100)
+
+
+# ----------------------------------------------------------------- bring your own model (inference)
+
+
+def _save(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    return path
+
+
+def _equal_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fine_tuned_vit_loads_with_name_and_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import timm
+
+    torch.manual_seed(1)
+    tuned = timm.create_model(TINY, pretrained=False, num_classes=10, img_size=48, in_chans=1)
+    path = _save(tuned, tmp_path / "tuned.safetensors")
+    assert infer_model_args(path) == {"num_classes": 10, "in_chans": 1, "img_size": 48}
+    with caplog.at_level("INFO", logger="policysearch.models.loading"):
+        model = load_model(TINY, checkpoint=path)
+    assert "num_classes=10" in caplog.text and "img_size=48 (pos_embed: 10 tokens = 1 prefix + 3x3" in caplog.text
+    assert model.get_classifier().out_features == 10 and model_num_classes(model) == 10
+    assert _equal_weights(model, tuned) and model_data_config(model)["input_size"] == (1, 48, 48)
+    assert model_class_names(model) is None
+    # an explicit argument wins over the checkpoint (and a wrong one is a clear error)
+    with pytest.raises(ModelError, match="checkpoint has 10 classes: pass num_classes=10.*built with in_chans=1"):
+        load_model(TINY, checkpoint=path, num_classes=4)
+
+
+def test_fine_tuned_distilled_deit_loads(tmp_path: Path) -> None:
+    import timm
+
+    name = "deit_tiny_distilled_patch16_224"
+    tuned = timm.create_model(name, pretrained=False, num_classes=10, img_size=32)
+    path = _save(tuned, tmp_path / "deit.safetensors")
+    model = load_model(name, checkpoint=path)  # 2 prefix tokens: cls + dist
+    assert model.head.out_features == model.head_dist.out_features == 10
+    assert model_input_size(model) == (3, 32, 32) and _equal_weights(model, tuned)
+    with pytest.raises(ModelError, match="distilled DeiT.*use a distilled model name"):
+        load_model("deit_tiny_patch16_224", checkpoint=path)
+
+
+def test_fine_tuned_swin_loads_with_metadata(tmp_path: Path) -> None:
+    from policysearch.models.zoo import get
+
+    tuned = get("test_fmnist_swin").build(num_classes=7, in_chans=3)
+    names = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]
+    path = _save(tuned, tmp_path / "swin.safetensors", {"class_names": json.dumps(names), "img_size": "28"})
+    model = load_model("test_fmnist_swin", checkpoint=path)
+    assert model.head.fc.out_features == 7 and model.patch_embed.proj.in_channels == 3
+    assert _equal_weights(model, tuned) and model_class_names(model) == names
+    data_cfg = model_data_config(model)
+    assert data_cfg["input_size"] == (3, 28, 28)
+    # a torch file with the class names beside the state dict
+    torch.save({"state_dict": tuned.state_dict(), "class_names": names, "epoch": 3}, tmp_path / "swin.pth")
+    assert model_class_names(load_model("test_fmnist_swin", checkpoint=tmp_path / "swin.pth")) == names
+    torch.save({"model": tuned.state_dict(), "classes": {n: i for i, n in enumerate(names)}}, tmp_path / "c2i.pth")
+    assert read_checkpoint(tmp_path / "c2i.pth").class_names == names
+
+
+def test_zoo_models_know_their_class_names() -> None:
+    from policysearch.models.zoo import FMNIST_CLASSES
+
+    assert model_class_names(load_model("fmnist_vit")) == list(FMNIST_CLASSES)
+    assert model_class_names(load_model(TINY, **KW)) is None
+
+
+def test_bad_metadata_is_one_clear_error(source: torch.nn.Module, tmp_path: Path) -> None:
+    path = _save(source, tmp_path / "a.safetensors", {"num_classes": "12"})
+    with pytest.raises(ModelError, match="metadata says num_classes=12 but its tensors say 10.*--num-classes"):
+        load_model(TINY, checkpoint=path)
+    path = _save(source, tmp_path / "b.safetensors", {"class_names": json.dumps(["a", "b"])})
+    with pytest.raises(ModelError, match="lists 2 class names but the model has 10 outputs"):
+        load_model(TINY, checkpoint=path)
+    path = _save(source, tmp_path / "c.safetensors", {"img_size": "big"})
+    with pytest.raises(ModelError, match="metadata img_size='big' is not a positive integer or \\[height, width\\]"):
+        load_model(TINY, checkpoint=path)
+
+
+def test_pickled_checkpoint_refusal_is_one_sentence(source: torch.nn.Module, tmp_path: Path) -> None:
+    import argparse
+
+    path = _save_torch({"state_dict": source.state_dict(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "t.pth")
+    with pytest.raises(ModelError) as e:
+        load_model(TINY, checkpoint=path)
+    msg = str(e.value)
+    assert "refused by torch.load(weights_only=True)" in msg and "argparse.Namespace" in msg
+    assert "safetensors" in msg and "plain state dict" in msg
+    assert msg.endswith(".") and msg.count(". ") == 0 and "\n" not in msg
+
+
+def test_missing_checkpoint_names_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist.*--checkpoint"):
+        load_model("fmnist_vit", checkpoint=tmp_path / "nope.pth")
+
+
+def test_head_and_input_mismatch_hints(source: torch.nn.Module, tmp_path: Path) -> None:
+    headless = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    torch.save(headless, tmp_path / "features.pth")
+    with pytest.raises(ModelError, match="no classifier head: pass num_classes=0 \\(--num-classes 0\\)"):
+        load_model(TINY, checkpoint=tmp_path / "features.pth", num_classes=10, img_size=32)
+    with pytest.raises(ModelError, match="takes 3 input channels: pass in_chans=3 \\(--in-chans 3\\)"):
+        load_model(TINY, checkpoint=FORMATS["torch"](source.state_dict(), tmp_path), in_chans=1)

@@ -17,6 +17,7 @@ from policysearch.spaces.space import SearchSpace
 from policysearch.strategies import (
     create_strategy,
     list_strategies,
+    rule_sqnr_absdiff,
     rule_sqnr_diff,
     rule_sqnr_drop,
     rule_sqnr_output,
@@ -56,8 +57,9 @@ def keys(policies):
 
 # -- conformance -----------------------------------------------------------------------------------
 def test_registered_names_and_unknown_name():
-    assert set(ALL) == {"uniform", "sqnr_diff", "sqnr_drop", "sqnr_output", "exhaustive", "tpe", "nsga2", "random"}
-    with pytest.raises(UnknownNameError, match="valid: exhaustive, nsga2, random, sqnr_diff"):
+    assert set(ALL) == {"uniform", "sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output", "exhaustive", "tpe",
+                        "nsga2", "random"}
+    with pytest.raises(UnknownNameError, match="valid: exhaustive, nsga2, random, sqnr_absdiff, sqnr_diff"):
         create_strategy("bogus", small_space())
 
 
@@ -170,7 +172,7 @@ def test_minimize_and_results_told_without_asking(name):
     best = s.best()
     assert best is not None and best[0] != outside
     ok = [r.value for p, r in s.results.values() if r.ok and small_space().contains(p)]
-    if name not in ("sqnr_diff", "sqnr_drop", "sqnr_output"):  # their best is the rule's pick
+    if name not in ("sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output"):  # their best is the rule's pick
         assert best[1].value == min(ok)
 
 
@@ -216,7 +218,8 @@ def test_uniform_evaluates_one_policy_per_method():
 
 # -- SQNR rules ------------------------------------------------------------------------------------
 #: (gamma, beta) per method: diff = beta - gamma, drop = gamma - beta, output = beta.
-#: ibert: diff -20, drop 20, beta 60;  ivit: diff 10, drop -10, beta 40;  fqvit: diff 5, drop -5, beta 75.
+#: ibert: diff -20, drop 20, beta 60;  ivit: diff 10, drop -10, beta 40;  fqvit: diff 5, drop -5, beta 75
+#: (|diff|: ibert 20, ivit 10, fqvit 5).
 TABLE = {"ibert": (80.0, 60.0), "ivit": (30.0, 40.0), "fqvit": (70.0, 75.0)}
 
 
@@ -228,6 +231,7 @@ def table_fake(policy, table=TABLE):
 @pytest.mark.parametrize("name, expected", [
     ("sqnr_diff", {"softmax": "ibert", "layernorm": "ibert", "gelu": "ibert"}),   # lowest beta - gamma
     ("sqnr_drop", {"softmax": "ivit", "layernorm": "ivit", "gelu": "ivit"}),      # lowest gamma - beta
+    ("sqnr_absdiff", {"softmax": "fqvit", "layernorm": "ivit", "gelu": "ivit"}),  # lowest |beta - gamma|
     ("sqnr_output", {"softmax": "fqvit", "layernorm": "ibert", "gelu": "ibert"}),  # highest beta
 ])
 def test_sqnr_rules_pick_the_expected_methods(name, expected):
@@ -249,7 +253,35 @@ def test_sqnr_rules_pick_the_expected_methods(name, expected):
 def test_rules_are_named_functions():
     m = SiteMetrics(gamma=50.0, beta=45.0)
     assert (rule_sqnr_diff(m), rule_sqnr_drop(m), rule_sqnr_output(m)) == (-5.0, 5.0, -45.0)
-    assert all(f.__doc__ for f in (rule_sqnr_diff, rule_sqnr_drop, rule_sqnr_output))
+    assert rule_sqnr_absdiff(m) == 5.0 == m.absdiff
+    assert rule_sqnr_absdiff(SiteMetrics(gamma=45.0, beta=50.0)) == 5.0
+    assert all(f.__doc__ for f in (rule_sqnr_diff, rule_sqnr_drop, rule_sqnr_absdiff, rule_sqnr_output))
+
+
+def test_sqnr_absdiff_picks_what_neither_signed_reading_picks():
+    """Softmax candidates: ibert diff -12, fqvit diff +9, ivit diff +2. The literal reading takes
+    the largest fall (ibert), the drop reading the largest rise (fqvit), |diff| the smallest change
+    (ivit). At the other sites ibert -3 vs ivit +3: equal |diff|, so the space's first (ibert)."""
+    table = {"ibert": (62.0, 50.0), "fqvit": (41.0, 50.0), "ivit": (48.0, 50.0)}
+    gelu_ln = {"ibert": (53.0, 50.0), "ivit": (47.0, 50.0)}
+
+    def fake(policy):
+        return EvalResult(values=(1.0,), sites={
+            s.name: SiteMetrics(gamma=(table if s.kind == "softmax" else gelu_ln)[c.method][0],
+                                beta=50.0) for s, c in policy.items()})
+
+    picks = {}
+    for name in ("sqnr_diff", "sqnr_drop", "sqnr_absdiff"):
+        s = make(name)
+        drive(s, evaluate=fake)
+        picks[name] = {site.kind: c.method for site, c in s.best()[0].items()}
+    assert [p["softmax"] for p in picks.values()] == ["ibert", "fqvit", "ivit"]
+    assert picks["sqnr_absdiff"] == {"layernorm": "ibert", "softmax": "ivit", "gelu": "ibert"}
+    assert picks["sqnr_drop"]["gelu"] == "ivit" and picks["sqnr_diff"]["gelu"] == "ibert"
+    row = make("sqnr_absdiff")
+    drive(row, evaluate=fake)
+    keys_ = {c: k for c, (_, k) in row.selection()["blocks.0.attn.softmax"].candidates.items()}
+    assert keys_ == {"ibert": 12.0, "fqvit": 9.0, "ivit": 2.0}
 
 
 def test_sqnr_uses_each_methods_own_uniform_run():

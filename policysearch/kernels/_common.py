@@ -15,21 +15,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policysearch.methods import MethodSpec, get_method
 from policysearch.registry import Registry
 
-__all__ = ["KERNELS", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "exp2_int", "i_exp_poly", "shift_exp",
-           "with_ste"]
+__all__ = ["KERNELS", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "exp2_int", "i_exp_poly", "register_kernel",
+           "shift_exp", "with_ste"]
+
+#: ``factory(*, bits, norm) -> nn.Module``: ``bits`` is the output bit width (the catalogue's
+#: default filled in; ``None`` for a method without one), ``norm`` the replaced ``nn.LayerNorm``.
+KernelFactory = Callable[..., nn.Module]
 
 
 @dataclass(frozen=True, kw_only=True)
 class KernelEntry:
-    factory: Callable[..., nn.Module]
-    bits: tuple[int, ...] = ()  # allowed output bits; () = the method has none
-    default_bits: int | None = None
+    """A kernel factory registered against its catalogue entry (which gives its bits)."""
+
+    factory: KernelFactory
+    spec: MethodSpec
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """Allowed output bits; () = the method has none."""
+        return self.spec.out_bits
+
+    @property
+    def default_bits(self) -> int | None:
+        return self.spec.default_bits
 
 
-#: ``"kind/method"`` -> entry.
+#: ``"kind/method"`` -> entry; one per catalogue entry (``policysearch.methods``).
 KERNELS: Registry[KernelEntry] = Registry("kernel")
+
+
+def register_kernel(kind: str, method: str,
+                    factory: KernelFactory | None = None) -> Callable[[KernelFactory], KernelFactory] | KernelFactory:
+    """Register the kernel factory of the catalogue's ``kind``/``method``.
+
+    ``register_kernel("gelu", "relu", lambda **_: IntReLU())`` or, as a decorator,
+    ``@register_kernel("softmax", "ibert")`` on a factory. A method the catalogue does not declare
+    is an :class:`~policysearch.errors.UnknownNameError`; a second kernel for one method is an error.
+    """
+    spec = get_method(kind, method)
+
+    def add(f: KernelFactory) -> KernelFactory:
+        KERNELS.register(spec.key, KernelEntry(factory=f, spec=spec))
+        return f
+
+    return add if factory is None else add(factory)
 
 
 def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, KernelEntry, as_scale, exp2_int, i_exp_poly, with_ste
+from policysearch.kernels._common import as_scale, exp2_int, i_exp_poly, register_kernel, with_ste
 
 __all__ = ["FQViTLayerNorm", "FQViTSoftmax", "log2_codes"]
 
@@ -132,6 +132,5 @@ class FQViTLayerNorm(nn.Module):
         return with_ste(x, out_int * out_scale, lambda: self._float(x)), out_scale
 
 
-KERNELS.register("softmax/fqvit", KernelEntry(factory=lambda bits=4, **_: FQViTSoftmax(bits),
-                                              bits=(4,), default_bits=4))
-KERNELS.register("layernorm/fqvit", KernelEntry(factory=lambda norm, **_: FQViTLayerNorm(norm)))
+register_kernel("softmax", "fqvit", lambda bits, **_: FQViTSoftmax(bits))
+register_kernel("layernorm", "fqvit", lambda norm, **_: FQViTLayerNorm(norm))

@@ -13,6 +13,16 @@ Deviations, each tested:
   EMA range across calls (and is never frozen, I-BERT #10). Here every call computes what a
   *freshly built* module computes on its first call: the range is this call's min/max of
   ``exp_int``. No state leaks between calls.
+* Softmax at fine input scales: the 16-bit requantisation (the reference's ``FixedPointMul``)
+  computes ``z_int = round(exp_int / exp_scale)`` in float32, which is ``c_int * 2^30 / (a s^2 /
+  2^30)`` on the row maximum, growing as ``s^-4``: it overflows float32 (``inf``, then clamped to
+  32767) for ``s`` below about 1.28e-5, so the reference's softmax is wrong there (max error 0.10
+  at ``s = 1e-5``, 0.62 at 5e-6). (``c_int = floor(2.792115 / s^2)``, 2.8e10 at 1e-5, is a float
+  as in the reference: no int32 overflow, and its float32 rounding is harmless.) Here, for
+  ``s < SOFTMAX_MIN_SCALE = 2e-5``, i-exp runs on a coarser grid: ``x_int`` (after the row maximum
+  is subtracted) is shifted right by the least ``k`` with ``s * 2^k >= 2e-5``, i.e. the result is
+  the reference's on ``floor(x_int / 2^k)`` at scale ``s * 2^k``. For ``s >= 2e-5`` nothing
+  changes (bit-identical to the reference).
 * Softmax: ``out_scale`` is a tensor on ``x.device`` (the reference returns a Python float, I-BERT #4).
 * Softmax: a row that is entirely ``-inf`` (NaN in the reference and in the float softmax) gives a
   uniform row; ``-inf`` entries in a row with a finite maximum are clamped to ``30 * x0_int``
@@ -34,17 +44,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.kernels._common import (
-    KERNELS,
     IntSqrtLayerNorm,
-    KernelEntry,
     as_scale,
+    exp2_int,
     i_exp_poly,
+    register_kernel,
     with_ste,
 )
 
 __all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax"]
 
 _EXP_BITS = 16
+#: Softmax input scales below this go through i-exp on a coarser grid (module docstring).
+SOFTMAX_MIN_SCALE = 2e-5
 
 
 def _frexp31(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +68,14 @@ class IBertSoftmax(nn.Module):
     def __init__(self, output_bit: int = 8) -> None:
         super().__init__()
         self.output_bit = output_bit
+
+    @staticmethod
+    def _coarsen(x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Below :data:`SOFTMAX_MIN_SCALE`, ``(floor(x_int / 2^k), s * 2^k)`` with the least ``k``
+        bringing the scale to at least that; the same values otherwise. No device sync."""
+        k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
+        coarse = torch.floor(x_int * exp2_int(-k))  # arithmetic right shift by k
+        return torch.where(k > 0, coarse, x_int), s * exp2_int(k)
 
     def _requant16(self, exp_int: torch.Tensor, exp_scale: torch.Tensor) -> torch.Tensor:
         """The internal ``QuantAct(16)`` on its first call (see the module docstring)."""
@@ -74,7 +94,8 @@ class IBertSoftmax(nn.Module):
             x_int = x.detach() / s
             x_int = x_int - x_int.max(dim=-1, keepdim=True).values
             x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
-            exp_int, exp_scale = i_exp_poly(x_int, s)
+            x_int, s_exp = self._coarsen(x_int, s)
+            exp_int, exp_scale = i_exp_poly(x_int, s_exp)
             exp_int = self._requant16(exp_int, exp_scale)
             total = exp_int.sum(dim=-1, keepdim=True)
             factor = torch.floor(2**32 / total)
@@ -129,7 +150,6 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         return torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
 
 
-KERNELS.register("softmax/ibert", KernelEntry(factory=lambda bits=8, **_: IBertSoftmax(bits),
-                                              bits=(8, 16), default_bits=8))
-KERNELS.register("gelu/ibert", KernelEntry(factory=lambda **_: IBertGELU()))
-KERNELS.register("layernorm/ibert", KernelEntry(factory=lambda norm, **_: IBertLayerNorm(norm)))
+register_kernel("softmax", "ibert", lambda bits, **_: IBertSoftmax(bits))
+register_kernel("gelu", "ibert", lambda **_: IBertGELU())
+register_kernel("layernorm", "ibert", lambda norm, **_: IBertLayerNorm(norm))

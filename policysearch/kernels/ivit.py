@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, IntSqrtLayerNorm, KernelEntry, as_scale, shift_exp, with_ste
+from policysearch.kernels._common import IntSqrtLayerNorm, as_scale, register_kernel, shift_exp, with_ste
 
 __all__ = ["IViTGELU", "IViTLayerNorm", "IViTSoftmax"]
 
@@ -96,8 +96,6 @@ class IViTLayerNorm(IntSqrtLayerNorm):
         return self.newton_sqrt((y_int**2).sum(dim=-1, keepdim=True))
 
 
-KERNELS.register("softmax/ivit", KernelEntry(factory=lambda bits=8, **_: IViTSoftmax(bits),
-                                             bits=(8, 16), default_bits=8))
-KERNELS.register("gelu/ivit", KernelEntry(factory=lambda bits=8, **_: IViTGELU(bits),
-                                          bits=(8,), default_bits=8))
-KERNELS.register("layernorm/ivit", KernelEntry(factory=lambda norm, **_: IViTLayerNorm(norm)))
+register_kernel("softmax", "ivit", lambda bits, **_: IViTSoftmax(bits))
+register_kernel("gelu", "ivit", lambda bits, **_: IViTGELU(bits))
+register_kernel("layernorm", "ivit", lambda norm, **_: IViTLayerNorm(norm))

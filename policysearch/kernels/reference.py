@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, KernelEntry
+from policysearch.kernels._common import register_kernel
 
 __all__ = ["FloatGELU", "FloatLayerNorm", "FloatSoftmax"]
 
@@ -30,6 +30,6 @@ class FloatLayerNorm(nn.Module):
         return F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps), None
 
 
-KERNELS.register("softmax/fp32", KernelEntry(factory=lambda **_: FloatSoftmax()))
-KERNELS.register("gelu/fp32", KernelEntry(factory=lambda **_: FloatGELU()))
-KERNELS.register("layernorm/fp32", KernelEntry(factory=lambda norm, **_: FloatLayerNorm(norm)))
+register_kernel("softmax", "fp32", lambda **_: FloatSoftmax())
+register_kernel("gelu", "fp32", lambda **_: FloatGELU())
+register_kernel("layernorm", "fp32", lambda norm, **_: FloatLayerNorm(norm))

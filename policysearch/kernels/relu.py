@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from policysearch.kernels._common import KERNELS, KernelEntry, as_scale
+from policysearch.kernels._common import as_scale, register_kernel
 
 __all__ = ["IntReLU"]
 
@@ -19,4 +19,4 @@ class IntReLU(nn.Module):
         return torch.relu(x), as_scale(scale, x)
 
 
-KERNELS.register("gelu/relu", KernelEntry(factory=lambda **_: IntReLU()))
+register_kernel("gelu", "relu", lambda **_: IntReLU())

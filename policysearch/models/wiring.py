@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from policysearch.errors import PolicySearchError
 from policysearch.models.attention import QuantAttention, QuantWindowAttention
 from policysearch.models.site import QuantSite, Recorder
 from policysearch.policy import Policy, PolicyError
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 SUPPORTED = "timm VisionTransformer (vit_*, deit_*, including distilled) and SwinTransformer (swin_*)"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(PolicySearchError, ValueError):
     """The model's structure cannot be wired; the message names the modules."""
 
 

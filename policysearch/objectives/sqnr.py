@@ -5,6 +5,11 @@ ASQNR of a quantized tensor ``q`` against its float reference ``x`` (both ``(B, 
 the batch, expressed in dB with the ``20 log10`` the paper writes (DESIGN.md keeps that convention
 in this one function). An exact match (zero error) is capped at :data:`MAX_DB` so that sums and
 differences stay finite; a non-finite ``q`` gives ``-inf``.
+
+The convention is one option of that function: ``asqnr(..., db=10)`` gives ``10 log10`` of the same
+ratio, exactly half the default value (cap included). Everything stored (site metrics, the
+``logit_sqnr`` and ``mean_*`` metrics, policy files) is in the default 20·log10 convention;
+:func:`convert_db` converts a stored value for reporting.
 """
 from __future__ import annotations
 
@@ -13,14 +18,33 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MAX_DB", "asqnr", "kl_divergence", "logit_metrics", "top1_agreement"]
+__all__ = ["DB_CONVENTIONS", "MAX_DB", "asqnr", "convert_db", "kl_divergence", "logit_metrics", "top1_agreement"]
 
+#: The cap on an exact match, in the 20·log10 convention (``MAX_DB / 2`` in 10·log10).
 MAX_DB = 200.0
+#: The allowed ``db`` factors: 20·log10 (the paper's eq. 10, the stored convention) and 10·log10.
+DB_CONVENTIONS = (20, 10)
 _TINY = 1e-30
 
 
-def asqnr(x: torch.Tensor, q: torch.Tensor) -> float:
-    """Averaged SQNR in dB (eq. 10, 20·log10 convention); see the module docstring."""
+def _check_db(db: int, name: str = "db") -> int:
+    if isinstance(db, bool) or db not in DB_CONVENTIONS:
+        raise ValueError(f"{name} must be 20 (20·log10) or 10 (10·log10), got {db!r}")
+    return int(db)
+
+
+def convert_db(value: float, from_db: int, to_db: int) -> float:
+    """A dB value (or difference of dB values) in the ``from_db``·log10 convention, re-expressed in
+    ``to_db``·log10: ``value * (to_db / from_db)``, exact (a factor of 2 or 1/2, not ``value *
+    to_db / from_db``, which rounds twice). ``±inf`` and NaN stay as they are."""
+    from_db, to_db = _check_db(from_db, "from_db"), _check_db(to_db, "to_db")
+    return value * (to_db / from_db)
+
+
+def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20) -> float:
+    """Averaged SQNR in dB (eq. 10): ``db * log10(ratio)``, ``db`` 20 (default, the paper's and the
+    stored convention) or 10 (anything else is a ValueError); see the module docstring."""
+    db = _check_db(db)
     x = x.detach().float().reshape(x.shape[0], -1)
     q = q.detach().float().reshape(q.shape[0], -1)
     diff = x - q
@@ -31,8 +55,8 @@ def asqnr(x: torch.Tensor, q: torch.Tensor) -> float:
         return -math.inf
     ratio = signal / noise.clamp(min=_TINY)
     ratio = torch.where(noise > 0, ratio, torch.full_like(ratio, 10 ** (MAX_DB / 20)))
-    value = 20.0 * math.log10(max(float(ratio.mean()), _TINY))
-    return min(value, MAX_DB)
+    value = db * math.log10(max(float(ratio.mean()), _TINY))  # 10·log10 is exactly half of 20·log10
+    return min(value, MAX_DB * (db / 20))
 
 
 def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:

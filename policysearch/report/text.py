@@ -1,20 +1,43 @@
-"""Plain-text summaries (the CLI prints what these return)."""
+"""Plain-text summaries (the CLI prints what these return).
+
+SQNR values are stored in the 20·log10 convention (:func:`policysearch.objectives.sqnr.asqnr`);
+``db=10`` prints them in 10·log10 (exactly half), ``db=20`` (default) as stored.
+"""
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
-from policysearch.errors import ConfigError
 from policysearch.policy import read_policy
 from policysearch.spaces.site import KIND_METHODS
 
-__all__ = ["evaluate_policy_file", "export_run", "summary_text"]
+__all__ = ["check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
 
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}%"
+
+
+def _dbs(value: float | None, db: int) -> str:
+    """A stored (20·log10) dB value printed in the ``db``·log10 convention."""
+    from policysearch.objectives.sqnr import convert_db
+
+    return "n/a" if value is None else f"{convert_db(float(value), 20, db):.2f}"
+
+
+def site_sqnr_table(policy: Any, result: Any, *, db: int = 20) -> str:
+    """Per site of ``policy``: its choice, gamma (input ASQNR), beta (output ASQNR) and
+    beta - gamma as measured in ``result``, in dB in the ``db``·log10 convention (10 or 20)."""
+    _dbs(0.0, db)  # validates db even for an empty policy
+    width = max([len(s.name) for s in policy.sites] + [4])
+    rows = [f"{'site':{width}s} {'choice':>10s}{'gamma':>10s}{'beta':>10s}{'beta-gamma':>12s}"]
+    for site, choice in policy.items():
+        m = result.sites.get(site.name)
+        cells = (m.gamma, m.beta, m.diff) if m is not None else (None, None, None)
+        rows.append(f"{site.name:{width}s} {str(choice):>10s}"
+                    + "".join(f"{_dbs(v, db):>{w}s}" for v, w in zip(cells, (10, 10, 12))))
+    return "\n".join(rows)
 
 
 def method_table(counts: dict[str, dict[str, int]]) -> str:
@@ -28,10 +51,13 @@ def method_table(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(rows)
 
 
-def summary_text(res: Any) -> str:
+def summary_text(res: Any, *, db: int = 20) -> str:
+    """The run summary; SQNR columns in dB in the ``db``·log10 convention (10 or 20)."""
+    _dbs(0.0, db)  # a bad db fails before anything is formatted
     lines = [f"run {res.run_name}: {res.evaluated} evaluations, {res.reused} reused from the study",
              "", "method counts per kind:", method_table(res.policy.method_counts()), "",
-             f"{'policy':24s}{'top-1':>9s}{'agree':>9s}{'KL':>10s}"]
+             f"SQNR in dB, {db}·log10:",
+             f"{'policy':24s}{'top-1':>9s}{'agree':>9s}{'KL':>10s}{'logit SQNR':>12s}{'mean b-g':>10s}"]
     lines.append(f"{'float':24s}{_pct(res.float_metrics.get('top1')):>9s}")
     rows = [(f"uniform {m}", r) for m, r in res.baselines.items()] + [("result", res.result)]
     for name, r in rows:
@@ -40,55 +66,73 @@ def summary_text(res: Any) -> str:
             lines.append(f"{name:24s}  failed: {r.error}")
             continue
         lines.append(f"{name:24s}{_pct(m.get('top1')):>9s}{_pct(m.get('agreement')):>9s}"
-                     f"{m.get('kl', math.nan):>10.4f}")
+                     f"{m.get('kl', math.nan):>10.4f}{_dbs(m.get('logit_sqnr'), db):>12s}"
+                     f"{_dbs(m.get('mean_sqnr_diff'), db):>10s}")
+    if res.result.ok and res.result.sites:
+        lines += ["", f"per-site ASQNR of the result (dB, {db}·log10):",
+                  site_sqnr_table(res.policy, res.result, db=db)]
     lines += ["", f"written: {res.run_dir}/policy.json, config.yaml, sensitivity.csv"]
     return "\n".join(lines)
 
 
 def export_run(run: str, *, out: str | None = None, results_dir: str = "results") -> Path:
-    """The policy JSON of a finished run, validated, optionally copied to ``out``."""
-    run_dir = Path(run) if Path(run).is_dir() else Path(results_dir) / run
-    src = run_dir / "policy.json"
-    if not src.is_file():
-        raise ConfigError(f"no finished run at {run_dir} (missing policy.json); run `policysearch run` first")
-    read_policy(src)  # validates
-    if out is None:
-        return src
-    dst = Path(out)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    """The policy JSON of a finished run, built from its run record; written to ``out`` if given."""
+    from policysearch.policy import write_policy
+    from policysearch.run import RunRecord, policy_document, resolve_run_dir
+
+    run_dir = resolve_run_dir(run, results_dir)
+    record = RunRecord.load(run_dir)
+    doc = policy_document(record)
+    dst = Path(out) if out is not None else run_dir / record.data.get("outputs", {}).get("policy", "policy.json")
+    write_policy(dst, doc)
     read_policy(dst)
     return dst
 
 
 def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: str | None, data: str,
-                         device: str = "auto", eval_size: int | None = None) -> str:
+                         device: str = "auto", eval_size: int | None = None,
+                         model_args: dict[str, int] | None = None, wiring: str | None = None) -> str:
     """Evaluate a policy file (or the float model) and compare with the metrics it records."""
+    return check_policy_file(policy, model=model, checkpoint=checkpoint, data=data, device=device,
+                             eval_size=eval_size, model_args=model_args, wiring=wiring)[0]
+
+
+def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str | None, data: str,
+                      device: str = "auto", eval_size: int | None = None,
+                      model_args: dict[str, int] | None = None,
+                      wiring: str | None = None) -> tuple[str, bool]:
+    """``(report, reproduced)``: the policy's metrics now, against those its file records."""
     from policysearch.spec import EvaluatorSpec, get_evaluator
 
     doc = read_policy(policy) if policy else None
     if model is None:
         model = (doc.model.get("name") if doc else None) or "fmnist_vit"
         checkpoint = checkpoint or (doc.model.get("checkpoint") if doc else None)
+        if model_args is None and doc is not None:
+            model_args = dict(doc.model.get("args") or {})
     calib_size = None
     if doc is not None:  # evaluate on the images the run used, calibrated the same way
         eval_size = eval_size if eval_size is not None else doc.provenance.get("eval_size")
         calib_size = doc.provenance.get("calib_size")
+        wiring = wiring or doc.wiring or "native"
     spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size,
-                         calib_size=calib_size, progress=True)
+                         calib_size=calib_size, progress=True, model_args=tuple(sorted((model_args or {}).items())),
+                         **({"wiring": wiring} if wiring else {}))
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
     lines = [f"model {model}, data {data} ({n_eval} evaluation images): "
              f"float top-1 {_pct(ev.float_metrics.get('top1'))}"]
     if doc is None:
-        return "\n".join(lines)
+        return "\n".join(lines), True
     res = ev.evaluate(doc.policy)
     lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))}, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
     recorded = doc.metrics
+    ok = True
     for key in ("top1", "agreement", "kl", "logit_sqnr"):
         if key in recorded and recorded[key] is not None:
             a, b = float(recorded[key]), float(res.metrics[key])
             same = math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+            ok = ok and same
             lines.append(f"  {key:11s} recorded {a:.6g}  now {b:.6g}  {'match' if same else 'DIFFERS'}")
-    return "\n".join(lines)
+    return "\n".join(lines), ok

@@ -15,24 +15,19 @@ __all__ = ["RUNNERS", "LocalRunner", "Runner", "create_runner", "list_runners"]
 
 RUNNERS: Registry[type[Runner]] = Registry("runner")
 RUNNERS.register("local", LocalRunner)
+#: Imported on first use; without Ray installed, selecting it says which extra to install.
+RUNNERS.register_lazy("ray", "policysearch.runners.ray:RayRunner", extra="ray")
 
 #: Built-in presets (``runners/<name>.yaml`` in the working directory wins over these).
 PRESETS: Registry[dict[str, Any]] = Registry("runner preset")
 PRESETS.register("local", {"type": "local"})
-
-
-#: Runners the design names that are not built yet: they fail with a clear message.
-_PLANNED = ("ray", "ray_local", "ray_cluster")
+PRESETS.register("ray", {"type": "ray"})
 
 
 def create_runner(name: str = "local", **options: Any) -> Runner:
     """A runner from a preset name or YAML path: ``{type: <registered runner>, ...options}``."""
     from policysearch.presets import resolve_preset
 
-    if name in _PLANNED:
-        from policysearch.errors import ConfigError
-
-        raise ConfigError(f"the {name!r} runner is not built yet in this version; use --runner local")
     data, _ = resolve_preset("runners", name, PRESETS)
     data = {k: v for k, v in data.items() if k != "name"}
     kind = data.pop("type", "local")

@@ -1,18 +1,37 @@
 """Sites and the methods each kind may use (torch-free: strategies and policies import this)."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+
+import policysearch.methods as _catalogue
 
 __all__ = ["KIND_METHODS", "KINDS", "Site", "check_method"]
 
-#: The integer-only methods per non-linear kind, as DESIGN.md's table lists them. The kernel
-#: registry (``policysearch.kernels``) implements exactly these; a test checks they agree.
-KIND_METHODS: dict[str, tuple[str, ...]] = {
-    "softmax": ("fp32", "ibert", "fqvit", "ivit"),
-    "gelu": ("fp32", "ibert", "ivit", "relu"),
-    "layernorm": ("fp32", "ibert", "fqvit", "ivit"),
-}
-KINDS: tuple[str, ...] = tuple(KIND_METHODS)
+
+class _KindMethods(Mapping[str, tuple[str, ...]]):
+    """``{kind: (method, ...)}``, a read-only view of the method catalogue (``policysearch.methods``)."""
+
+    def __getitem__(self, kind: str) -> tuple[str, ...]:
+        if kind not in KINDS:
+            raise KeyError(kind)
+        return tuple(_catalogue.methods(kind))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(KINDS)
+
+    def __len__(self) -> int:
+        return len(KINDS)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: The non-linear kinds, in the catalogue's order.
+KINDS: tuple[str, ...] = tuple(_catalogue.kinds())
+#: The methods per non-linear kind, in the catalogue's order (``fp32`` first); the kernel
+#: registry (``policysearch.kernels``) implements exactly these.
+KIND_METHODS: Mapping[str, tuple[str, ...]] = _KindMethods()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,10 +24,12 @@ from policysearch.strategies.optuna_based import (
 )
 from policysearch.strategies.sqnr import (
     SiteSelection,
+    SQNRAbsDiff,
     SQNRDiff,
     SQNRDrop,
     SQNROutput,
     SQNRRule,
+    rule_sqnr_absdiff,
     rule_sqnr_diff,
     rule_sqnr_drop,
     rule_sqnr_output,
@@ -44,6 +46,7 @@ __all__ = [
     "OptunaOptions",
     "OptunaStrategy",
     "RandomSearch",
+    "SQNRAbsDiff",
     "SQNRDiff",
     "SQNRDrop",
     "SQNROutput",
@@ -57,6 +60,7 @@ __all__ = [
     "list_strategies",
     "rank_key",
     "register",
+    "rule_sqnr_absdiff",
     "rule_sqnr_diff",
     "rule_sqnr_drop",
     "rule_sqnr_output",

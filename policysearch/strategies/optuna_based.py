@@ -25,17 +25,16 @@ import logging
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import optuna
-from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState
+from typing import TYPE_CHECKING, Any
 
 from policysearch.policy import Choice, Policy
 from policysearch.result import EvalResult
 from policysearch.spaces.space import SearchSpace
 from policysearch.strategies.base import Strategy, decode_policy, encode_policy, register
 from policysearch.strategies.sqnr import SQNRDiff
+
+if TYPE_CHECKING:
+    import optuna
 
 __all__ = ["NSGA2", "NSGA2Options", "OptunaOptions", "OptunaStrategy", "RandomSearch", "TPE", "TPEOptions"]
 
@@ -45,6 +44,8 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
     """Optuna logs at WARNING inside the block; the previous verbosity is restored after."""
+    import optuna  # imported on first use: importing the strategies never loads optuna
+
     old = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(max(old, optuna.logging.WARNING))
     try:
@@ -76,6 +77,9 @@ class OptunaStrategy(Strategy):
     Options = OptunaOptions
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
+        import optuna
+        from optuna.distributions import CategoricalDistribution
+
         super().__init__(space, **kw)
         self.distributions = {s.name: CategoricalDistribution([str(c) for c in opts])
                               for s, opts in zip(space.sites, space.options)}
@@ -101,6 +105,9 @@ class OptunaStrategy(Strategy):
             self._record(policy, result)
 
     def _record(self, policy: Policy, result: EvalResult) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
         values = list(result.values) if result.ok else None
         state = TrialState.COMPLETE if result.ok else TrialState.FAIL
         number = self._trial_of.pop(policy.key(), None)
@@ -117,6 +124,8 @@ class OptunaStrategy(Strategy):
         return len(self._in_space | set(self.pending)) + batch >= self.space.size()
 
     def _propose(self, n: int) -> list[Policy]:
+        from optuna.trial import TrialState
+
         out: dict[str, Policy] = {}
         repeats = 0
         while len(out) < n and self.asked < self.options.trials and not self._exhausted(len(out)):
@@ -168,6 +177,9 @@ class OptunaStrategy(Strategy):
         return next(p for p in self._redo if p.key() == key)
 
     def _load_extra(self, state: Mapping[str, Any]) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
         with quiet_optuna():
             for t in state["trials"]:
                 self.study.add_trial(optuna.trial.create_trial(
@@ -204,6 +216,8 @@ class TPE(OptunaStrategy):
         self.warm = SQNRDiff(space, directions=self.directions, seed=self.seed)
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        import optuna
+
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.options.n_startup_trials)
 
     def _next(self, n: int) -> list[Policy]:
@@ -241,6 +255,8 @@ class NSGA2(OptunaStrategy):
     Options = NSGA2Options
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        import optuna
+
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
 
 
@@ -251,4 +267,6 @@ class RandomSearch(OptunaStrategy):
     name = "random"
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        import optuna
+
         return optuna.samplers.RandomSampler(seed=seed)

@@ -1,4 +1,5 @@
-"""The per-site SQNR rules of Kim et al. 2024: ``sqnr_diff``, ``sqnr_drop``, ``sqnr_output``.
+"""The per-site SQNR rules of Kim et al. 2024: ``sqnr_diff``, ``sqnr_drop``, ``sqnr_absdiff``,
+``sqnr_output``.
 
 Procedure (one strategy per rule): evaluate each uniform policy of the space once; then, per
 site, take the choice whose rule key is lowest, where a choice's key is measured at that site in
@@ -7,7 +8,9 @@ output ASQNR). Only choices a uniform run actually ran at the site are candidate
 ``fqvit`` run's I-BERT GELU is not a candidate, and with bit options only the uniform bits are
 measured); ties go to the earlier choice in the space's order. Finally the mixed policy is
 evaluated once. ``best()`` is that mixed policy: it is the rule's answer whatever its objective.
-See DESIGN.md, "SQNR and SQNR diff", for why there are three rules.
+See DESIGN.md, "SQNR and SQNR diff", for why eq. 11 has three readings (plus ``sqnr_output``).
+The keys are differences of dB values, so the picks do not depend on the 20·log10 / 10·log10
+convention (a 10·log10 key is exactly half the stored 20·log10 one).
 """
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ from policysearch.spaces.space import SearchSpace
 from policysearch.strategies.base import Strategy, register
 
 __all__ = [
+    "SQNRAbsDiff",
     "SQNRDiff",
     "SQNRDrop",
     "SQNROutput",
     "SQNRRule",
     "SiteSelection",
+    "rule_sqnr_absdiff",
     "rule_sqnr_diff",
     "rule_sqnr_drop",
     "rule_sqnr_output",
@@ -41,6 +46,12 @@ def rule_sqnr_diff(metrics: SiteMetrics) -> float:
 def rule_sqnr_drop(metrics: SiteMetrics) -> float:
     """The other reading of eq. 11: minimise the SQNR lost across the site, ``gamma - beta``."""
     return metrics.gamma - metrics.beta
+
+
+def rule_sqnr_absdiff(metrics: SiteMetrics) -> float:
+    """The third reading of eq. 11: the SQNR changes least across the site, either way:
+    minimise ``|beta - gamma|``."""
+    return metrics.absdiff
 
 
 def rule_sqnr_output(metrics: SiteMetrics) -> float:
@@ -67,7 +78,7 @@ class SiteSelection:
 
 
 class SQNRRule(Strategy):
-    """Base of the three rule strategies; ``rule`` maps a site's metrics to a key to minimise."""
+    """Base of the rule strategies; ``rule`` maps a site's metrics to a key to minimise."""
 
     rule: ClassVar[Callable[[SiteMetrics], float]]
 
@@ -144,6 +155,14 @@ class SQNRDrop(SQNRRule):
 
     name = "sqnr_drop"
     rule = staticmethod(rule_sqnr_drop)
+
+
+@register
+class SQNRAbsDiff(SQNRRule):
+    """Per site, the lowest ``|beta - gamma|`` (:func:`rule_sqnr_absdiff`)."""
+
+    name = "sqnr_absdiff"
+    rule = staticmethod(rule_sqnr_absdiff)
 
 
 @register

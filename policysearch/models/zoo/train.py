@@ -4,7 +4,11 @@ Fixed seed, class-agnostic recipe from the zoo entry (AdamW, linear warm-up + co
 smoothing, random crop with padding + horizontal flip, drop path), CUDA when present. Writes
 ``NAME.safetensors`` and the model card (``NAME.json`` + ``NAME.md``) into the package, or ``--out``.
 
-Other modes: ``--estimate-cpu N`` times N training steps on 2 CPU threads and prints the per-epoch
+The loop itself is the shared trainer (:func:`policysearch.train.train`); this module adds the
+zoo's data (Fashion-MNIST on the device, augmented per batch), recipe and model cards.
+``--checkpoint-dir DIR`` checkpoints every epoch and resumes from DIR, with the same final weights.
+
+Other modes: ``--estimate-cpu N`` times N training steps on 2 CPU threads and logs the per-epoch
 estimate; ``--verify`` re-evaluates shipped weights on this machine and records the result in the card.
 Data loading and augmentation draw from a seeded CPU generator, so the batches are the same on
 every device; with the same device, torch and seed, training is bit-reproducible.
@@ -20,7 +24,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +47,10 @@ from policysearch.models.zoo import (
     sample_path,
     weights_path,
 )
+from policysearch.train import CrossEntropy, Schedule, optimizer_step, param_groups
+from policysearch.train import train as run_trainer
 
-__all__ = ["Batches", "evaluate", "main", "train", "write_card"]
+__all__ = ["Batches", "evaluate", "main", "param_groups", "train", "write_card"]
 
 log = logging.getLogger("policysearch.models.zoo.train")
 
@@ -78,23 +83,27 @@ def normalize(images: torch.Tensor, entry: ZooEntry) -> torch.Tensor:
 class Batches:
     """Seeded shuffled batches with random crop (zero padding) and horizontal flip.
 
-    All randomness comes from one CPU generator, so batches do not depend on the device."""
+    All randomness comes from one CPU generator (``generator``, which the trainer checkpoints), so
+    batches do not depend on the device. Iterating gives one epoch of uint8 batches."""
 
     def __init__(self, split: Split, recipe: Recipe, seed: int) -> None:
         self.split = split
         self.recipe = recipe
-        self.gen = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.split.labels) / self.recipe.batch_size)
 
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch()
+
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, bs = len(self.split.labels), self.recipe.batch_size
-        perm = torch.randperm(n, generator=self.gen)
+        perm = torch.randperm(n, generator=self.generator)
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
-            offsets = torch.randint(0, 2 * self.recipe.crop_padding + 1, (len(idx), 2), generator=self.gen)
-            flips = torch.rand(len(idx), generator=self.gen) < (0.5 if self.recipe.hflip else 0.0)
+            offsets = torch.randint(0, 2 * self.recipe.crop_padding + 1, (len(idx), 2), generator=self.generator)
+            flips = torch.rand(len(idx), generator=self.generator) < (0.5 if self.recipe.hflip else 0.0)
             dev = self.split.images.device
             x = self.split.images[idx.to(dev)]
             yield self._augment(x, offsets.to(dev), flips.to(dev)), self.split.labels[idx.to(dev)]
@@ -113,21 +122,19 @@ class Batches:
 # ---------------------------------------------------------------------------------------- model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, position embeddings, tokens, relative-position tables."""
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+class Normalize:
+    """Trainer ``transform``: a batch of uint8 images -> normalized float input (on the device)."""
+
+    def __init__(self, entry: ZooEntry) -> None:
+        self.entry = entry
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(batch[0], self.entry), batch[1]
 
 
 def lr_at(step: int, total: int, warmup: int, recipe: Recipe) -> float:
     """Linear warm-up to ``recipe.lr``, then cosine to ``recipe.min_lr``."""
-    if step < warmup:
-        return recipe.lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return recipe.min_lr + (recipe.lr - recipe.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+    return Schedule(lr=recipe.lr, min_lr=recipe.min_lr, total=total, warmup=warmup).lr_at(step)
 
 
 @torch.inference_mode()
@@ -146,14 +153,9 @@ def evaluate(model: nn.Module, split: Split, entry: ZooEntry, batch_size: int = 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                entry: ZooEntry) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step; returns the summed loss and the number of hits (device tensors, no sync)."""
-    logits = model(normalize(x, entry))
-    loss = F.cross_entropy(logits, y, label_smoothing=entry.recipe.label_smoothing)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if entry.recipe.grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), entry.recipe.grad_clip)
-    opt.step()
-    return loss.detach() * len(y), (logits.argmax(-1) == y).sum()
+    loss, logits = optimizer_step(model, opt, (normalize(x, entry), y), CrossEntropy(entry.recipe.label_smoothing),
+                                  entry.recipe.grad_clip)
+    return loss * len(y), (logits.argmax(-1) == y).sum()
 
 
 def _setup(entry: ZooEntry, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -164,45 +166,28 @@ def _setup(entry: ZooEntry, device: torch.device) -> tuple[nn.Module, torch.opti
 
 
 def train(entry: ZooEntry, *, device: torch.device, data_dir: Path | None = None,
-          max_steps: int | None = None, eval_every: int = 0) -> tuple[nn.Module, dict[str, Any]]:
-    """Train ``entry`` with its recipe; returns the model (eval mode) and the training record."""
+          max_steps: int | None = None, eval_every: int = 0, checkpoint_dir: Path | None = None,
+          resume: bool = True, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``entry`` with its recipe; returns the model (eval mode) and the training record.
+
+    ``checkpoint_dir``: a checkpoint every epoch, resumed from when ``resume`` (same final weights)."""
     recipe = entry.recipe
     train_split = Split.from_numpy(*read_fmnist(fmnist_dir(data_dir), "train"), device)
     test_split = Split.from_numpy(*read_fmnist(fmnist_dir(data_dir), "test"), device) if eval_every else None
     batches = Batches(train_split, recipe, recipe.seed)
-    model, opt = _setup(entry, device)
-    steps_per_epoch = len(batches)
-    total = recipe.epochs * steps_per_epoch
-    warmup = int(recipe.warmup_epochs * steps_per_epoch)
-    history: list[dict[str, Any]] = []
-    step, start = 0, time.perf_counter()
-    for epoch in range(1, recipe.epochs + 1):
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        seen, t0 = 0, time.perf_counter()
-        bar = tqdm(batches.epoch(), total=steps_per_epoch, desc=f"{entry.name} {epoch}/{recipe.epochs}",
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
-        for x, y in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, warmup, recipe)
-            loss, hits = train_step(model, opt, x, y, entry)
-            loss_sum, correct, seen, step = loss_sum + loss, correct + hits, seen + len(y), step + 1
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item() / len(y):.3f}", refresh=False)
-            if max_steps is not None and step >= max_steps:
-                break
-        record = {"epoch": epoch, "loss": round(loss_sum.item() / seen, 4),
-                  "train_top1": round(correct.item() / seen, 4),
-                  "lr_end": lr_at(step - 1, total, warmup, recipe), "seconds": round(time.perf_counter() - t0, 1)}
-        if test_split is not None and (epoch % eval_every == 0 or epoch == recipe.epochs):
+    model, opt = _setup(entry, device)  # seeds torch with recipe.seed, then builds: the trainer does not reseed
+
+    def on_epoch_end(record: dict[str, Any], model: nn.Module) -> None:
+        if test_split is not None and (record["epoch"] % eval_every == 0 or record["epoch"] == recipe.epochs):
             record["test_top1"] = evaluate(model, test_split, entry)
-        history.append(record)
-        log.info("%s epoch %d/%d: %s", entry.name, epoch, recipe.epochs, record)
-        if max_steps is not None and step >= max_steps:
-            break
-    info = {"steps": step, "steps_per_epoch": steps_per_epoch, "wall_seconds": round(time.perf_counter() - start, 1),
-            "history": history}
-    return model.eval(), info
+
+    result = run_trainer(
+        model, batches, epochs=recipe.epochs, lr=recipe.lr, min_lr=recipe.min_lr,
+        warmup_steps=int(recipe.warmup_epochs * len(batches)), schedule="cosine", grad_clip=recipe.grad_clip,
+        label_smoothing=recipe.label_smoothing, seed=None, device=device, transform=Normalize(entry),
+        optimizer=opt, progress=progress, desc=entry.name, checkpoint_dir=checkpoint_dir, resume=resume,
+        stop_at_step=max_steps, on_epoch_end=on_epoch_end)
+    return result.model, result.info()
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -396,7 +381,7 @@ def run_training(entry: ZooEntry, args: argparse.Namespace) -> None:
     _deterministic(device)
     log.info("training %s on %s (%s)", entry.name, device, device_name(device))
     model, info = train(entry, device=device, data_dir=args.data_dir, max_steps=args.max_steps,
-                        eval_every=args.eval_every)
+                        eval_every=args.eval_every, checkpoint_dir=args.checkpoint_dir, resume=not args.no_resume)
     args.out.mkdir(parents=True, exist_ok=True)
     path = weights_path(entry.name, args.out)
     save_weights(model, path, entry)
@@ -440,6 +425,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override arch.KWARG or recipe.FIELD (repeatable)")
     p.add_argument("--eval-every", type=int, default=0, help="test accuracy every N epochs (0: at the end only)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (smoke test)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="write a training checkpoint every epoch into DIR and resume from it")
+    p.add_argument("--no-resume", action="store_true", help="with --checkpoint-dir: start over")
     p.add_argument("--estimate-cpu", type=int, default=None, metavar="STEPS",
                    help="time STEPS training steps on 2 CPU threads, print the estimate, write nothing")
     p.add_argument("--verify", action="store_true", help="evaluate the weights in --out and record it in the card")
