@@ -59,9 +59,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
         storage=args.storage, run_name=args.run_name, device=args.device, results_dir=args.results_dir,
         eval_size=None if args.eval_size == 0 else args.eval_size, calib_size=args.calib_size,
         batch_size=args.batch_size,
+        runner_options={k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None},
     )
     res = search(config, progress=not args.no_progress)
     _print_summary(res, db=args.db)
+    if args.finetune:  # the next stage, on the run record the search just finished (resumes on its own)
+        from policysearch.finetune import finetune
+
+        ft = finetune(str(res.run_dir), device=args.device, progress=not args.no_progress,
+                      **_finetune_options(args, batch_size=args.train_batch_size))
+        print()
+        print(ft.summary())
+    return 0
+
+
+def _finetune_options(args: argparse.Namespace, *, batch_size: int) -> dict:
+    """The fine-tuning settings the command line gives (those left out keep their defaults)."""
+    given = {"epochs": args.epochs, "steps": args.steps, "lr": args.lr, "batch_size": batch_size,
+             "kd_temperature": args.kd_temperature, "kd_weight": args.kd_weight, "seed": args.seed,
+             "ste": args.ste, "ranges": args.ranges, "relu_blocks_per_stage": args.relu_blocks_per_stage,
+             "relu_order": args.relu_order, "relu_epochs": args.relu_epochs, "relu_steps": args.relu_steps,
+             "relu_lr": args.relu_lr}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from policysearch.finetune import finetune
+
+    model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
+                                    ("in_chans", args.in_chans)) if v is not None}
+    sizes = {k: (None if v == 0 else v) for k, v in (("eval_size", args.eval_size), ("calib_size", args.calib_size))
+             if v is not None}
+    res = finetune(args.run, policy=args.policy, model=args.model, checkpoint=args.checkpoint, data=args.data,
+                   wiring=args.wiring, model_args=model_args or None, results_dir=args.results_dir, out=args.out,
+                   device=args.device, progress=not args.no_progress, restart=args.restart, **sizes,
+                   **_finetune_options(args, batch_size=args.batch_size))
+    print(res.summary())
     return 0
 
 
@@ -74,8 +107,79 @@ def _print_summary(res: "object", *, db: int = 20) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from policysearch.report import export_run
 
-    path = export_run(args.run, out=args.out, results_dir=args.results_dir)
+    if args.onnx is None or args.out is not None:
+        print(export_run(args.run, out=args.out, results_dir=args.results_dir))
+    if args.onnx is not None:
+        from policysearch.deploy.onnx_export import export_run_onnx
+
+        print(export_run_onnx(args.run, args.onnx, results_dir=args.results_dir))
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from policysearch.deploy.profile import profile_model
+
+    model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
+                                    ("in_chans", args.in_chans)) if v is not None}
+    doc = profile_model(args.model, device=args.device, batch=args.batch, repeats=args.repeats,
+                        threads=args.threads, checkpoint=args.checkpoint, model_args=model_args,
+                        results_dir=args.results_dir, out=args.out)
+    print(doc["path"])
+    print(f"{len(doc['sites'])} sites, {len(doc['kernels'])} (shape, method) kernels, {len(doc['linear'])} linear "
+          f"layers ({doc['totals_ms']['linear']:.2f} ms) on {doc['device']}, batch {doc['batch']}, "
+          f"{doc['threads']} threads, load {doc['machine'].get('load_before')}")
+    for kind, per in doc["methods"].items():
+        print(f"{kind:10s} " + ", ".join(f"{m} {c:.2f}x" for m, c in per.items()) + "  (relative to fp32)")
+    return 0
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    import shlex
+
+    from policysearch.deploy.latency import run_latency
+
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        from policysearch.errors import ConfigError
+
+        raise ConfigError(f"--batches {args.batches!r}: give positive batch sizes separated by commas, e.g. 1,8")
+    doc = run_latency(args.run, results_dir=args.results_dir, batches=batches, repeats=args.repeats,
+                      threads=args.threads, provider=args.provider, fmt=args.int8, checkpoint=args.checkpoint,
+                      keep_onnx=not args.no_keep_onnx, table=args.table,
+                      command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
+    print(f"{doc['run']}: {doc['model']} on {doc['provider']}, {doc['threads']} threads, int8 {doc['int8']['format']}, "
+          f"median of {doc['repeats']} interleaved runs (load {doc['load_before']})")
+    for name, per in doc["results"].items():
+        t = doc["top1"].get(name)
+        print(f"  {name:12s} " + "  ".join(f"b{b} {v['median_ms']:8.2f} ms" for b, v in per.items())
+              + ("" if t is None else f"  top-1 {100 * t:.2f}%"))
+    for b, r in doc["ratios"].items():
+        print(f"  batch {b}: " + ", ".join(f"{k} {v['paired_median']:.3f}" for k, v in r.items()))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from policysearch.report import build_report
+
+    path = build_report(args.run, results_dir=args.results_dir, storage=args.storage, out=args.out,
+                        device=args.device, histograms=not args.no_histograms, images=args.images)
     print(path)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from policysearch.report import dashboard_target, serve
+
+    target = dashboard_target(args.run, results_dir=args.results_dir, storage=args.storage,
+                              artifact_dir=args.artifact_dir)
+
+    def ready(url: str) -> None:
+        print(f"optuna-dashboard on {target.storage}: {url}  (Ctrl-C stops it)", flush=True)
+
+    serve(target, port=args.port, ready=ready)
     return 0
 
 
@@ -131,12 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--space", default="paper", help="space preset name or YAML path (default: paper)")
     p.add_argument("--objective", default="kl", help="objective preset name or YAML path (default: kl)")
-    p.add_argument("--runner", default="local", help="runner (default: local)")
+    p.add_argument("--runner", default="local",
+                   help="runner preset name or YAML path: local (default), ray_local, ray_cluster")
+    p.add_argument("--address", default=None,
+                   help="ray runners: the Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto) or local")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ray runners: number of actors (default: one per GPU, else per group of CPU cores)")
     p.add_argument("--trials", type=int, default=None, help="evaluation budget for tpe/nsga2/random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=8, help="activation bits (default 8)")
     p.add_argument("--weight-bits", type=int, default=None, help="weight bits (default: --bits)")
-    _add_wiring_arg(p, "native")
+    _add_wiring_arg(p, "paper")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, any SQLAlchemy URL (default: sqlite:///<results-dir>/studies.db); "
                         "independent of --results-dir")
@@ -152,13 +261,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=int, choices=[20, 10], default=20,
                    help="print ASQNR in the paper's 20*log10 (default) or the conventional 10*log10 dB")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--finetune", action="store_true",
+                   help="then fine-tune the answer (policysearch finetune RUN; the options below)")
+    p.add_argument("--train-batch-size", type=int, default=None, help="with --finetune: training batch size")
+    _add_finetune_args(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("finetune", help="QAT (and GELU->ReLU distillation) of a run's answer or a policy file")
+    p.add_argument("run", nargs="?", default=None, help="run name (folder under results/) or its path")
+    p.add_argument("--policy", default=None, help="a policy JSON file instead of a run")
+    _add_model_args(p, default=None)
+    p.add_argument("--data", default=None,
+                   help="training and evaluation data (default: the run's or policy file's): fmnist, "
+                        "imagefolder:PATH with train/ (fmnist-sample trains on its 512 calibration images)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    _add_wiring_arg(p, None)
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: the run folder; for --policy, <results-dir>/finetune-<model>-<hash>)")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="evaluation images for top-1 before/after (default: the run's; 0 = all)")
+    p.add_argument("--calib-size", type=int, default=None, help="calibration images (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 128)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+    _add_finetune_args(p)
+    p.add_argument("--restart", action="store_true", help="discard the checkpoints under <out>/finetune/ and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_finetune)
 
     p = sub.add_parser("export", help="write the policy JSON of a finished run")
     p.add_argument("run", help="run name (folder under results/) or its path")
     p.add_argument("--out", default=None, help="output file (default: print the run's policy.json path)")
+    p.add_argument("--onnx", default=None, metavar="FILE",
+                   help="also write the integer model under the policy as ONNX and check it in ONNX Runtime "
+                        '(needs pip install "policysearch[onnx]")')
     p.add_argument("--results-dir", default="results")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("profile", help="measure every (site shape, method) kernel and the linear layers of a model")
+    _add_model_args(p)
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda[:N] | auto")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--repeats", type=int, default=20, help="interleaved rounds, median kept (default 20, at least 20)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads while measuring (default 1: small kernels time stably on one)")
+    p.add_argument("--results-dir", default="results", help="the profile goes to <results-dir>/profiles/")
+    p.add_argument("--out", default=None, help="output file (default: <results-dir>/profiles/<model>-<device>-b<batch>.json)")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("latency", help="int8 latency check of a finished run in ONNX Runtime (writes latency.json)")
+    p.add_argument("run", help="run name (folder under results/) or its path")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    p.add_argument("--repeats", type=int, default=20, help="interleaved rounds, median kept (default 20, at least 20)")
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
+    p.add_argument("--provider", default="auto", help="auto (TensorRT, else CUDA, else CPU) | cpu | cuda | tensorrt")
+    p.add_argument("--int8", choices=["u8s8", "s8s8"], default="u8s8",
+                   help="u8s8: uint8 activations, int8 weights (default; faster on CPUs without VNNI) | s8s8")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights to measure (default: the training stage's when the run has one, else the run's)")
+    p.add_argument("--table", default=None, metavar="FILE", help="also update this latency table (results/latency.md)")
+    p.add_argument("--no-keep-onnx", action="store_true", help="do not keep the ONNX files in results/<run>/onnx/")
+    p.set_defaults(func=_cmd_latency)
+
+    p = sub.add_parser("report", help="write results/<run>/report.html: figures and tables (extra: report)")
+    p.add_argument("run", help="run name (folder under results/) or its path")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--storage", default=None, help="the study's storage URL (default: the one run.json records)")
+    p.add_argument("--out", default=None, help="output file (default: results/<run>/report.html)")
+    p.add_argument("--device", default=None, help="device for the histograms' forward (default: the run's)")
+    p.add_argument("--images", type=int, default=16, help="calibration images in the histograms (default 16)")
+    p.add_argument("--no-histograms", action="store_true", help="leave out Figure 2 (it needs a forward)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard for a run's study on 127.0.0.1 (extra: dashboard)")
+    p.add_argument("run", nargs="?", default=None,
+                   help="run name or folder (default: every study in the results folder's storage)")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--storage", default=None, help="storage URL (default: the run's, else <results-dir>/studies.db)")
+    p.add_argument("--artifact-dir", default=None,
+                   help="artifact store (default: the run's, else <results-dir>/artifacts)")
+    p.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0: a free one)")
+    p.set_defaults(func=_cmd_dashboard)
 
     for name, help_ in (("apply", "evaluate a policy file in a fresh process and compare with its metrics"),
                         ("eval", "top-1 of a model in float, or under --policy")):
@@ -175,6 +359,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluation images (default: as recorded in the policy file, else all)")
         p.set_defaults(func=_cmd_eval)
     return parser
+
+
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (policysearch finetune; defaults in policysearch.finetune.FinetuneSettings)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="QAT epochs over the training split (default 1)")
+    length.add_argument("--steps", type=int, default=None, help="QAT optimizer steps instead of epochs")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW, warm-up + cosine (default 1e-4)")
+    g.add_argument("--kd-temperature", type=float, default=None, help="distillation temperature (default 1)")
+    g.add_argument("--kd-weight", type=float, default=None,
+                   help="weight of the distillation term; 1 - it goes to cross-entropy on labels (default 1)")
+    g.add_argument("--ste", choices=["reference", "float"], default=None,
+                   help="gradients through the integer kernels: reference (the integer graph with straight-through "
+                        "floors and rounds, as I-BERT / I-ViT; default) or float (the float operator's)")
+    g.add_argument("--ranges", choices=["ema", "frozen"], default=None,
+                   help="activation ranges in training: ema (I-ViT's running ranges, momentum 0.95; default) or frozen")
+    g.add_argument("--relu-blocks-per-stage", type=int, default=None,
+                   help="GELU->ReLU distillation: GELU sites switched per stage (default 1)")
+    g.add_argument("--relu-order", choices=["forward", "backward"], default=None,
+                   help="GELU->ReLU distillation: input side first (forward, default) or output side first")
+    relu_length = g.add_mutually_exclusive_group()
+    relu_length.add_argument("--relu-epochs", type=int, default=None, help="epochs per ReLU stage (default: as QAT)")
+    relu_length.add_argument("--relu-steps", type=int, default=None, help="steps per ReLU stage (default: as QAT)")
+    g.add_argument("--relu-lr", type=float, default=None, help="learning rate of the ReLU stages (default: --lr)")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

@@ -20,9 +20,13 @@ This module imports neither torch nor optuna, nor anything of the package but ``
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
-from policysearch.errors import UnknownNameError
+from policysearch.errors import ConfigError, UnknownNameError
 
 __all__ = [
     "EXPECTS",
@@ -30,8 +34,10 @@ __all__ = [
     "catalogue",
     "get_method",
     "kinds",
+    "load_cost_profile",
     "methods",
     "register_method",
+    "set_costs",
 ]
 
 #: The non-linear kinds, in the order sites and listings use.
@@ -79,6 +85,8 @@ class MethodSpec:
 
 
 _CATALOGUE: dict[str, dict[str, MethodSpec]] = {k: {} for k in _KINDS}
+#: the entries as registered (cost None): clearing a cost puts this very object back
+_REGISTERED: dict[tuple[str, str], MethodSpec] = {}
 
 
 def register_method(kind: str, name: str, *, expects: str, out_bits: tuple[int, ...] = (),
@@ -90,6 +98,7 @@ def register_method(kind: str, name: str, *, expects: str, out_bits: tuple[int, 
     if name in _CATALOGUE[kind]:
         raise ValueError(f"method {kind}/{name} is already in the catalogue")
     _CATALOGUE[kind][name] = spec
+    _REGISTERED[(kind, name)] = spec
     return spec
 
 
@@ -122,6 +131,52 @@ def get_method(kind: str, name: str) -> MethodSpec:
 def catalogue() -> list[MethodSpec]:
     """Every entry, kind by kind, each kind in registration order."""
     return [spec for kind in _KINDS for spec in _CATALOGUE[kind].values()]
+
+
+def set_costs(costs: Mapping[tuple[str, str], float | None]) -> list[MethodSpec]:
+    """Fill the ``cost`` slot of the entries ``(kind, name)`` (``None`` clears it); returns them.
+
+    Entries are frozen: an entry with a cost is the registered one rebuilt with
+    ``dataclasses.replace``, so read costs through :func:`get_method` / :func:`catalogue`, not from
+    an entry object kept from before (the kernel registry keeps the registered object). Clearing a
+    cost puts the registered object itself back. Every key is checked before any entry changes; a
+    cost must be a positive finite number.
+    """
+    checked = []
+    for (kind, name), cost in costs.items():
+        spec = get_method(kind, name)
+        if cost is not None:
+            if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (0 < cost < float("inf")):
+                raise ConfigError(f"cost of {kind}/{name} must be a positive finite number, got {cost!r}")
+            cost = float(cost)
+        checked.append((spec, cost))
+    updated = []
+    for spec, cost in checked:
+        registered = _REGISTERED[(spec.kind, spec.name)]
+        new = spec if spec.cost == cost else registered if cost is None else dataclasses.replace(registered, cost=cost)
+        _CATALOGUE[spec.kind][spec.name] = new
+        updated.append(new)
+    return updated
+
+
+def load_cost_profile(path: str | Path) -> dict[tuple[str, str], float]:
+    """Read a cost profile (``policysearch profile``, ``policysearch.profile/v1``) into the cost slots.
+
+    The profile's ``methods`` section holds, per kind, each method's latency relative to ``fp32``
+    summed over the profiled model's sites; methods the catalogue does not know are skipped (a
+    profile from another version), and the mapping set is returned.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the cost profile {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("format") != "policysearch.profile/v1" or \
+            not isinstance(doc.get("methods"), dict):
+        raise ConfigError(f"{path} is not a policysearch.profile/v1 cost profile (run `policysearch profile`)")
+    costs = {(kind, name): cost for kind, per in doc["methods"].items() if kind in _CATALOGUE
+             and isinstance(per, dict) for name, cost in per.items() if name in _CATALOGUE[kind]}
+    set_costs(costs)
+    return costs
 
 
 # ---- the catalogue -------------------------------------------------------------------------------

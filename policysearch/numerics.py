@@ -8,4 +8,4 @@ from __future__ import annotations
 
 __all__ = ["NUMERICS_VERSION"]
 
-NUMERICS_VERSION = "2026.12.1"
+NUMERICS_VERSION = "2026.12.2"

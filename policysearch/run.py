@@ -364,6 +364,8 @@ def policy_document(record: RunRecord) -> Any:
     config, fp, answer = data.get("config", {}), data.get("fingerprint", {}), data["answer"]
     metrics = {**answer["metrics"], "values": answer["values"],
                "float_top1": data.get("float_metrics", {}).get("top1")}
+    if "latency" in data.get("stages", {}):  # the int8 runtime check (policysearch latency RUN)
+        metrics["latency"] = {k: v for k, v in data["stages"]["latency"].items() if k != "updated"}
     provenance = {"strategy": config.get("strategy"), "objective": data.get("objective", {}).get("name"),
                   "space": config.get("space"), "seed": config.get("seed"), "data": config.get("data"),
                   "eval_size": config.get("eval_size"), "calib_size": config.get("calib_size"),
@@ -371,5 +373,14 @@ def policy_document(record: RunRecord) -> Any:
                   "created": data.get("finished", data.get("created")), "versions": data.get("versions", {})}
     model = {"name": config.get("model"), "checkpoint": config.get("checkpoint"),
              "args": fp.get("model_args", {}), "weights": fp.get("weights")}
+    finetuned = data.get("stages", {}).get("finetune")
+    if finetuned:  # the training stage (policysearch finetune RUN): accuracy before/after, settings, weights
+        from policysearch.finetune.record import finetune_metrics, finetune_provenance
+
+        metrics["finetune"] = finetune_metrics(finetuned)
+        provenance["finetune"] = finetune_provenance(finetuned)
+        model["finetuned"] = finetuned.get("weights")
+        if finetuned.get("relu_float"):
+            model["relu_float"] = finetuned["relu_float"]
     return PolicyDocument(policy=Policy.from_dict(answer["policy"]), model=model, metrics=metrics,
                           provenance=provenance, wiring=fp.get("wiring"))

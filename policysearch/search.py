@@ -4,7 +4,9 @@
 folder, the run's fingerprint), then builds the evaluator, replays what the study and studies of
 the same work already hold (resume), evaluates the rest, always adds the uniform baselines, and
 leaves ``results/<run>/``: run.json (the record later stages read), config.yaml, policy.json,
-sensitivity.csv.
+sensitivity.csv. Every trial says what it is (``kind``: uniform baseline, rule result, search
+candidate); the answer is published as one more trial of kind ``answer`` with policy.json attached
+(:func:`policysearch.study.publish_answer`).
 """
 from __future__ import annotations
 
@@ -44,12 +46,15 @@ class SearchConfig:
     space: str = "paper"
     objective: str = "kl"
     runner: str = "local"
+    #: options for the runner over its preset's (e.g. ray: address, workers); never part of the
+    #: fingerprint: the same work run locally or on Ray gives the same results and resumes across runners
+    runner_options: Mapping[str, Any] = field(default_factory=dict)
     trials: int | None = None
     seed: int = 0
     weight_bits: int = 8
     act_bits: int = 8
     #: "paper": every method in one integer pipeline (I-ViT's); "native": each as its paper wires it
-    wiring: str = "native"  # flips to "paper" with the paper wiring (issue 8)
+    wiring: str = "paper"
     storage: str | None = None
     run_name: str | None = None
     device: str = "auto"
@@ -121,7 +126,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     t_start = time.perf_counter()
     objective = load_objective(config.objective)
     STRATEGIES.get(config.strategy)  # a bad name fails before any work
-    runner = create_runner(config.runner)
+    runner = create_runner(config.runner, **config.runner_options)
     resolve_device(config.device)
     run_name = _run_name(config)
     run_dir = Path(config.results_dir) / run_name
@@ -184,10 +189,10 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     record.update(float_metrics=dict(evaluator.float_metrics), sites=len(evaluator.sites))
     t_setup = time.perf_counter()
     loop = _Loop(recorder=recorder, record=record, runner=runner, spec=spec, objective=objective,
-                 progress=progress)
+                 progress=progress, kind_of=_kinds(space, strategy))
     try:
         loop.drive(strategy)
-        baselines = {m: loop.evaluate(p, tag="baseline") for m, p in space.uniform_policies().items()}
+        baselines = {m: loop.evaluate(p) for m, p in space.uniform_policies().items()}
     finally:
         runner.close()
         loop.close()
@@ -203,6 +208,7 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
                   timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
                            "total_s": round(t_end - t_start, 3)},
                   counts={"evaluated": loop.evaluated, "reused": loop.reused})
+    _publish_answer(config, record, recorder, policy)
     return SearchResult(
         run_dir=record.run_dir, run_name=record.name, policy=policy, result=result, baselines=baselines,
         float_metrics=dict(evaluator.float_metrics), evaluated=loop.evaluated, reused=loop.reused,
@@ -210,18 +216,50 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     )
 
 
+def _kinds(space: Any, strategy: Any) -> Any:
+    """``policy -> (kind, uniform method or None, run.json tag)``: what each trial is, for the
+    study's readers (uniform baselines, an SQNR rule's pick, any other strategy's candidates)."""
+    from policysearch.strategies.sqnr import SQNRRule
+    from policysearch.study import KIND_CANDIDATE, KIND_RULE, KIND_UNIFORM
+
+    uniform = {p.key(): m for m, p in space.uniform_policies().items()}
+    other = KIND_RULE if isinstance(strategy, SQNRRule) else KIND_CANDIDATE  # a rule asks uniforms + its pick
+    tag = {KIND_UNIFORM: "baseline", KIND_RULE: "rule", KIND_CANDIDATE: "candidate"}
+
+    def kind_of(policy: Policy) -> tuple[str, str | None, str]:
+        method = uniform.get(policy.key())
+        kind = KIND_UNIFORM if method is not None else other
+        return kind, method, tag[kind]
+
+    return kind_of
+
+
+def _publish_answer(config: SearchConfig, record: Any, recorder: Any, policy: Policy) -> None:
+    """The answer as a trial of kind ``answer`` with policy.json attached; its numbers in run.json."""
+    artifact_dir = Path(config.results_dir) / "artifacts"
+    pub = recorder.publish_answer(policy, stage="search", artifacts=[record.run_dir / "policy.json"],
+                                  artifact_dir=artifact_dir)
+    record.data["answer"].update(trial=pub.number, evaluation_trial=pub.source)
+    record.update(artifacts=str(artifact_dir))
+    from policysearch.report.dashboard import annotate
+
+    annotate(recorder.study)  # notes for optuna-dashboard, when it is installed
+
+
 def config_dict(config: SearchConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
-    return {**asdict(config), "strategy_options": dict(config.strategy_options)}
+    return {**asdict(config), "strategy_options": dict(config.strategy_options),
+            "runner_options": dict(config.runner_options)}
 
 
 class _Loop:
     """ask -> (cache | runner.map) -> tell -> record."""
 
     def __init__(self, *, recorder: Any, record: Any, runner: Any, spec: Any, objective: Any,
-                 progress: bool) -> None:
+                 progress: bool, kind_of: Any = None) -> None:
         self.recorder, self.record, self.runner, self.spec = recorder, record, runner, spec
+        self.kind_of = kind_of or (lambda policy: ("search candidate", None, "candidate"))
         self.cache: dict[str, EvalResult] = recorder.completed(objective)
         self.in_study = set(self.cache)
         self.lent, donors = recorder.reusable(objective)
@@ -243,7 +281,9 @@ class _Loop:
         hit = self.cache.get(key)
         if hit is None and key in self.lent:
             hit = self.lent[key]
-            self.recorder.record(policy, hit, tag="reused", reused_from=",".join(self.donors))
+            kind, method, _ = self.kind_of(policy)
+            self.recorder.record(policy, hit, tag="reused", reused_from=",".join(self.donors), kind=kind,
+                                 uniform_method=method)
             self.cache[key] = hit
         return hit
 
@@ -265,19 +305,21 @@ class _Loop:
             for p, r in self._map(todo):
                 strategy.tell(p, r)
 
-    def evaluate(self, policy: Policy, *, tag: str = "") -> EvalResult:
+    def evaluate(self, policy: Policy) -> EvalResult:
         cached = self._cached(policy)
         if cached is not None:
             return cached
-        return next(iter(self._map([policy], tag=tag)))[1]
+        return next(iter(self._map([policy])))[1]
 
-    def _map(self, policies: list[Policy], tag: str = "") -> Any:
+    def _map(self, policies: list[Policy]) -> Any:
         if not policies:
             return
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), _dt.datetime.now()
         for p, r in self.runner.map(self.spec, policies):
-            t1 = time.perf_counter()
-            self.recorder.record(p, r, tag=tag)
+            t1, finished = time.perf_counter(), _dt.datetime.now()
+            kind, method, tag = self.kind_of(p)
+            self.recorder.record(p, r, tag=tag, started=started, finished=finished, kind=kind,
+                                 uniform_method=method)
             self.record.add_evaluation(_summary(p, r, tag, t1 - t0))
             self.cache[p.key()] = r
             self.evaluated += 1
@@ -286,7 +328,7 @@ class _Loop:
                 if r.ok:
                     self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:3]))
             yield p, r
-            t0 = time.perf_counter()
+            t0, started = time.perf_counter(), _dt.datetime.now()
 
 
 def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:

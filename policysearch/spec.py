@@ -37,7 +37,7 @@ class EvaluatorSpec:
     #: architecture overrides for the model: num_classes, img_size, in_chans (None = the model's own)
     model_args: tuple[tuple[str, Any], ...] = ()
     #: "paper" (one integer pipeline for every method) or "native" (each method as its paper wires it)
-    wiring: str = "native"
+    wiring: str = "paper"
     data: str = "fmnist-sample"
     objective: str | Mapping[str, Any] = "kl"  # a preset name, or Objective.to_dict()
     device: str = "auto"

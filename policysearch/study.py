@@ -5,12 +5,22 @@ user attrs = metrics, per-site SQNR and the policy key. The study carries the ru
 on resume its completed trials are read back with their values recomputed from the stored
 metrics, and other studies in the same storage with an equal fingerprint lend theirs too (a run
 that changes only the objective re-evaluates nothing).
+
+For reading in optuna-dashboard every trial says what it is (user attribute ``kind``: ``uniform
+baseline``, ``rule result``, ``search candidate`` or ``answer``) and carries one readable attribute
+per site (``site.<name>``: choice, gamma, beta). Finished trials cannot change, and artifacts can
+only be attached to a running trial, so the run's answer is published as one more trial,
+:func:`publish_answer`: a copy of the answer's evaluation (same params and values, ``kind`` =
+``answer``, ``answer_of`` = the evaluation's number) opened with ``study.ask``, given the policy JSON
+(and, from ``policysearch report``, the report and its figures) as artifacts, then told. Copies are
+never read back as evaluations.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +32,28 @@ from policysearch.errors import ConfigError
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 
-__all__ = ["StudyRecorder", "default_storage", "open_storage", "redact_url"]
+__all__ = [
+    "KIND_ANSWER",
+    "KIND_CANDIDATE",
+    "KIND_RULE",
+    "KIND_UNIFORM",
+    "AnswerTrial",
+    "StudyRecorder",
+    "default_storage",
+    "open_storage",
+    "publish_answer",
+    "redact_url",
+    "site_attrs",
+]
 
 log = logging.getLogger(__name__)
+
+#: what a trial is (its user attribute ``kind``)
+KIND_UNIFORM = "uniform baseline"  # one method everywhere (``uniform_method`` names it)
+KIND_RULE = "rule result"  # the policy an SQNR rule picked from the uniform runs
+KIND_CANDIDATE = "search candidate"  # any other policy a strategy asked
+KIND_ANSWER = "answer"  # a copy of the run's answer, with its artifacts (publish_answer)
+TRIAL_KINDS = (KIND_UNIFORM, KIND_RULE, KIND_CANDIDATE, KIND_ANSWER)
 
 
 def default_storage(results_dir: str | Path = "results") -> str:
@@ -126,7 +155,10 @@ class StudyRecorder:
                     f"{objective.get('name')!r}; choose a new --run-name: a new run reuses this run's "
                     "evaluations and recomputes them under the new objective"
                 )
+            if "answer" not in attrs_now:  # first, so optuna-dashboard lists it first among the study's attributes
+                self.study.set_user_attr("answer", "not chosen yet (the search has not finished)")
             self.study.set_user_attr("objective_spec", dict(objective))
+            self.study.set_metric_names(objective_names(objective))
             self.study.set_user_attr("fingerprint", dict(fingerprint))
             for key, value in (attrs or {}).items():
                 self.study.set_user_attr(key, value)
@@ -176,7 +208,11 @@ class StudyRecorder:
                 donors.append(summary.study_name)
         return out, donors
 
-    def record(self, policy: Policy, result: EvalResult, *, tag: str = "", reused_from: str | None = None) -> None:
+    def record(self, policy: Policy, result: EvalResult, *, tag: str = "", reused_from: str | None = None,
+               started: _dt.datetime | None = None, finished: _dt.datetime | None = None,
+               kind: str | None = None, uniform_method: str | None = None) -> None:
+        """Add one finished evaluation as a trial (``started``/``finished``: its real times;
+        ``kind``: one of :data:`TRIAL_KINDS`; ``uniform_method``: the method of a uniform baseline)."""
         params, dists = {}, {}
         for site, choice in policy.items():
             value = str(choice)
@@ -184,12 +220,17 @@ class StudyRecorder:
             if dist is None or value not in dist.choices:
                 dist = CategoricalDistribution(list((dist.choices if dist else ()) + (value,)))
             params[site.name], dists[site.name] = value, dist
-        attrs = {
+        attrs: dict[str, Any] = {"kind": kind} if kind else {}
+        if uniform_method:
+            attrs["uniform_method"] = uniform_method
+        attrs.update({
+            "tag": tag,
+            "method_counts": policy.method_counts(),
+            **{f"m.{k}": _num(v) for k, v in result.metrics.items()},
+            **site_attrs(policy, result),
             "policy_key": policy.key(),
             "result": _jsonable(result.to_dict()),
-            "tag": tag,
-            **{f"m.{k}": _num(v) for k, v in result.metrics.items()},
-        }
+        })
         if reused_from:
             attrs["reused_from"] = reused_from
         if result.ok:
@@ -200,7 +241,134 @@ class StudyRecorder:
             trial = optuna.trial.create_trial(
                 params=params, distributions=dists, state=TrialState.FAIL, user_attrs={**attrs, "error": result.error}
             )
+        if started is not None:
+            trial.datetime_start = started
+            trial.datetime_complete = finished or started
         self.study.add_trial(trial)
+
+    def publish_answer(self, policy: Policy, *, stage: str, artifacts: Sequence[Path],
+                       artifact_dir: str | Path) -> "AnswerTrial":
+        """:func:`publish_answer` in this run's study (a storage error is one clear error)."""
+        import sqlalchemy.exc as sa_exc
+
+        try:
+            return publish_answer(self.storage, self.study_name, policy.key(), stage=stage,
+                                  artifacts=artifacts, artifact_dir=artifact_dir)
+        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            raise _write_error(self.storage_url, exc.__cause__ or exc) from None
+
+
+def site_attrs(policy: Policy, result: EvalResult) -> dict[str, str]:
+    """One readable user attribute per measured site: ``site.<name>`` = ``"ivit: gamma 90.1 / beta
+    88.2 dB (diff -1.9)"`` (dB in the stored 20·log10 convention)."""
+    out = {}
+    for site, choice in policy.items():
+        m = result.sites.get(site.name)
+        if m is not None:
+            out[f"site.{site.name}"] = f"{choice}: gamma {m.gamma:.1f} / beta {m.beta:.1f} dB (diff {m.diff:+.1f})"
+    return out
+
+
+class AnswerTrial:
+    """The trial that carries a run's answer: ``number``, ``source`` (the evaluation it copies),
+    ``created`` (False when an equal copy already existed and was reused)."""
+
+    def __init__(self, number: int, source: int, created: bool) -> None:
+        self.number, self.source, self.created = number, source, created
+
+    def __repr__(self) -> str:
+        return f"AnswerTrial(number={self.number}, source={self.source}, created={self.created})"
+
+
+def publish_answer(
+    storage: str | optuna.storages.BaseStorage,
+    study_name: str,
+    policy_key: str,
+    *,
+    stage: str,
+    artifacts: Sequence[Path] | Callable[[int], Sequence[Path]] = (),
+    artifact_dir: str | Path | None = None,
+    digest: str | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> AnswerTrial:
+    """Add the run's answer to its study as a trial of kind ``answer`` with ``artifacts`` attached.
+
+    Optuna attaches artifacts only to a running trial and never changes a finished one, so the
+    answer's evaluation (the completed trial with ``policy_key``) is copied: a trial with the same
+    params and values is opened with ``study.ask``, given the user attributes ``kind = "answer"``,
+    ``answer_of`` (the evaluation's number) and ``answer_stage`` (``stage``), the files are uploaded
+    into the :class:`optuna.artifacts.FileSystemArtifactStore` at ``artifact_dir``, and the trial is
+    told. ``artifacts`` may be a function of the new trial's number (files that name it).
+
+    Idempotent: with ``digest`` None, an existing answer copy of the same policy is reused; with a
+    ``digest`` (a hash of the artifacts' content), one with the same digest is. The study's user
+    attributes ``answer_trial`` and ``answer_of`` name the current copy and its evaluation.
+    """
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    if isinstance(storage, str):
+        storage = open_storage(storage)
+    study = optuna.load_study(study_name=study_name, storage=storage,
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+    trials = study.get_trials(deepcopy=False)
+    source = next((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("policy_key") == policy_key
+                   and t.user_attrs.get("kind") != KIND_ANSWER), None)
+    if source is None:
+        raise ConfigError(f"study {study_name!r} has no completed evaluation of the run's answer; "
+                          "run the same `policysearch run` command again to record it")
+    for t in reversed(trials):
+        if (t.state == TrialState.COMPLETE and t.user_attrs.get("kind") == KIND_ANSWER
+                and t.user_attrs.get("policy_key") == policy_key
+                and (digest is None or t.user_attrs.get("answer_digest") == digest)):
+            _set_current(study, t.number, source.number)
+            return AnswerTrial(t.number, source.number, False)
+    user_attrs: dict[str, Any] = {"kind": KIND_ANSWER, "answer_of": source.number, "answer_stage": stage}
+    if digest is not None:
+        user_attrs["answer_digest"] = digest
+    user_attrs.update({k: v for k, v in source.user_attrs.items() if k not in ("kind", "tag", "uniform_method")})
+    user_attrs.update(attrs or {})
+    study.enqueue_trial(dict(source.params), user_attrs=user_attrs)
+    trial = study.ask(fixed_distributions=dict(source.distributions))
+    try:
+        files = artifacts(trial.number) if callable(artifacts) else artifacts
+        if files:
+            if artifact_dir is None:
+                raise ValueError("artifact_dir is needed to upload artifacts")
+            Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+            store = FileSystemArtifactStore(str(artifact_dir))
+            for path in files:
+                upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
+        study.tell(trial, list(source.values))
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    _set_current(study, trial.number, source.number)
+    log.info("answer published as trial %d of study %s (a copy of evaluation %d, stage %s)",
+             trial.number, study_name, source.number, stage)
+    return AnswerTrial(trial.number, source.number, True)
+
+
+def _set_current(study: optuna.Study, number: int, source: int) -> None:
+    text = f"trial #{number} (kind answer): a copy of evaluation #{source} with the artifacts"
+    if study.user_attrs.get("answer") != text:
+        study.set_user_attr("answer", text)
+    if study.user_attrs.get("answer_trial") != number:
+        study.set_user_attr("answer_trial", number)
+    if study.user_attrs.get("answer_of") != source:
+        study.set_user_attr("answer_of", source)
+
+
+def objective_names(objective: Mapping[str, Any]) -> list[str]:
+    """Readable names for the objective values (the dashboard's axis labels)."""
+    terms = list(objective.get("values", ()))
+    names = []
+    for i, t in enumerate(terms):
+        items = list(t.items()) if isinstance(t, Mapping) else [tuple(x) for x in t]
+        if len(items) == 1 and abs(float(items[0][1])) == 1.0:
+            names.append(items[0][0] if float(items[0][1]) > 0 else f"-{items[0][0]}")
+        else:
+            names.append(objective.get("name", "objective") if len(terms) == 1 else f"{objective.get('name')}[{i}]")
+    return names
 
 
 def _results(study: optuna.Study, objective: Any) -> dict[str, EvalResult]:
@@ -208,7 +376,7 @@ def _results(study: optuna.Study, objective: Any) -> dict[str, EvalResult]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         key = t.user_attrs.get("policy_key")
         raw = t.user_attrs.get("result")
-        if not key or not isinstance(raw, dict):
+        if not key or not isinstance(raw, dict) or t.user_attrs.get("kind") == KIND_ANSWER:  # copies
             continue
         stored = EvalResult.from_dict(raw)
         if stored.error is not None and t.state == TrialState.FAIL:

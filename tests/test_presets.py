@@ -25,6 +25,25 @@ def test_runner_file_equals_builtin():
     assert isinstance(create_runner("local"), LocalRunner)
 
 
+@pytest.mark.parametrize("name", ["ray_local", "ray_cluster"])
+def test_ray_runner_files_equal_builtins(name):
+    data = yaml.safe_load((ROOT / "runners" / f"{name}.yaml").read_text())
+    assert data.pop("name") == name
+    assert data == PRESETS.get(name) and data["type"] == "ray"
+    assert {p.stem for p in (ROOT / "runners").glob("*.yaml")} <= set(PRESETS.names())
+
+
+def test_runner_preset_from_a_path_and_unknown_options(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("type: local\n")
+    assert isinstance(create_runner(str(path)), LocalRunner)
+    path.write_text("type: local\nworkers: 2\n")
+    with pytest.raises(ConfigError, match="runner 'local' has no option.*workers"):
+        create_runner(str(path))
+    with pytest.raises(ConfigError, match="unknown runner 'nope'; available: local, ray, ray_cluster, ray_local"):
+        create_runner("nope")
+
+
 def test_local_preset_file_wins_over_builtin(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "objectives").mkdir()

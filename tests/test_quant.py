@@ -92,3 +92,79 @@ def test_weight_quantization_per_channel():
     q = wq / s.unsqueeze(1)
     assert torch.allclose(q, q.round(), atol=1e-4) and q.abs().max() <= 127 + 1e-4
     assert ((wq - w).abs() <= s.unsqueeze(1) / 2 + 1e-6).all()
+
+
+# -- the paper wiring's quantizers ---------------------------------------------------------------
+
+def _calibrated_act(lo: float, hi: float, bits: int = 8):
+    from policysearch.quant import IntAct
+
+    act = IntAct(bits=bits)
+    act.calibrating = True
+    act(torch.tensor([lo, hi]))
+    act.calibrating, act.enabled = False, True
+    return act
+
+
+def test_int_act_requantizes_onto_its_grid_and_adds_residuals_as_integers():
+    act = _calibrated_act(-4.0, 4.0, bits=16)
+    s_in = torch.tensor(0.001)
+    x = torch.round(torch.randn(1000) * 1000) * s_in  # an accumulator on the grid s_in
+    ident = torch.round(torch.randn(1000) * 500) * 0.002
+    y, s = act(x, s_in, ident, torch.tensor(0.002))
+    assert s == pytest.approx(4.0 / 32767)
+    q = y / s
+    assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 2**15
+    # I-ViT's QuantAct(identity): each operand requantized, then the integers added and clamped
+    expect = (torch.round(x / s) + torch.round(ident / s)).clamp(-(2**15), 2**15 - 1)
+    assert torch.equal(q.round(), expect)
+    # disabled (float mode) and calibrating: the float sum, no scale
+    act.enabled = False
+    y, s = act(x, s_in, ident, None)
+    assert s is None and torch.equal(y, x + ident)
+
+
+def test_int_act_float32_simulation_matches_the_dyadic_multiply():
+    from policysearch.quant import IntAct
+
+    torch.manual_seed(0)
+    act = _calibrated_act(-6.0, 6.0)
+    s_in = torch.tensor(3.1e-4)
+    x = torch.round(torch.randn(200_000) * 4000) * s_in
+    fast, s = act(x, s_in)
+    IntAct.exact = True
+    try:
+        exact, _ = act(x, s_in)
+    finally:
+        IntAct.exact = False
+    ref = requantize(x, s_in, s, 8)  # HAWQ: float64, 31-bit mantissa
+    assert torch.equal(torch.round(exact / s), ref)
+    differ = (torch.round(fast / s) != ref).float()
+    assert differ.mean() < 1e-4 and (torch.round(fast / s) - ref).abs().max() <= 1
+
+
+def test_requantize_without_clamp():
+    x = torch.tensor([10.0])
+    assert requantize(x, torch.tensor(0.01), torch.tensor(0.05), None).item() == 200.0
+
+
+def test_int_linear_integer_path_equals_the_dequantized_product():
+    from policysearch.quant import IntLinear
+
+    torch.manual_seed(0)
+    lin = IntLinear(torch.nn.Linear(64, 16))
+    lin.enabled = True
+    s = torch.tensor(0.02)
+    x = torch.round(torch.randn(4, 10, 64) * 40).clamp(-128, 127) * s
+    with torch.no_grad():
+        y, s_acc = lin(x, s)
+    w_int, s_w = lin._weight_int()
+    acc = torch.round(x / s) @ w_int.T + torch.round(lin.bias / (s * s_w))
+    assert torch.equal(torch.round(y / s_acc), acc)
+    wq, _ = lin._weight()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, wq, lin.bias), atol=1e-4, rtol=1e-4)
+    xg = x.clone().requires_grad_(True)  # with autograd: the dequantized product, gradients flow
+    yg, _ = lin(xg, s)
+    yg.sum().backward()
+    torch.testing.assert_close(yg.detach(), y, atol=1e-4, rtol=1e-4)
+    assert xg.grad is not None and lin.weight.grad is not None

@@ -35,14 +35,18 @@ def test_site_names_and_forward_order():
     assert swin.index("layers.0.blocks.0.mlp.act") < swin.index("layers.1.downsample.norm")
 
 
+WIRINGS = ["paper", "native"]
+
+
+@pytest.mark.parametrize("wiring", WIRINGS)
 @pytest.mark.parametrize("make", [tiny_vit, tiny_swin, lambda: tiny_vit(distilled=True)])
-def test_wired_model_in_float_is_unchanged(make):
+def test_wired_model_in_float_is_unchanged(make, wiring):
     torch.manual_seed(0)
     model = make()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        ps.prepare(model)
+        ps.prepare(model, wiring=wiring)
         out = model(x)
         seg = x
         for s in segments(model):
@@ -51,12 +55,13 @@ def test_wired_model_in_float_is_unchanged(make):
     torch.testing.assert_close(seg, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_attention_does_not_hide_softmax():
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_fused_attention_does_not_hide_softmax(wiring):
     model = tiny_vit()
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = True
-    assert sum(s.kind == "softmax" for s in ps.find_sites(model)) == 2
+    assert sum(s.kind == "softmax" for s in ps.find_sites(ps.prepare(model, wiring=wiring))) == 2
 
 
 def test_unsupported_model_names_modules():
@@ -87,18 +92,27 @@ def test_apply_policy_rejects_foreign_sites():
         ps.apply_policy(tiny_vit(), Policy.uniform(sites[:3], "ivit"))
 
 
-def _calibrated(make, seed=0):
+def _calibrated(make, seed=0, wiring="paper"):
     torch.manual_seed(seed)
     model = make()
     data = torch.randn(16, 3, 32, 32)
-    ps.calibrate(ps.prepare(model), data.split(8))
+    ps.calibrate(ps.prepare(model, wiring=wiring), data.split(8))
     return model, data
 
 
+def test_default_wiring_is_paper():
+    model = ps.prepare(tiny_vit())
+    assert model._policysearch.wiring == "paper"
+    from policysearch.spec import EvaluatorSpec
+
+    assert EvaluatorSpec().wiring == "paper"
+
+
+@pytest.mark.parametrize("wiring", WIRINGS)
 @pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
 @pytest.mark.parametrize("method", ["ibert", "ivit", "fqvit"])
-def test_apply_policy_runs_close_to_float(make, method):
-    model, x = _calibrated(make)
+def test_apply_policy_runs_close_to_float(make, method, wiring):
+    model, x = _calibrated(make, wiring=wiring)
     with torch.no_grad(), ps.float_mode(model):
         ref = model(x)
     sites = ps.find_sites(model)
@@ -111,8 +125,9 @@ def test_apply_policy_runs_close_to_float(make, method):
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
 
 
-def test_quantization_error_shrinks_with_bits():
-    model, x = _calibrated(tiny_vit)
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_quantization_error_shrinks_with_bits(wiring):
+    model, x = _calibrated(tiny_vit, wiring=wiring)
     with torch.no_grad(), ps.float_mode(model):
         ref = model(x)
     sites = ps.find_sites(model)
@@ -124,17 +139,20 @@ def test_quantization_error_shrinks_with_bits():
     assert errs[8] < errs[6] < errs[4]
 
 
-def test_uncalibrated_model_runs_dynamically():
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_uncalibrated_model_runs_dynamically(wiring):
     torch.manual_seed(0)
-    model = tiny_swin()
+    model = ps.prepare(tiny_swin(), wiring=wiring)
     sites = ps.find_sites(model)
     ps.apply_policy(model, Policy.uniform(sites, "ivit"))
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(2, 3, 32, 32))).all()
 
 
-def test_qat_gradients_flow():
-    model, x = _calibrated(tiny_vit)
+@pytest.mark.parametrize("wiring", WIRINGS)
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_qat_gradients_flow(make, wiring):
+    model, x = _calibrated(make, wiring=wiring)
     ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ivit"))
     model.train()
     loss = model(x).logsumexp(-1).mean()
@@ -144,10 +162,11 @@ def test_qat_gradients_flow():
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_deepcopy_of_a_prepared_model_runs_on_its_own_modules():
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_deepcopy_of_a_prepared_model_runs_on_its_own_modules(wiring):
     import copy
 
-    model, x = _calibrated(tiny_vit)
+    model, x = _calibrated(tiny_vit, wiring=wiring)
     ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ibert"))
     clone = copy.deepcopy(model)
     with torch.no_grad():
@@ -155,4 +174,8 @@ def test_deepcopy_of_a_prepared_model_runs_on_its_own_modules():
         clone.blocks[0].mlp.fc1.weight.mul_(2)  # the clone's GELU must follow the clone's fc1
         assert not torch.allclose(clone(x), model(x))
     site = clone.blocks[0].mlp.act
-    assert site._producer[0] is clone.blocks[0].mlp.fc1
+    if wiring == "native":  # the GELU reads its fc1's accumulator scale
+        assert site._producer[0] is clone.blocks[0].mlp.fc1
+    else:  # the paper forward and the site's input quantizer are the clone's own
+        assert clone.forward.__self__ is clone
+        assert site._input_act[0] is clone.blocks[0].mlp.gelu_act

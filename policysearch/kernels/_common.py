@@ -4,11 +4,25 @@ Conventions of every official reference, kept here: integers are simulated in fl
 ``x_int = x / scale`` is *not* rounded, "floor" is ``torch.floor`` and "round" ``torch.round``
 (half to even), and float32 intermediates are kept where the references have them (so
 ``2**31 - 1`` becomes ``2**31`` when it meets a float32 tensor).
+
+Gradients (QAT). The forward pass is always the integer computation, value for value, with or
+without autograd. What flows backward is chosen by :func:`ste_gradients` (default ``"float"``):
+
+* ``"float"``: the gradient of the float operator the kernel replaces (softmax, GELU, LayerNorm)
+  evaluated at the kernel's input: a smooth surrogate.
+* ``"reference"``: as I-BERT's and I-ViT's QAT code computes it: the gradient of the integer
+  computation itself, with every floor and round passed straight through (``floor_ste`` /
+  ``round_ste``: identity backward), the scales and integer constants held fixed (they come from
+  ``torch.no_grad`` blocks or from running ranges there). FQ-ViT has no training code; its
+  operators get the same rule. Each kernel builds this graph next to its integer pass (which
+  stays the forward value); deviations from the references' graphs are listed per kernel.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +32,9 @@ from torch import nn
 from policysearch.methods import MethodSpec, get_method
 from policysearch.registry import Registry
 
-__all__ = ["KERNELS", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "exp2_int", "i_exp_poly", "register_kernel",
-           "shift_exp", "with_ste"]
+__all__ = ["KERNELS", "STE_MODES", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "current_ste", "exp2_int",
+           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "register_kernel", "round_ste", "shift_exp", "shift_exp_ste",
+           "ste_gradients", "value_with_grad_of", "with_ste"]
 
 #: ``factory(*, bits, norm) -> nn.Module``: ``bits`` is the output bit width (the catalogue's
 #: default filled in; ``None`` for a method without one), ``norm`` the replaced ``nn.LayerNorm``.
@@ -70,12 +85,92 @@ def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return s.reshape(()) if s.numel() == 1 else s.reshape(-1)
 
 
-def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Integer result forward, gradient of the float operator backward (for QAT)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+#: how gradients pass the integer kernels in QAT (module docstring)
+STE_MODES = ("float", "reference")
+_STE_MODE: contextvars.ContextVar[str] = contextvars.ContextVar("policysearch_ste_mode", default="float")
+
+
+def current_ste() -> str:
+    """The gradient rule the kernels use now: ``"float"`` (default) or ``"reference"``."""
+    return _STE_MODE.get()
+
+
+@contextlib.contextmanager
+def ste_gradients(mode: str) -> Iterator[None]:
+    """Within the block, kernels pass gradients by ``mode`` (see :data:`STE_MODES`); forward
+    values never change. The mode is read when the forward pass runs."""
+    if mode not in STE_MODES:
+        raise ValueError(f"unknown STE mode {mode!r}; valid: {', '.join(STE_MODES)}")
+    token = _STE_MODE.set(mode)
+    try:
+        yield
+    finally:
+        _STE_MODE.reset(token)
+
+
+class _FloorSTE(torch.autograd.Function):
+    """``floor`` forward, identity backward (I-BERT / I-ViT ``floor_ste``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round`` (half to even) forward, identity backward (I-BERT / I-ViT ``round_ste``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+class _ValueWithGradOf(torch.autograd.Function):
+    """Forward: ``value`` exactly (no float re-association); backward: into ``surrogate``."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # noqa: ANN001
+        return None, grad
+
+
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    return _FloorSTE.apply(x)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return _RoundSTE.apply(x)
+
+
+def value_with_grad_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value`` (a tensor computed without autograd) whose gradient flows into ``surrogate``."""
+    return _ValueWithGradOf.apply(value, surrogate)
+
+
+def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.Tensor],
+             y_reference: Callable[[], torch.Tensor] | None = None, *,
+             params: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """The integer result ``y_int`` forward (exactly); backward, by :func:`current_ste`: the
+    gradient of ``y_float()`` (the float operator) or of ``y_reference()`` (the integer
+    computation with straight-through floors and rounds, built with autograd on). Nothing is
+    built unless ``x`` or one of ``params`` (a LayerNorm's weight and bias) needs a gradient."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         return y_int
-    yf = y_float()
-    return yf + (y_int - yf).detach()
+    graph = y_reference if (y_reference is not None and current_ste() == "reference") else y_float
+    surrogate = graph()
+    if not surrogate.requires_grad:
+        return y_int
+    return value_with_grad_of(y_int, surrogate)
 
 
 def exp2_int(k: torch.Tensor) -> torch.Tensor:
@@ -130,6 +225,34 @@ def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = F
     return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n)))), min=0), s / 2**n
 
 
+def i_exp_poly_ste(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`i_exp_poly` as I-BERT's autograd graph (``int_exp`` with ``floor_ste``): ``exp_int``.
+
+    ``s`` carries no gradient (the reference computes the constants under ``torch.no_grad``)."""
+    a, b, c = IEXP_COEF
+    s = s.detach()
+    x0_int = torch.floor(IEXP_X0 / s)
+    x_int = torch.maximum(x_int, IEXP_N * x0_int)
+    q = floor_ste(x_int / x0_int)
+    r = x_int - x0_int * q
+    z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
+    return torch.clamp(floor_ste(z * torch.pow(2.0, IEXP_N - q)), min=0)
+
+
+def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
+    """:func:`shift_exp` as I-ViT's autograd graph (``int_exp_shift`` with ``floor_ste``): ``exp_int``.
+
+    One guard the reference lacks: the exponent ``n - q`` is capped at 127 (where the integer pass
+    saturates to ``inf`` the gradient is then 0, not NaN)."""
+    s = s.detach()
+    t = x_int + floor_ste(x_int / 2) - floor_ste(x_int / 16)
+    x0_int = torch.floor(-1.0 / s)
+    t = torch.maximum(t, n * x0_int)
+    q = floor_ste(t / x0_int)
+    exp_int = (t - x0_int * q) / 2 - x0_int
+    return torch.clamp(floor_ste(exp_int * torch.pow(2.0, torch.clamp(n - q, max=127.0))), min=0)
+
+
 class IntSqrtLayerNorm(nn.Module):
     """The LayerNorm shared by I-BERT and I-ViT; they differ in the integer std and numerator.
 
@@ -146,6 +269,30 @@ class IntSqrtLayerNorm(nn.Module):
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
+        """:meth:`std_int` as the reference's autograd graph (straight-through floors)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _base(x: torch.Tensor) -> torch.Tensor:
+        # a float32 tensor, as the reference's dim_sqrt / 2^30: on CUDA, dividing by a Python
+        # float multiplies by its reciprocal, which moves bias_int by a few units
+        return torch.full((), math.sqrt(x.shape[-1]) / 2**30, dtype=torch.float32, device=x.device)
+
+    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The reference's QAT graph (I-BERT / I-ViT ``IntLayerNorm.forward``): the output scale
+        ``sqrt(C) / 2^30 * weight`` carries the weight's gradient. One deviation: the reference
+        computes ``bias_int`` from ``bias.data`` (its LayerNorm biases never train); here
+        ``bias_int`` passes the bias's gradient straight through, which makes it the float one."""
+        weight, bias = self.norm.weight, self.norm.bias
+        x_int = x / s.detach()
+        y_int = x_int - round_ste(x_int.mean(dim=-1, keepdim=True))
+        factor = floor_ste(self.NUMERATOR / self.std_int_ste(y_int))
+        y_int = floor_ste(y_int * factor / 2)
+        base = self._base(x)
+        y_int = y_int + floor_ste((bias / weight.detach()) / base)
+        return y_int * (base * weight)
+
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
         weight, bias = self.norm.weight, self.norm.bias
@@ -154,11 +301,10 @@ class IntSqrtLayerNorm(nn.Module):
             y_int = x_int - torch.round(x_int.mean(dim=-1, keepdim=True))
             factor = torch.floor(self.NUMERATOR / self.std_int(y_int))
             y_int = torch.floor(y_int * factor / 2)
-            # a float32 tensor, as the reference's dim_sqrt / 2^30: on CUDA, dividing by a Python
-            # float multiplies by its reciprocal, which moves bias_int by a few units
-            base = torch.full((), math.sqrt(x.shape[-1]) / 2**30, dtype=torch.float32, device=x.device)
+            base = self._base(x)
             y_int = y_int + torch.floor((bias.detach() / weight.detach()) / base)
             out_scale = base * weight.detach()
         n = self.norm
         return with_ste(x, y_int * out_scale,
-                        lambda: F.layer_norm(x, n.normalized_shape, weight, bias, n.eps)), out_scale
+                        lambda: F.layer_norm(x, n.normalized_shape, weight, bias, n.eps),
+                        lambda: self._reference_graph(x, s), params=(weight, bias)), out_scale

@@ -28,6 +28,15 @@ Deviations, each tested:
   NaN in the reference, FQ-ViT #31) outputs the bias quantized to ``out_scale``, as a float
   LayerNorm with any eps gives. ``in_scale_expand`` (Swin PatchMerging) is the caller's job: pass
   the tiled (C,) scale. ``out_scale`` may be () / (1,) / (C,), as the reference's reshape allows.
+
+Gradients with ``ste_gradients("reference")`` (``_common``): FQ-ViT is post-training only (no
+QAT code), so its operators get the rule of I-BERT's and I-ViT's: the integer computation's own
+graph with every round and floor straight through, scales fixed. Softmax: i-exp as I-BERT's graph,
+``round_ste`` on ``sum / exp``, and the log2 code passes the gradient of ``log2(ratio)`` (the
+``log_round`` of a value, like a rounding), so ``2^-code`` differentiates as ``exp / sum``.
+LayerNorm: the per-token ``mean`` / ``std`` (float in the reference) carry gradient, the 8-bit
+``M`` of ``get_MN`` passes that of ``|A| * 2^N`` (a floor), ``N`` and the sign are held fixed; the
+weight reaches the output through ``A`` and ``B``, the bias through ``B``.
 """
 from __future__ import annotations
 
@@ -35,7 +44,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import as_scale, exp2_int, i_exp_poly, register_kernel, with_ste
+from policysearch.kernels._common import (
+    as_scale,
+    exp2_int,
+    i_exp_poly,
+    i_exp_poly_ste,
+    register_kernel,
+    round_ste,
+    value_with_grad_of,
+    with_ste,
+)
 
 __all__ = ["FQViTLayerNorm", "FQViTSoftmax", "log2_codes"]
 
@@ -82,7 +100,23 @@ class FQViTSoftmax(nn.Module):
             qlog = torch.clamp(code, 0, top)
             q_out = exp2_int(top - qlog).masked_fill_(mask, 0.0)
             out_scale = torch.tensor(2.0**-top, device=x.device)
-        return with_ste(x, q_out * out_scale, lambda: x.softmax(-1)), out_scale
+        return with_ste(x, q_out * out_scale, lambda: x.softmax(-1),
+                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+
+    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer computation with straight-through roundings (module docstring)."""
+        top = 2**self.bits - 1
+        x_int = x / s
+        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
+        exp_int = i_exp_poly_ste(x_int, s)
+        zero = (exp_int == 0).detach()
+        ratio = round_ste(exp_int.sum(dim=-1, keepdim=True) / torch.where(zero, torch.ones_like(exp_int), exp_int))
+        ratio = torch.clamp(ratio, min=1.0)  # >= 1 in value; keeps log2 finite on masked entries
+        with torch.no_grad():
+            code_int = log_round(ratio)
+            mask = zero | (code_int >= 2**self.bits)
+        code = torch.clamp(value_with_grad_of(code_int, torch.log2(ratio)), 0, top)
+        return torch.pow(2.0, top - code).masked_fill(mask, 0.0) * out_scale
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +163,30 @@ class FQViTLayerNorm(nn.Module):
             b = torch.round_((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
             out_int = torch.round_((a.sign() * m * x_q + b) / p2n)
             out_int = torch.where(flat.unsqueeze(-1), torch.round(bias / out_scale).expand_as(out_int), out_int)
-        return with_ste(x, out_int * out_scale, lambda: self._float(x)), out_scale
+        return with_ste(x, out_int * out_scale, lambda: self._float(x),
+                        lambda: self._reference_graph(x, in_scale, out_scale),
+                        params=(self.norm.weight, self.norm.bias)), out_scale
+
+    def _reference_graph(self, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``QIntLayerNorm`` ``'int'`` mode with straight-through roundings (module docstring)."""
+        weight, bias = self.norm.weight, self.norm.bias
+        in_scale, out_scale = in_scale.detach(), out_scale.detach()
+        channels = x.shape[-1]
+        s1 = in_scale.min()
+        x_q = round_ste(x / in_scale) * torch.round(in_scale / s1)
+        mean = x_q.mean(dim=-1) * s1
+        spread = channels * (x_q**2).sum(dim=-1) - x_q.sum(dim=-1) ** 2  # an integer, >= C - 1 unless flat
+        flat = ~(spread.detach() > 0)
+        std = torch.where(flat, torch.ones_like(spread), (s1 / channels) * torch.sqrt(torch.clamp(spread, min=1.0)))
+        a = (s1 / std).unsqueeze(-1) * weight / out_scale
+        with torch.no_grad():
+            m, n = get_mn(a.detach().abs())
+            p2n = exp2_int(n)
+        m = value_with_grad_of(m, a.abs() * p2n)
+        b = round_ste((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
+        out_int = round_ste((a.detach().sign() * m * x_q + b) / p2n)
+        out_int = torch.where(flat.unsqueeze(-1), round_ste(bias / out_scale).expand_as(out_int), out_int)
+        return out_int * out_scale
 
 
 register_kernel("softmax", "fqvit", lambda bits, **_: FQViTSoftmax(bits))

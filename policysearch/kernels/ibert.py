@@ -36,6 +36,13 @@ Deviations, each tested:
   reference.
   ``dim_sqrt`` is computed per call from the last dim (the reference caches it and needs 3-D input);
   any rank works, reduced over the last dim.
+
+Gradients with ``ste_gradients("reference")`` (``_common``): the graphs of ``IntSoftmax``,
+``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``, on this module's
+integers (so with the deviations above: the coarsened grid, this call's 16-bit range). The 16-bit
+requantisation passes ``1 / act_sf`` backward, as the reference's ``fixedpoint_mul`` does. Guards
+the reference lacks: the LayerNorm's ``sqrt`` sees ``var_int >= 1`` (a constant row has no
+infinite gradient); the LayerNorm bias gets its gradient (see ``IntSqrtLayerNorm``).
 """
 from __future__ import annotations
 
@@ -47,8 +54,11 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     exp2_int,
+    floor_ste,
     i_exp_poly,
+    i_exp_poly_ste,
     register_kernel,
+    round_ste,
     with_ste,
 )
 
@@ -88,6 +98,20 @@ class IBertSoftmax(nn.Module):
         out = torch.clamp(out, -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1).float()
         return (out * act_sf) / act_sf
 
+    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``IntSoftmax.forward``'s autograd graph (straight-through floors and rounds)."""
+        x_int = x / s
+        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
+        with torch.no_grad():
+            k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
+        x_int = torch.where(k > 0, floor_ste(x_int * exp2_int(-k)), x_int)
+        exp_int = i_exp_poly_ste(x_int, s * exp2_int(k))
+        with torch.no_grad():  # this call's QuantAct(16) range (module docstring)
+            act_sf = torch.clamp(exp_int.detach().abs().max(), min=1e-8) / (2 ** (_EXP_BITS - 1) - 1)
+        exp_int = torch.clamp(round_ste(exp_int / act_sf), -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1)
+        factor = floor_ste(2**32 / exp_int.sum(dim=-1, keepdim=True))
+        return floor_ste(exp_int * factor / 2 ** (32 - self.output_bit)) * out_scale
+
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
         with torch.no_grad():
@@ -101,7 +125,8 @@ class IBertSoftmax(nn.Module):
             factor = torch.floor(2**32 / total)
             out_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
             out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
-        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1)), out_scale
+        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1),
+                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
 
 
 class IBertGELU(nn.Module):
@@ -119,6 +144,19 @@ class IBertGELU(nn.Module):
         scale = s**2 * a
         return torch.floor(y_int / 2**self.N), scale * 2**self.N
 
+    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``IntGELU.forward``'s autograd graph: ``sign``, ``b_int``, ``c_int`` and ``shift_int``
+        held fixed, ``floor_ste`` on the 2^14 shift."""
+        a, b, c = self.COEF
+        s_e = s / self.K
+        x_int = x / s
+        b_int = torch.floor(b / s_e)
+        y_int = torch.sign(x_int.detach()) * ((torch.minimum(x_int.abs(), -b_int) + b_int) ** 2
+                                              + torch.floor((c / a) / s_e**2))
+        sig_scale = s_e**2 * a * 2**self.N
+        y_int = floor_ste(y_int / 2**self.N)
+        return x_int * (y_int + torch.floor(1.0 / sig_scale)) * (s * sig_scale / 2)
+
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
         with torch.no_grad():
@@ -128,7 +166,7 @@ class IBertGELU(nn.Module):
             out_int = x_int * (sig_int + shift_int)
             out_scale = s * sig_scale / 2  # negative, as in the reference
             y = out_int * out_scale
-        return with_ste(x, y, lambda: F.gelu(x)), out_scale.abs()
+        return with_ste(x, y, lambda: F.gelu(x), lambda: self._reference_graph(x, s.detach())), out_scale.abs()
 
 
 class IBertLayerNorm(IntSqrtLayerNorm):
@@ -148,6 +186,12 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         shift = self._shift(y_int)
         var_int = (torch.floor(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
         return torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
+
+    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            shift = self._shift(y_int.detach())
+        var_int = (floor_ste(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
+        return floor_ste(torch.sqrt(torch.clamp(var_int, min=1.0))) * 2**shift
 
 
 register_kernel("softmax", "ibert", lambda bits, **_: IBertSoftmax(bits))

@@ -21,6 +21,12 @@ Deviations, each tested:
 Not a deviation: at fine input scales a very negative GELU row makes ``2^(n - q)`` overflow to
 ``inf`` in the reference (its output is then 0 or garbage); the same ``inf`` is reproduced here.
 GELU ``bits`` is the sigmoid's ``output_bit`` (8 only, the reference's default and wiring).
+
+Gradients with ``ste_gradients("reference")`` (``_common``): the graphs of the reference's
+``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``
+(``shift_exp_ste``; the LayerNorm's Newton steps pass straight through). Deviations: the exponent
+``n - q`` is capped at 127 in the graph (no NaN gradient where the integers saturate to ``inf``),
+and the LayerNorm bias gets its gradient (``IntSqrtLayerNorm``).
 """
 from __future__ import annotations
 
@@ -28,7 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import IntSqrtLayerNorm, as_scale, register_kernel, shift_exp, with_ste
+from policysearch.kernels._common import (
+    IntSqrtLayerNorm,
+    as_scale,
+    floor_ste,
+    register_kernel,
+    shift_exp,
+    shift_exp_ste,
+    with_ste,
+)
 
 __all__ = ["IViTGELU", "IViTLayerNorm", "IViTSoftmax"]
 
@@ -53,7 +67,17 @@ class IViTSoftmax(nn.Module):
             factor = torch.floor(_NUMERATOR / total)
             out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
             out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
-        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1)), out_scale
+        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1),
+                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+
+    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``IntSoftmax.forward``'s autograd graph (straight-through floors)."""
+        x_int = x / s
+        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
+        exp_int = shift_exp_ste(x_int, s, self.N)
+        total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
+        factor = floor_ste(_NUMERATOR / total)
+        return floor_ste(exp_int * factor / 2 ** (32 - self.output_bit)) * out_scale
 
 
 class IViTGELU(nn.Module):
@@ -77,7 +101,20 @@ class IViTGELU(nn.Module):
             sig_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
             out_scale = s / 2 ** (self.output_bit - 1)
             y = sig_int.mul_(pre_x_int).mul_(out_scale)
-        return with_ste(x, y, lambda: F.gelu(x)), out_scale
+        return with_ste(x, y, lambda: F.gelu(x), lambda: self._reference_graph(x, s.detach())), out_scale
+
+    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``IntGELU.forward``'s autograd graph (straight-through floors; the row maximum and
+        ``e^(-x_max)`` carry gradient as there)."""
+        pre_x_int = x / s
+        s_sig = s * self.SIGMOID_K
+        x_max = pre_x_int.max(dim=-1, keepdim=True).values
+        exp_int = shift_exp_ste(pre_x_int - x_max, s_sig, self.N)
+        exp_max = shift_exp_ste(-x_max, s_sig, self.N)
+        total = torch.clamp(exp_int + exp_max, max=_NUMERATOR)
+        factor = floor_ste(_NUMERATOR / total)
+        sig_int = floor_ste(exp_int * factor / 2 ** (32 - self.output_bit))
+        return pre_x_int * sig_int * (s / 2 ** (self.output_bit - 1))
 
 
 class IViTLayerNorm(IntSqrtLayerNorm):
@@ -94,6 +131,13 @@ class IViTLayerNorm(IntSqrtLayerNorm):
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         return self.newton_sqrt((y_int**2).sum(dim=-1, keepdim=True))
+
+    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
+        var_int = (y_int**2).sum(dim=-1, keepdim=True)
+        k = torch.full_like(var_int, 2.0**16)
+        for _ in range(self.ITERATIONS):
+            k = floor_ste((k + floor_ste(var_int / k)) / 2)
+        return k
 
 
 register_kernel("softmax", "ivit", lambda bits, **_: IViTSoftmax(bits))

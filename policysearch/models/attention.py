@@ -1,10 +1,23 @@
 """Quantized attention for timm's ``Attention`` (ViT/DeiT) and ``WindowAttention`` (Swin).
 
-The softmax is explicit (fused attention would hide it): ``q``, ``k``, ``v`` are quantized per
+``native`` wiring (:class:`QuantAttention`, :class:`QuantWindowAttention`): the softmax is explicit (fused attention would hide it): ``q``, ``k``, ``v`` are quantized per
 tensor, ``q·kᵀ`` is the integer accumulator with scale ``s_q·s_k·d^-½``, the softmax site runs its
 method on it, ``attn·v`` uses the softmax's own output grid, and the projection's input is
 requantized dyadically from the ``attn·v`` accumulator (HAWQ-V3 / I-ViT). In float mode the
 module computes exactly what the timm module computes.
+
+``paper`` wiring (:class:`PaperAttention`, :class:`PaperWindowAttention`), I-ViT's
+``vit_quant.Attention`` / ``swin_quant.WindowAttention``: ``forward(x, scale[, mask]) -> (y, s)``
+with ``x`` on the grid ``scale``. ``qkv`` (integer accumulator) -> ONE 8-bit quantizer on the qkv
+output (``qkv_act``, I-ViT's ``qact1``: q, k and v share its scale) -> ``q_int·k_intᵀ`` with scale
+``s_qkv²·d^-½`` -> 8-bit ``attn_act`` (``qact_attn1``) -> [Swin: ``+`` the relative-position bias
+table quantized to 8 bits (``table_act``, ``qact_table``), both requantized and added on the
+8-bit grid of ``bias_act`` (``qact2``)] -> the softmax site (Swin: the -100 mask added inside it)
+-> ``p_int·v_int`` on the softmax's output grid times ``s_qkv`` -> 8-bit ``av_act``
+(``qact2`` / ``qact3``) -> ``proj`` -> 16-bit ``proj_act`` (``qact3`` / ``qact4``). The site's
+input quantizer (``attn_act`` in ViT, ``bias_act`` in Swin) runs at the site's ``Choice.bits``
+(else ``act_bits``). Matmuls run on the integers (exact in float32 at these widths) without
+autograd, on the dequantized tensors with it. Disabled, every step is the float timm computation.
 """
 from __future__ import annotations
 
@@ -12,9 +25,9 @@ import torch
 from torch import nn
 
 from policysearch.models.site import QuantSite
-from policysearch.quant import QuantAct, QuantLinear
+from policysearch.quant import IntAct, IntLinear, QuantAct, QuantLinear
 
-__all__ = ["QuantAttention", "QuantWindowAttention"]
+__all__ = ["PaperAttention", "PaperWindowAttention", "QuantAttention", "QuantWindowAttention"]
 
 
 class _AttnBase(nn.Module):
@@ -107,3 +120,101 @@ class QuantWindowAttention(_AttnBase):
             full_mask = full_mask.reshape(-1, self.num_heads, N, N)
         out, s_v = self._attend(x, self._rel_bias(), full_mask)
         return self._project(out, s_v)
+
+
+def _ints(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.div(x, scale).round_()
+
+
+class _PaperAttnBase(nn.Module):
+    def __init__(self, src: nn.Module, site: QuantSite, observer: str) -> None:
+        super().__init__()
+        self.num_heads = src.num_heads
+        self.scale = src.scale
+        self.qkv = IntLinear(src.qkv, observer)
+        self.qkv_act = IntAct(observer)
+        self.attn_act = IntAct(observer)
+        self.softmax = site
+        self.av_act = IntAct(observer)
+        self.proj = IntLinear(src.proj, observer)
+        self.proj_act = IntAct(observer, bits=16, role="residual")
+        self.attn_drop = src.attn_drop
+        self.proj_drop = src.proj_drop
+        self.enabled = False
+        site._input_act = [self.attn_act]
+        self.qkv_act.keep_ints = True  # the matmuls work on its integers
+        self.av_act.keep_ints, self.proj.source = True, [self.av_act]
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, s: torch.Tensor | None,
+                qkv_int: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if qkv_int is not None:
+            qi, ki, _ = qkv_int.unbind(0)
+            acc_scale = s * s * self.scale
+            return (qi @ ki.transpose(-2, -1)).mul_(acc_scale), acc_scale
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        return attn, (s * s * self.scale) if s is not None else None
+
+    def _attend(self, x: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None,
+                bias: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N, _ = x.shape
+        y, s_acc = self.qkv(x, scale)
+        y, s = self.qkv_act(y, s_acc)
+        integer = s is not None and not (torch.is_grad_enabled() and y.requires_grad)
+        qkv = y.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        qkv_int = None
+        if integer:
+            qkv_int = self.qkv_act.ints_of(y, s).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attn, s_attn = self._logits(q, k, s, qkv_int)
+        attn, s_attn = self.attn_act(attn, s_attn)
+        if bias is not None:
+            attn, s_attn = self.bias_act(attn, s_attn, bias[0], bias[1])
+        p, s_p = self.softmax(attn, s_attn, mask)
+        p = self.attn_drop(p)
+        s_out = s_p * s if (s_p is not None and s is not None) else None
+        if integer and s_p is not None:
+            out = (_ints(p, s_p) @ qkv_int[2]).mul_(s_out)
+        else:
+            out = p @ v
+        out = out.transpose(1, 2).reshape(B, N, -1)
+        out, s_out = self.av_act(out, s_out)
+        y, s_y = self.proj(out, s_out)
+        y, s_y = self.proj_act(y, s_y)
+        return self.proj_drop(y), s_y
+
+
+class PaperAttention(_PaperAttnBase):
+    """``timm.layers.Attention`` in the ``paper`` wiring (no qk-norm, no scale-norm, no gate)."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._attend(x, scale, None, None)
+
+
+class PaperWindowAttention(_PaperAttnBase):
+    """``timm.models.swin_transformer.WindowAttention`` in the ``paper`` wiring."""
+
+    def __init__(self, src: nn.Module, site: QuantSite, observer: str) -> None:
+        super().__init__(src, site, observer)
+        self.window_area = src.window_area
+        self.relative_position_bias_table = src.relative_position_bias_table
+        self.register_buffer("relative_position_index", src.relative_position_index, persistent=False)
+        self.table_act = IntAct(observer)
+        self.bias_act = IntAct(observer)
+        site._input_act = [self.bias_act]
+
+    def _rel_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        table, s_t = self.table_act(self.relative_position_bias_table)
+        n = self.window_area
+        b = table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return b.permute(2, 0, 1).contiguous().unsqueeze(0), s_t
+
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B_, N, _ = x.shape
+        full_mask = None
+        if mask is not None:
+            num_win = mask.shape[0]
+            full_mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
+            full_mask = full_mask.reshape(-1, self.num_heads, N, N)
+        return self._attend(x, scale, full_mask, self._rel_bias())

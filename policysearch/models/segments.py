@@ -3,6 +3,11 @@
 The evaluator caches each segment's input for a policy; a policy that first differs at a site in
 segment ``k`` restarts from segment ``k``'s cached input instead of recomputing the whole forward.
 A segment's output may depend only on the sites inside it and on the model-wide bit widths.
+
+``native`` wiring: segments call timm's modules and pass tensors. ``paper`` wiring: they pass the
+pipeline's ``(x, scale)`` pair (the stem takes the image, the head returns the logits), and the
+paper-wired model's ``forward`` is exactly this chain, so a restart from a cached input computes
+what a full forward computes.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ class Segment:
 
 def segments(model: nn.Module) -> list[Segment]:
     family = model_family(model)
+    info = getattr(model, "_policysearch", None)
+    if getattr(info, "wiring", None) == "paper" or hasattr(model, "paper_head"):
+        return _paper_vit(model) if family == "vit" else _paper_swin(model)
     return _vit(model) if family == "vit" else _swin(model)
 
 
@@ -96,3 +104,27 @@ def _swin(m: nn.Module) -> list[Segment]:
         for k, block in enumerate(stage.blocks):
             out += _swin_block(f"layers.{j}.blocks.{k}", block)
     return [*out, _head(m)]
+
+
+def _paper_halves(name: str, block: nn.Module) -> list[Segment]:
+    return _halves(name, block, block.attn_half, block.mlp_half)
+
+
+def _paper_vit(m: nn.Module) -> list[Segment]:
+    stem = Segment(name="stem", prefixes=("patch_embed", "norm_pre"), fn=lambda img: m.paper_stem.run(m, img))
+    blocks = [seg for i, b in enumerate(m.blocks) for seg in _paper_halves(f"blocks.{i}", b)]
+    head = Segment(name="head", prefixes=("norm", "fc_norm", "head", "head_dist"),
+                   fn=lambda carry: m.paper_head.run_vit(m, carry))
+    return [stem, *blocks, head]
+
+
+def _paper_swin(m: nn.Module) -> list[Segment]:
+    out = [Segment(name="stem", prefixes=("patch_embed",), fn=m.patch_embed)]
+    for j, stage in enumerate(m.layers):
+        if not isinstance(stage.downsample, nn.Identity):
+            name = f"layers.{j}.downsample"
+            out.append(Segment(name=name, prefixes=(name,), fn=stage.downsample))
+        for k, block in enumerate(stage.blocks):
+            out += _paper_halves(f"layers.{j}.blocks.{k}", block)
+    head = Segment(name="head", prefixes=("norm", "head"), fn=lambda carry: m.paper_head.run_swin(m, carry))
+    return [*out, head]

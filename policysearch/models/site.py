@@ -7,24 +7,38 @@ import torch
 from torch import nn
 
 from policysearch import kernels
-from policysearch.models.precision import input_precision, softmax_output_bits
+from policysearch.models.precision import expects, input_precision, softmax_output_bits, widen_to_accumulator
 from policysearch.policy import Choice
-from policysearch.quant import PTFQuant, QuantAct, symmetric_scale
+from policysearch.quant import IntAct, PTFQuant, QuantAct, symmetric_scale
 from policysearch.quant.observers import create_observer
 
 __all__ = ["QuantSite", "Recorder"]
 
-#: ``recorder(site_name, kernel_input, output)``: sees what the kernel got and gave (dequantized).
-Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
+#: ``recorder(site_name, site_input, output, valid)``: what the site was handed and what it gave
+#: (dequantized); ``valid`` is None or a boolean tensor broadcasting to the input (False: a masked
+#: attention entry, to leave out of any comparison). See ``wiring.record_sites``.
+Recorder = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
 
 
 class QuantSite(nn.Module):
     """A non-linear site. In float mode it is exactly the original operator.
 
-    ``forward(x, scale=None, mask=None)``: ``x`` is the dequantized input as the model produces it
-    (for softmax the ``q·kᵀ`` accumulator, with its ``scale``; for GELU the fc1 accumulator, whose
-    scale is that of the producing ``QuantLinear``, ``producer``). ``mask`` (Swin's shifted-window mask) is added after input
-    quantization, as the references do.
+    ``native`` wiring: ``forward(x, scale=None, mask=None) -> y``. ``x`` is the dequantized input as
+    the model produces it (for softmax the ``q·kᵀ`` accumulator, with its ``scale``; for GELU the
+    fc1 accumulator, whose scale is that of the producing ``QuantLinear``, ``producer``); the site
+    quantizes it as its method's reference does (``precision.input_precision``). The recorder sees
+    the kernel's input.
+
+    ``paper`` wiring: ``forward(x, scale, mask=None) -> (y, out_scale)``. ``x`` is the tensor the
+    integer pipeline hands over (on the grid ``scale``), the same for every method; the method's
+    own conversion (``precision``: a finer power-of-two grid for I-BERT's accumulator form, FQ-ViT's
+    PTF quantization for its LayerNorm) happens here, inside the operator wrapper. The recorder sees
+    the handed tensor, before any conversion. With a ``Choice.bits`` a LayerNorm first requantizes
+    the handed tensor to that width (``in_act``), for this site only.
+
+    ``mask`` (Swin's shifted-window mask, 0 / -100) is added after input quantization, in float, as
+    the references do (I-ViT and FQ-ViT add it after their last QuantAct; every kernel clamps the
+    masked entries). It is passed to the recorder as ``valid = (mask == 0)``.
     """
 
     def __init__(
@@ -36,17 +50,23 @@ class QuantSite(nn.Module):
         family: str,
         observer: str = "minmax",
         producer: nn.Module | None = None,
+        wiring: str = "native",
     ) -> None:
         super().__init__()
         self.site_name = name
         self.kind = kind
         self.family = family
+        self.wiring = wiring
         self.float_op = float_op  # nn.GELU / nn.LayerNorm / None for softmax
         self.act = QuantAct(observer)
         self.ptf = PTFQuant(observer) if kind == "layernorm" else None
-        self.out_obs = create_observer(observer) if kind == "layernorm" else None
-        # kept in a list: not a submodule (no duplicate state), and deepcopy maps it to the copy
+        self.out_obs = create_observer(observer) if kind == "layernorm" and wiring == "native" else None
+        # paper LayerNorm: requantizes the handed tensor to Choice.bits when that is set
+        self.in_act = IntAct(observer, bits=16, role="site") if kind == "layernorm" and wiring == "paper" else None
+        # kept in lists: not submodules (no duplicate state), and deepcopy maps them to the copies
         self._producer = [producer] if producer is not None else []
+        self._input_act: list[IntAct] = []  # paper softmax/GELU: the quantizer handing the input
+        self._out_act: list[IntAct] = []  # paper LayerNorm: the quantizer after it (FQ-ViT's output grid)
         self.choice = Choice(method="fp32")
         self.act_bits = 8
         self.enabled = False
@@ -54,9 +74,10 @@ class QuantSite(nn.Module):
         self.recorder: Recorder | None = None
         self._kernels: dict[str, nn.Module] = {}
         self.last_out_scale: torch.Tensor | None = None  # grid of the last output (None: float)
+        self._widened: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
-        return f"{self.site_name!r}, kind={self.kind}, choice={self.choice}, enabled={self.enabled}"
+        return f"{self.site_name!r}, kind={self.kind}, choice={self.choice}, enabled={self.enabled}, wiring={self.wiring}"
 
     # -- float reference -----------------------------------------------------------------------
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +95,18 @@ class QuantSite(nn.Module):
             self._kernels[method] = k
         return k
 
+    def _record(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.recorder is not None:
+            self.recorder(self.site_name, x, y, None if mask is None else mask == 0)
+
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        if self.wiring == "paper":
+            return self._forward_paper(x, scale, mask)
+        return self._forward_native(x, scale, mask)
+
+    # -- native wiring -------------------------------------------------------------------------
     def _quant_input(
         self, x: torch.Tensor, scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,8 +125,8 @@ class QuantSite(nn.Module):
         # same integers except at exact ties, at several times the cost on these large tensors
         return self.act(x, prec.bits)
 
-    def forward(
-        self, x: torch.Tensor, scale: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    def _forward_native(
+        self, x: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         if self.calibrating:
             self.act.observer.update(x)
@@ -110,20 +143,62 @@ class QuantSite(nn.Module):
         else:
             xq, s = self._quant_input(x, scale)
             xin = xq if mask is None else xq + mask
-            y = self._run_kernel(xin, s)
-        if self.recorder is not None:
-            self.recorder(self.site_name, xin, y)
+            y = self._run_kernel(xin, s, self._native_out_scale() if self.choice.method == "fqvit" else None)
+        self._record(xin, y, mask)
         return y
 
-    def _run_kernel(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def _native_out_scale(self) -> torch.Tensor | None:
+        if self.out_obs is not None and self.out_obs.ready:
+            return symmetric_scale(self.out_obs.min_val, self.out_obs.max_val, self.act_bits)
+        return None
+
+    def _run_kernel(self, x: torch.Tensor, s: torch.Tensor, ln_out_scale: torch.Tensor | None) -> torch.Tensor:
         kern = self.kernel(self.choice.method)
         if self.kind == "layernorm" and self.choice.method == "fqvit":
-            out_scale = None
-            if self.out_obs is not None and self.out_obs.ready:
-                out_scale = symmetric_scale(self.out_obs.min_val, self.out_obs.max_val, self.act_bits)
-            y, out = kern(x, s, out_scale=out_scale)
+            y, out = kern(x, s, out_scale=ln_out_scale)
         else:
             y, out = kern(x, s)
         self.last_out_scale = out.detach() if isinstance(out, torch.Tensor) else None
         return y
 
+    # -- paper wiring --------------------------------------------------------------------------
+    def _forward_paper(
+        self, x: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.calibrating:
+            if self.ptf is not None:
+                self.ptf.observer.update(x)
+            if self.in_act is not None:
+                self.in_act.observer.update(x)
+            return self.float_forward(x if mask is None else x + mask), None
+        self.last_out_scale = None
+        if self.in_act is not None and self.enabled and self.choice.bits is not None:
+            x, scale = self.in_act(x, scale)
+        method = self.choice.method
+        if not self.enabled or method == "fp32":
+            y = self.float_forward(x if mask is None else x + mask)
+        else:
+            if scale is None:  # nothing quantized upstream (a wiring with quantizers switched off)
+                x, scale = self.act(x, 16)
+            xk, sk = self._convert(x, scale)
+            y = self._run_kernel(xk if mask is None else xk + mask, sk, self._paper_out_scale(x))
+        self._record(x, y, mask)
+        return y, self.last_out_scale
+
+    def _convert(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The method-specific form of the handed ``(x, scale)`` (``precision``, paper table)."""
+        source = expects(self.kind, self.choice.method)
+        if source == "accumulator":
+            cached = self._widened
+            if cached is None or cached[0] is not scale:  # the upstream's scale object is cached
+                cached = self._widened = (scale, widen_to_accumulator(scale))
+            return x, cached[1]
+        if source == "ptf":
+            return self.ptf(x, self.choice.bits if self.choice.bits is not None else self.act_bits)
+        return x, scale
+
+    def _paper_out_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """FQ-ViT's LayerNorm writes on the next quantizer's grid (its ``out_quantizer.scale``)."""
+        if self.kind == "layernorm" and self._out_act:
+            return self._out_act[0].static_scale(x.device)
+        return None

@@ -1,29 +1,47 @@
 """Find the non-linear sites of a timm ViT/DeiT/Swin and wire quantized modules in their place.
 
-``prepare(model)`` replaces, in place: every LayerNorm and GELU by a :class:`QuantSite`, every
-``Attention`` / ``WindowAttention`` by a quantized attention with an explicit softmax site, every
-other Linear and the patch-embedding Conv2d by quantized versions. Until a policy is applied the
-model computes exactly what it computed before. Site names are module paths, the softmax being
-``<attention path>.softmax``; their order is the order the forward pass reaches them.
+``prepare(model, wiring=...)`` replaces, in place: every LayerNorm and GELU by a
+:class:`QuantSite`, every ``Attention`` / ``WindowAttention`` by a quantized attention with an
+explicit softmax site, every other Linear and the patch-embedding Conv2d by quantized versions.
+Until a policy is applied the model computes exactly what it computed before. Site names are
+module paths, the softmax being ``<attention path>.softmax``; their order is the order the
+forward pass reaches them.
+
+Two wirings (DESIGN.md, "Contracts: Wiring"):
+
+* ``paper`` (default): every method inside one integer pipeline after I-ViT's reference ViT and
+  Swin (``policysearch.models.paper``): activation quantizers where I-ViT has them, a 16-bit
+  integer residual stream, dyadic requantization; at a site every method receives the same
+  quantized tensor. The blocks, patch embedding, patch merging and head are rebuilt around
+  ``(x, scale)`` pairs, and the model's ``forward`` runs them (an instance attribute).
+* ``native``: timm's own forward with quantized modules in place; each method is fed as its own
+  paper wires it (``policysearch.models.precision``), the residual stream stays float.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from policysearch.errors import PolicySearchError
-from policysearch.models.attention import QuantAttention, QuantWindowAttention
+from policysearch.models.attention import (
+    PaperAttention,
+    PaperWindowAttention,
+    QuantAttention,
+    QuantWindowAttention,
+)
+from policysearch.models.precision import expects
 from policysearch.models.site import QuantSite, Recorder
 from policysearch.policy import Policy, PolicyError
-from policysearch.quant import QuantConv2d, QuantLinear
+from policysearch.quant import IntAct, IntConv2d, IntLinear, QuantConv2d, QuantLinear
 from policysearch.spaces.site import Site
 
 __all__ = [
+    "WIRINGS",
     "UnsupportedModelError",
     "WiringInfo",
     "apply_policy",
@@ -49,7 +67,7 @@ class UnsupportedModelError(PolicySearchError, ValueError):
 class WiringInfo:
     family: str
     observer: str
-    wiring: str = "native"
+    wiring: str = "paper"
     sites: list[Site] = field(default_factory=list)
     calibrated: bool = False
     policy: Policy | None = None
@@ -99,7 +117,7 @@ def _check(model: nn.Module) -> None:
             attn_paths.append(path)
             if (p := _attention_problem(path, m)) is not None:
                 problems.append(p)
-        elif "Attention" in type(m).__name__ and not isinstance(m, (QuantAttention, QuantWindowAttention)):
+        elif "Attention" in type(m).__name__ and not isinstance(m, _ATTENTIONS):
             problems.append(f"{path} ({type(m).__name__})")
             attn_paths.append(path)
         elif isinstance(m, _UNSUPPORTED_NONLINEAR) or type(m).__name__ in ("RmsNorm", "SwiGLU", "GluMlp"):
@@ -121,25 +139,42 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 WIRINGS = ("paper", "native")
+_ATTENTIONS = (QuantAttention, QuantWindowAttention, PaperAttention, PaperWindowAttention)
 
 
-def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "native") -> nn.Module:
-    """Wire quantized modules into ``model`` in place (idempotent) and return it."""
+def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "paper") -> nn.Module:
+    """Wire quantized modules into ``model`` in place and return it.
+
+    ``wiring``: ``"paper"`` (default) or ``"native"`` (see the module docstring). Idempotent for the
+    same wiring; a model prepared with one wiring cannot be re-wired with the other.
+    """
+    from policysearch.errors import ConfigError
+
     if wiring not in WIRINGS:
-        from policysearch.errors import ConfigError
-
         raise ConfigError(f"unknown wiring {wiring!r}; valid: {', '.join(WIRINGS)}")
-    if wiring == "paper":
-        from policysearch.errors import ConfigError
-
-        raise ConfigError("the 'paper' wiring is not built yet in this version; use --wiring native")
-    if isinstance(getattr(model, "_policysearch", None), WiringInfo):
+    info = getattr(model, "_policysearch", None)
+    if isinstance(info, WiringInfo):
+        if info.wiring != wiring:
+            raise ConfigError(f"the model is already wired {info.wiring!r}; build a fresh model for the "
+                              f"{wiring!r} wiring")
         return model
+    family = model_family(model)
+    _check(model)
+    if wiring == "paper":
+        _prepare_paper(model, family, observer)
+    else:
+        _prepare_native(model, family, observer)
+    model._policysearch = WiringInfo(family=family, observer=observer, wiring=wiring)  # type: ignore[attr-defined]
+    model._policysearch.sites = _trace_sites(model)  # type: ignore[attr-defined]
+    if not model._policysearch.sites:  # type: ignore[attr-defined]
+        raise UnsupportedModelError(f"{type(model).__name__} has no Softmax, GELU or LayerNorm site")
+    return model
+
+
+def _prepare_native(model: nn.Module, family: str, observer: str) -> None:
     from timm.layers import Attention
     from timm.models.swin_transformer import WindowAttention
 
-    family = model_family(model)
-    _check(model)
     for path, m in list(model.named_modules()):
         if type(m) is Attention:
             _set(model, path, QuantAttention(m, _site(path + ".softmax", "softmax", None, family, observer), observer))
@@ -158,11 +193,103 @@ def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "native
             _set(model, path, QuantLinear(m, observer))
         elif isinstance(m, nn.Conv2d) and path.endswith("patch_embed.proj"):
             _set(model, path, QuantConv2d(m, observer))
-    model._policysearch = WiringInfo(family=family, observer=observer, wiring=wiring)  # type: ignore[attr-defined]
-    model._policysearch.sites = _trace_sites(model)  # type: ignore[attr-defined]
-    if not model._policysearch.sites:  # type: ignore[attr-defined]
-        raise UnsupportedModelError(f"{type(model).__name__} has no Softmax, GELU or LayerNorm site")
-    return model
+
+
+def _paper_problems(model: nn.Module, family: str) -> list[str]:
+    """What the ``paper`` wiring cannot rebuild (checked before anything is replaced)."""
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, SwinTransformerStage
+    from timm.models.vision_transformer import Block
+
+    problems = []
+    if not isinstance(getattr(model, "patch_embed", None), PatchEmbed):
+        problems.append(f"patch_embed ({type(getattr(model, 'patch_embed', None)).__name__})")
+    if family == "vit":
+        if getattr(model, "attn_pool", None) is not None:
+            problems.append("attn_pool (attention pooling)")
+        if getattr(model, "global_pool", "token") not in ("token", "avg", ""):
+            problems.append(f"global_pool={model.global_pool!r}")
+        if getattr(model, "dynamic_img_size", False):
+            problems.append("dynamic_img_size=True")
+        for i, b in enumerate(model.blocks):
+            if type(b) is not Block:
+                problems.append(f"blocks.{i} ({type(b).__name__})")
+        head_ok = (nn.Linear, nn.Identity)
+        for name in ("head", "head_dist"):
+            if hasattr(model, name) and not isinstance(getattr(model, name), head_ok):
+                problems.append(f"{name} ({type(getattr(model, name)).__name__})")
+    else:
+        for j, stage in enumerate(model.layers):
+            if type(stage) is not SwinTransformerStage:
+                problems.append(f"layers.{j} ({type(stage).__name__})")
+                continue
+            if not isinstance(stage.downsample, (nn.Identity, PatchMerging)):
+                problems.append(f"layers.{j}.downsample ({type(stage.downsample).__name__})")
+            for k, b in enumerate(stage.blocks):
+                if type(b) is not SwinTransformerBlock:
+                    problems.append(f"layers.{j}.blocks.{k} ({type(b).__name__})")
+        pool = getattr(getattr(model.head, "global_pool", None), "pool_type", None)
+        if pool not in ("avg",):
+            problems.append(f"head pooling {pool!r}")
+    for path, m in model.named_modules():
+        if isinstance(m, Mlp) and not isinstance(m.norm, nn.Identity):
+            problems.append(f"{path}.norm (an MLP with an inner norm)")
+    return problems
+
+
+def _prepare_paper(model: nn.Module, family: str, observer: str) -> None:
+    from timm.layers import Attention, Mlp
+    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
+    from timm.models.vision_transformer import Block
+
+    from policysearch.models import paper
+
+    problems = _paper_problems(model, family)
+    if problems:
+        raise UnsupportedModelError(
+            f"the 'paper' wiring cannot rebuild {type(model).__name__}: {', '.join(problems[:8])}; "
+            "use wiring='native' (--wiring native) for this model"
+        )
+
+    def site(name: str, kind: str, op: nn.Module | None) -> QuantSite:
+        return QuantSite(name, kind, op, family=family, observer=observer, wiring="paper")
+
+    for path, m in list(model.named_modules()):
+        if type(m) is Attention:
+            _set(model, path, PaperAttention(m, site(path + ".softmax", "softmax", None), observer))
+        elif type(m) is WindowAttention:
+            _set(model, path, PaperWindowAttention(m, site(path + ".softmax", "softmax", None), observer))
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.LayerNorm) and not _inside(model, path, QuantSite):
+            _set(model, path, site(path, "layernorm", m))
+        elif _is_gelu(m) and not _inside(model, path, QuantSite):
+            _set(model, path, site(path, "gelu", m))
+    rebuilt = ((Mlp, paper.PaperMlp), (Block, paper.PaperViTBlock), (SwinTransformerBlock, paper.PaperSwinBlock),
+               (PatchMerging, paper.PaperPatchMerging))
+    for cls, new in rebuilt:  # inner modules first: an MLP is rebuilt before its block
+        for path, m in list(model.named_modules()):
+            if type(m) is cls:
+                _set(model, path, new(m, observer))
+    model.patch_embed = paper.PaperPatchEmbed(model.patch_embed, observer)
+    if family == "vit":
+        for name in ("head", "head_dist"):
+            if isinstance(getattr(model, name, None), nn.Linear):
+                setattr(model, name, IntLinear(getattr(model, name), observer))
+        model.paper_stem = paper.PaperStem(model, observer)
+    elif isinstance(model.head.fc, nn.Linear):
+        model.head.fc = IntLinear(model.head.fc, observer)
+    model.paper_head = paper.PaperHead(model, observer, family)
+    left = [p for p, m in model.named_modules()
+            if type(m) in (nn.Linear, nn.Conv2d) and not _inside(model, p, (IntLinear, IntConv2d))]
+    if left:
+        raise UnsupportedModelError(f"the 'paper' wiring left float layers in {type(model).__name__}: "
+                                    f"{', '.join(left[:8])}; use wiring='native' for this model")
+    paper.install_forward(model)
+
+
+def _inside(model: nn.Module, path: str, types: type | tuple[type, ...]) -> bool:
+    parts = path.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), types) for i in range(1, len(parts)))
 
 
 def _site(
@@ -230,7 +357,12 @@ def sites_of(model: nn.Module) -> dict[str, QuantSite]:
 
 def find_sites(model: nn.Module) -> list[Site]:
     """Every Softmax, GELU and LayerNorm site in forward order (wires the model if needed)."""
-    return list(prepare(model)._policysearch.sites)
+    return list(_prepared(model)._policysearch.sites)
+
+
+def _prepared(model: nn.Module) -> nn.Module:
+    """``model`` as wired (any wiring), or wired now with the default wiring."""
+    return model if isinstance(getattr(model, "_policysearch", None), WiringInfo) else prepare(model)
 
 
 def _info(model: nn.Module) -> WiringInfo:
@@ -259,11 +391,19 @@ def float_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def record_sites(model: nn.Module, recorder: Recorder) -> Iterator[None]:
-    """Call ``recorder(name, kernel_input, output)`` at every site during the block."""
+def record_sites(model: nn.Module, recorder: Callable[..., None], *, masks: bool = False) -> Iterator[None]:
+    """Call ``recorder(name, site_input, output)`` at every site during the block.
+
+    ``site_input``: in the ``paper`` wiring the tensor the pipeline hands the site (before any
+    method-specific conversion, the same tap for every method); in ``native`` the kernel's input.
+    With ``masks=True`` the recorder gets a fourth argument, ``valid``: None, or a boolean tensor
+    broadcasting to the site's input that is False at masked attention entries (Swin's shifted
+    window mask), to be left out of comparisons.
+    """
+    rec: Recorder = recorder if masks else (lambda n, x, y, v: recorder(n, x, y))  # type: ignore[assignment]
     sites = list(_quant_sites(model))
     for s in sites:
-        s.recorder = recorder
+        s.recorder = rec
     try:
         yield
     finally:
@@ -274,7 +414,7 @@ def record_sites(model: nn.Module, recorder: Recorder) -> Iterator[None]:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bool = False) -> nn.Module:
     """Observe activation ranges on float forwards of ``batches`` (images); returns the model."""
-    info = _info(prepare(model))
+    info = _info(_prepared(model))
     was_training = model.training
     model.eval()
     for m in model.modules():
@@ -306,7 +446,7 @@ def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
     The policy must name exactly the model's sites. An uncalibrated model quantizes each
     activation from its own range (dynamic); call :func:`calibrate` first for static ranges.
     """
-    info = _info(prepare(model))
+    info = _info(_prepared(model))
     names = [s.name for s in info.sites]
     unknown = [s.name for s in policy.sites if s.name not in names]
     if unknown:
@@ -331,6 +471,9 @@ def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
 
 
 def _set_bits(model: nn.Module, policy: Policy) -> None:
+    if _info(model).wiring == "paper":
+        _set_bits_paper(model, policy)
+        return
     modules = dict(model.named_modules())
     for m in modules.values():
         if isinstance(m, (QuantLinear, QuantConv2d)):
@@ -340,7 +483,7 @@ def _set_bits(model: nn.Module, policy: Policy) -> None:
     for site, choice in policy.items():
         mod = modules[site.name]
         mod.choice, mod.act_bits = choice, policy.act_bits
-        if choice.method != "ibert" or choice.bits is None:
+        if expects(site.kind, choice.method) != "accumulator" or choice.bits is None:
             continue
         # I-BERT eats the accumulator: its bits are those of the producing matmul's operands
         parent = modules[site.name.rpartition(".")[0]]
@@ -348,3 +491,23 @@ def _set_bits(model: nn.Module, policy: Policy) -> None:
             parent.qk_bits = choice.bits
         elif site.kind == "gelu" and isinstance(getattr(parent, "fc1", None), QuantLinear):
             parent.fc1.act_bits = choice.bits
+
+
+#: the residual stream's width in the paper wiring (I-ViT's QuantAct(16))
+RESIDUAL_BITS = 16
+
+
+def _set_bits_paper(model: nn.Module, policy: Policy) -> None:
+    modules = dict(model.named_modules())
+    for m in modules.values():
+        if isinstance(m, (IntLinear, IntConv2d)):
+            m.weight_bits, m.act_bits = policy.weight_bits, policy.act_bits
+        elif isinstance(m, IntAct):
+            m.bits = RESIDUAL_BITS if m.role == "residual" else policy.act_bits
+    for site, choice in policy.items():
+        mod = modules[site.name]
+        mod.choice, mod.act_bits = choice, policy.act_bits
+        for act in mod._input_act:  # the quantizer handing the site its input: Choice.bits
+            act.bits = choice.bits if choice.bits is not None else policy.act_bits
+        if mod.in_act is not None:
+            mod.in_act.bits = choice.bits if choice.bits is not None else RESIDUAL_BITS

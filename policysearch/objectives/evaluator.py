@@ -1,8 +1,15 @@
 """The evaluator: calibrate once, cache float references, then score policies.
 
-For a policy it returns per site the ASQNR of the kernel's input (gamma) and output (beta) against
+For a policy it returns per site the ASQNR of the site's input (gamma) and output (beta) against
 the float model on the calibration batch, and model-level metrics on the evaluation images:
 logit SQNR, KL(float || quantized), top-1 agreement with float and top-1 accuracy.
+
+Gamma's tap (DESIGN.md, "SQNR and SQNR diff"): in the ``paper`` wiring the tensor the integer
+pipeline hands the site, before any method-specific conversion, the same tap for every method, so
+sites whose upstream choices are equal get equal gamma whatever their own method; in ``native``
+the kernel's input (each method's own input quantization is part of that wiring's upstream).
+Beta compares the site outputs. Masked attention entries (Swin's shifted-window mask) are left
+out of both (``asqnr(..., valid=)``).
 
 Activation reuse: the forward is a chain of segments (stem, blocks, head). The inputs of every
 segment are kept for the last evaluated policies; a policy whose first changed site lies in
@@ -87,8 +94,9 @@ class Evaluator:
 
     @torch.no_grad()
     def _float_reference(self) -> None:
-        store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        with float_mode(self.model), record_sites(self.model, lambda n, x, y: store.__setitem__(n, (x, y))):
+        store: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        with float_mode(self.model), record_sites(self.model, lambda n, x, y, v: store.__setitem__(n, (x, y, v)),
+                                                  masks=True):
             self.ref_logits = [self.model(self.batches[0])]
             store_copy = dict(store)
             self.ref_logits += [self.model(b) for b in self._bar(self.batches[1:], "float reference")]
@@ -100,6 +108,10 @@ class Evaluator:
                              "check the checkpoint's weights and the data's preprocessing")
         eval_ref = torch.cat(self.ref_logits[1:]) if len(self.batches) > 1 else self.ref_logits[0]
         self.float_metrics = {"top1": self._top1(eval_ref)}
+        #: per-image predictions on the evaluation images: of the float model, and of the last
+        #: ``evaluate`` (for paired comparisons, ``policysearch.stats``)
+        self.float_predictions = eval_ref.argmax(-1).cpu()
+        self.last_predictions: torch.Tensor | None = None
 
     def _top1(self, logits: torch.Tensor) -> float:
         if self.labels is None:
@@ -129,14 +141,14 @@ class Evaluator:
         """Score ``policy``; a non-finite output gives a failed result, never an exception."""
         apply_policy(self.model, policy)
         base, start = self._best_run(policy)
-        recorded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        recorded: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         inputs: list[list[torch.Tensor]] = []
         logits: list[torch.Tensor] = []
         for b, x in enumerate(self._bar(self.batches, "evaluate")):
             seg_inputs = list(base.inputs[b][:start]) if base is not None else []
             h = base.inputs[b][start] if base is not None else x
-            rec = (lambda n, xi, yo: recorded.__setitem__(n, (xi, yo))) if b == 0 else (lambda *a: None)
-            with record_sites(self.model, rec):
+            rec = (lambda n, xi, yo, v: recorded.__setitem__(n, (xi, yo, v))) if b == 0 else (lambda *a: None)
+            with record_sites(self.model, rec, masks=True):
                 for seg in self.segments[start:]:
                     seg_inputs.append(h)
                     h = seg.fn(h)
@@ -145,9 +157,13 @@ class Evaluator:
             logits.append(h)
         site_metrics = {n: m for n, m in (base.sites.items() if base is not None else ())
                         if self._site_segment[n] < start}
-        for name, (xq, yq) in recorded.items():
-            x_ref, y_ref = self.ref_sites[name]
-            site_metrics[name] = SiteMetrics(gamma=asqnr(x_ref, xq), beta=asqnr(y_ref, yq))
+        for name, (xq, yq, valid) in recorded.items():
+            x_ref, y_ref, valid_ref = self.ref_sites[name]
+            if valid is None:
+                valid = valid_ref
+            elif valid_ref is not None:
+                valid = valid & valid_ref
+            site_metrics[name] = SiteMetrics(gamma=asqnr(x_ref, xq, valid=valid), beta=asqnr(y_ref, yq, valid=valid))
         run = _Run(policy=policy, inputs=inputs, logits=logits, sites=site_metrics)
         self._remember(run)
         self.evaluations += 1
@@ -165,6 +181,7 @@ class Evaluator:
         eval_ref = torch.cat(self.ref_logits[1:]) if len(self.ref_logits) > 1 else self.ref_logits[0]
         metrics = logit_metrics(eval_ref, eval_logits)
         metrics["top1"] = self._top1(eval_logits)
+        self.last_predictions = eval_logits.argmax(-1).cpu()
         finite = [m for m in ordered.values() if math.isfinite(m.gamma) and math.isfinite(m.beta)]
         n = max(len(finite), 1)
         metrics["mean_sqnr_diff"] = sum(m.diff for m in finite) / n if finite else math.nan

@@ -41,16 +41,31 @@ def convert_db(value: float, from_db: int, to_db: int) -> float:
     return value * (to_db / from_db)
 
 
-def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20) -> float:
+def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20, valid: torch.Tensor | None = None) -> float:
     """Averaged SQNR in dB (eq. 10): ``db * log10(ratio)``, ``db`` 20 (default, the paper's and the
-    stored convention) or 10 (anything else is a ValueError); see the module docstring."""
+    stored convention) or 10 (anything else is a ValueError); see the module docstring.
+
+    ``valid``: an optional boolean tensor broadcasting to ``x``; entries where it is False (masked
+    attention entries, e.g. Swin's shifted-window mask) are left out of both expectations, and a
+    sample with no valid entry is left out of the batch mean."""
     db = _check_db(db)
+    keep = None
+    if valid is not None:
+        v = valid.expand_as(x).reshape(x.shape[0], -1)
+        x = torch.where(v, x.detach().float().reshape(x.shape[0], -1), 0.0)
+        q = torch.where(v, q.detach().float().reshape(q.shape[0], -1), 0.0)
+        keep = v.any(1)
     x = x.detach().float().reshape(x.shape[0], -1)
     q = q.detach().float().reshape(q.shape[0], -1)
     diff = x - q
-    # float32 elements, float64 accumulation (no float64 copies of the tensors)
+    # float32 elements, float64 accumulation (no float64 copies of the tensors); with a mask the
+    # element counts cancel in the ratio, so the masked entries are simply zero on both sides
     signal = (x * x).sum(1, dtype=torch.float64) / x.shape[1]
     noise = (diff * diff).sum(1, dtype=torch.float64) / x.shape[1]
+    if keep is not None:
+        if not bool(keep.any()):
+            return MAX_DB * (db / 20)
+        signal, noise = signal[keep], noise[keep]
     if not bool(torch.isfinite(noise).all()):
         return -math.inf
     ratio = signal / noise.clamp(min=_TINY)

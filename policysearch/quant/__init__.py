@@ -1,12 +1,15 @@
 """Linear/matmul quantization: observers, activation quantizers, dyadic requantization, STE."""
-from policysearch.quant.act import PTFQuant, QuantAct, symmetric_scale
+from policysearch.quant.act import IntAct, PTFQuant, QuantAct, onto_grid, symmetric_scale
 from policysearch.quant.dyadic import dyadic_params, requantize
-from policysearch.quant.linear import QuantConv2d, QuantLinear, quantize_weight
+from policysearch.quant.linear import IntConv2d, IntLinear, QuantConv2d, QuantLinear, quantize_weight
 from policysearch.quant.observers import OBSERVERS, Observer, create_observer
 from policysearch.quant.ste import floor_ste, round_ste, ste
 
 __all__ = [
     "OBSERVERS",
+    "IntAct",
+    "IntConv2d",
+    "IntLinear",
     "Observer",
     "PTFQuant",
     "QuantAct",
@@ -15,6 +18,7 @@ __all__ = [
     "create_observer",
     "dyadic_params",
     "floor_ste",
+    "onto_grid",
     "quantize_weight",
     "requantize",
     "round_ste",

@@ -32,18 +32,21 @@ def requantize(
     x: torch.Tensor,
     s_in: torch.Tensor,
     s_out: torch.Tensor,
-    bits: int,
+    bits: int | None,
     *,
     signed: bool = True,
 ) -> torch.Tensor:
     """Integers of ``x`` (on the ``s_in`` grid) moved to the ``s_out`` grid, clamped to ``bits``.
 
     Returns the integer tensor (float32). ``s_in`` may be per-tensor or broadcastable (per-channel).
+    ``bits=None`` leaves the result unclamped (the caller clamps, e.g. after adding a residual).
     """
     z = torch.round(x.detach() / s_in).to(torch.float64)
     m, e = dyadic_params(s_in.to(torch.float64) / s_out.to(torch.float64))
     # z * m / 2^e == z * (m * 2^-e) exactly while |z * m| < 2^53 (|z| < 2^22: int32 accumulators of
     # 8-bit products); one multiply instead of a multiply and a division
     out = torch.round(z * (m * torch.pow(2.0, -e)))
+    if bits is None:
+        return out.to(torch.float32)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return out.clamp_(lo, hi).to(torch.float32)

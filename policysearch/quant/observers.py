@@ -29,6 +29,8 @@ class Observer(nn.Module):
         self.register_buffer("ch_max", torch.empty(0))
         self.last: torch.Tensor | None = None  # last batch, for searches on it (PTF)
         self._ready: bool | None = None  # cached; None = look at the buffers
+        #: bumped on every change of the range (update, reset, load): keys caches of derived scales
+        self.version = 0
 
     @property
     def ready(self) -> bool:
@@ -38,6 +40,7 @@ class Observer(nn.Module):
 
     def reset(self) -> None:
         self._ready = None
+        self.version += 1
         self.min_val.fill_(float("nan"))
         self.max_val.fill_(float("nan"))
         self.ch_min = torch.empty(0, device=self.min_val.device)
@@ -61,6 +64,7 @@ class Observer(nn.Module):
         self.min_val.copy_(lo if first else self.merge(self.min_val, lo, True))
         self.max_val.copy_(hi if first else self.merge(self.max_val, hi, False))
         self._ready = None
+        self.version += 1
         if self.per_channel:
             flat = torch.nan_to_num(x.reshape(-1, x.shape[-1]))
             cmin, cmax = flat.amin(0), flat.amax(0)
@@ -77,6 +81,7 @@ class Observer(nn.Module):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         self._ready = None
+        self.version += 1
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

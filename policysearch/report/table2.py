@@ -1,6 +1,6 @@
 """Reproduction of the paper's Table 2: the readings of the SQNR rule on both zoo models.
 
-    python -m policysearch.report.table2 --data fmnist-sample --out results/table2.md
+    python -m policysearch.report.table2 --data fmnist --out results/table2.md
 
 For each model and bit width, the uniform policies are evaluated once and shared; each rule
 (``sqnr_diff``: lowest beta - gamma, eq. 11 read literally; ``sqnr_drop``: lowest gamma - beta;
@@ -8,7 +8,9 @@ For each model and bit width, the uniform policies are evaluated once and shared
 those runs, and its mixed policy is evaluated. Reported: top-1 (%) of float, each uniform policy
 and each rule's policy, with the method counts, logit SQNR and mean beta - gamma of each rule's
 policy. SQNR is stored in dB in the 20·log10 convention; ``--db 10`` prints it in 10·log10
-(exactly half; the rules' picks are the same in both).
+(exactly half; the rules' picks are the same in both). Every top-1 is followed by its difference
+from the best uniform method of the same model, bits and wiring with a paired 95% interval
+(``policysearch.stats``); both wirings, ``paper`` and ``native``, are run side by side.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from policysearch.objectives.sqnr import convert_db
+from policysearch.report.zoo_table import best_of, cell
 from policysearch.result import EvalResult
 from policysearch.spaces import load_space
 from policysearch.spec import EvaluatorSpec, get_evaluator, resolve_device
@@ -34,57 +37,68 @@ def _counts(policy) -> str:  # noqa: ANN001
 
 
 class _Cached:
-    """Evaluate each policy once: the rules share the uniform runs."""
+    """Evaluate each policy once: the rules share the uniform runs. Keeps each one's predictions."""
 
     def __init__(self, evaluator: object) -> None:
         self.evaluator = evaluator
         self.cache: dict[str, EvalResult] = {}
+        self.predictions: dict[str, torch.Tensor | None] = {}
 
     def evaluate(self, policy: object) -> EvalResult:
         key = policy.key()
         if key not in self.cache:
-            self.cache[key] = self.evaluator.evaluate(policy)
+            res = self.cache[key] = self.evaluator.evaluate(policy)
+            self.predictions[key] = self.evaluator.last_predictions if res.ok else None
         return self.cache[key]
 
 
 def run(models: list[str], data: str, bits: list[int], device: str, eval_size: int | None,
-        db: int = 20) -> list[str]:
-    """The table's lines; SQNR columns in dB in the ``db``·log10 convention (10 or 20)."""
+        db: int = 20, wirings: tuple[str, ...] = ("paper", "native")) -> tuple[list[str], int]:
+    """The table's lines and the number of evaluation images; SQNR in dB, ``db``·log10 (10 or 20)."""
     convert_db(0.0, 20, db)  # a bad db fails before any model is loaded
-    rows, details = [], []
+    rows, n = [], 0
     for model in models:
-        ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device, eval_size=eval_size))
-        for b in bits:
-            space = load_space("paper", ev.sites, weight_bits=b, act_bits=b)
-            evaluate = _Cached(ev).evaluate
-            uniform = {m: evaluate(p) for m, p in space.uniform_policies().items()}
-            row = [model, f"W{b}A{b}", f"{100 * ev.float_metrics['top1']:.2f}"]
-            row += [f"{100 * uniform[m].metrics['top1']:.2f}" for m in ("ibert", "fqvit", "ivit")]
-            for rule in RULES:
-                strategy = create_strategy(rule, space, directions=("minimize",))
-                while batch := strategy.ask(4):
-                    for p in batch:
-                        strategy.tell(p, evaluate(p))
-                policy, res = strategy.best()
-                row.append(f"{100 * res.metrics['top1']:.2f}")
-                sqnr = [f"{convert_db(res.metrics[k], 20, db):.2f}" for k in ("logit_sqnr", "mean_sqnr_diff")]
-                details.append(f"| {model} | W{b}A{b} | {rule} | {_counts(policy)} | {' | '.join(sqnr)} |")
-                logging.info("%s W%dA%d %s: %s", model, b, b, rule, row[-1])
-            rows.append("| " + " | ".join(row) + " |")
-    head = ["model", "bits", "float", "uniform ibert", "uniform fqvit", "uniform ivit", *RULES]
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
-    counts = [f"| model | bits | rule | methods chosen per kind | logit SQNR (dB, {db}·log10) "
-              f"| mean beta - gamma (dB, {db}·log10) |", "|---|---|---|---|---|---|", *details]
-    return table + ["", "Methods each rule chose:", "", *counts]
+        for wiring in wirings:
+            ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device, eval_size=eval_size,
+                                             wiring=wiring))
+            labels = ev.labels.cpu()
+            n = labels.numel()
+            for b in bits:
+                space = load_space("paper", ev.sites, weight_bits=b, act_bits=b)
+                cached = _Cached(ev)
+                uniform = {m: (p, cached.evaluate(p)) for m, p in space.uniform_policies().items()}
+                results = {f"uniform {m}": pr for m, pr in uniform.items()}
+                for rule in RULES:
+                    strategy = create_strategy(rule, space, directions=("minimize",))
+                    while batch := strategy.ask(4):
+                        for p in batch:
+                            strategy.tell(p, cached.evaluate(p))
+                    results[rule] = strategy.best()
+                    logging.info("%s %s W%dA%d %s: %.2f", model, wiring, b, b, rule,
+                                 100 * results[rule][1].metrics.get("top1", float("nan")))
+                preds = {k: cached.predictions[p.key()] for k, (p, _) in results.items()}
+                best = best_of({k: preds[k] for k in preds if k.startswith("uniform ")}, labels)
+                ref = preds[best] if best is not None else None
+                first = f"| {model} | {wiring} | W{b}A{b} "
+                rows.append(first + f"| float | {cell(ev.float_predictions, ref, labels)} | | | |")
+                for k, (policy, res) in results.items():
+                    sqnr = [f"{convert_db(res.metrics[m], 20, db):.2f}" if res.ok else ""
+                            for m in ("logit_sqnr", "mean_sqnr_diff")]
+                    rows.append(first + f"| {k} | {cell(preds[k], ref, labels, is_best=k == best)} | "
+                                f"{_counts(policy)} | {' | '.join(sqnr)} |")
+    head = ["model", "wiring", "bits", "policy", "top-1 (difference from best uniform [paired 95%])",
+            "methods per kind (Table 3)", f"logit SQNR (dB, {db}·log10)", f"mean beta - gamma (dB, {db}·log10)"]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows], n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["fmnist_vit", "fmnist_swin"])
-    ap.add_argument("--data", default="fmnist-sample")
+    ap.add_argument("--data", default="fmnist")
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6])
     ap.add_argument("--eval-size", type=int, default=None, help="default: every evaluation image")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--wirings", nargs="+", choices=["paper", "native"], default=["paper", "native"])
     ap.add_argument("--out", default="results/table2.md")
     ap.add_argument("--db", type=int, choices=(20, 10), default=20,
                     help="print SQNR in 20·log10 (the paper's eq. 10, as stored) or 10·log10 dB")
@@ -92,14 +106,20 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     device = resolve_device(args.device)
-    lines = run(args.models, args.data, args.bits, device, args.eval_size, db=args.db)
+    lines, n = run(args.models, args.data, args.bits, device, args.eval_size, db=args.db, wirings=tuple(args.wirings))
     cmd = f"python -m policysearch.report.table2 --data {args.data} --out {args.out}"
     cmd += f" --db {args.db}" if args.db != 20 else ""
+    cmd += f" --wirings {' '.join(args.wirings)}" if list(args.wirings) != ["paper", "native"] else ""
+    cmd += f" --eval-size {args.eval_size}" if args.eval_size else ""
     text = (f"# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
             f"Produced by `{cmd}` (device {device}, torch {torch.__version__}, {time.time() - t0:.0f} s). "
-            "Top-1 (%) on the evaluation images of the data; space `paper` (softmax and LayerNorm from "
+            f"Top-1 (%) on the {n} evaluation images of `{args.data}`; space `paper` (softmax and LayerNorm from "
             "ibert/fqvit/ivit, GELU from ibert/ivit); per-site SQNR (eq. 10) measured on 64 calibration "
-            "images in each method's uniform run.\n\n" + "\n".join(lines) + "\n")
+            "images in each method's uniform run.\n\n"
+            "Each top-1 is followed by its difference from the best uniform method of the same model, wiring "
+            "and bits (in bold), in points, with a paired 95% interval over the same images; `*` marks an "
+            "interval that excludes 0, a difference that is not noise. The methods column is the paper's "
+            "Table 3 (counts per kind).\n\n" + "\n".join(lines) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

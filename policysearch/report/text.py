@@ -97,14 +97,36 @@ def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: s
                              eval_size=eval_size, model_args=model_args, wiring=wiring)[0]
 
 
+def _finetuned_weights(doc: Any, policy_path: str) -> Path | None:
+    """The fine-tuned weights a policy file names (``model.finetuned``, relative to the file)."""
+    from policysearch.errors import ConfigError
+
+    name = doc.model.get("finetuned")
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_absolute():
+        path = Path(policy_path).parent / path
+    if not path.is_file():
+        raise ConfigError(f"the policy file names fine-tuned weights {name!r} but {path} does not exist; "
+                          "run `policysearch finetune` again, or pass --checkpoint to use other weights")
+    return path
+
+
 def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str | None, data: str,
                       device: str = "auto", eval_size: int | None = None,
                       model_args: dict[str, int] | None = None,
                       wiring: str | None = None) -> tuple[str, bool]:
-    """``(report, reproduced)``: the policy's metrics now, against those its file records."""
+    """``(report, reproduced)``: the policy's metrics now, against those its file records.
+
+    A policy file from the training stage (``model.finetuned``) is evaluated on its fine-tuned
+    weights, on the images the stage evaluated, against the figures measured after training
+    (``metrics.finetune.after``); ``checkpoint`` overrides the weights (and compares against the
+    search's figures)."""
     from policysearch.spec import EvaluatorSpec, get_evaluator
 
     doc = read_policy(policy) if policy else None
+    finetuned = _finetuned_weights(doc, policy) if doc is not None and checkpoint is None else None
     if model is None:
         model = (doc.model.get("name") if doc else None) or "fmnist_vit"
         checkpoint = checkpoint or (doc.model.get("checkpoint") if doc else None)
@@ -115,6 +137,14 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
         eval_size = eval_size if eval_size is not None else doc.provenance.get("eval_size")
         calib_size = doc.provenance.get("calib_size")
         wiring = wiring or doc.wiring or "native"
+    recorded_metrics = doc.metrics if doc is not None else {}
+    if finetuned is not None:  # the training stage's weights, and the figures measured on them
+        checkpoint = str(finetuned)
+        ft = dict(doc.provenance.get("finetune") or {})
+        if ft:
+            eval_size = eval_size if eval_size is not None else ft.get("eval_size")
+            calib_size = ft.get("calib_size", calib_size)
+        recorded_metrics = dict((doc.metrics.get("finetune") or {}).get("after") or {})
     spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size,
                          calib_size=calib_size, progress=True, model_args=tuple(sorted((model_args or {}).items())),
                          **({"wiring": wiring} if wiring else {}))
@@ -124,10 +154,15 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
              f"float top-1 {_pct(ev.float_metrics.get('top1'))}"]
     if doc is None:
         return "\n".join(lines), True
+    if finetuned is not None:
+        trained_on = (doc.provenance.get("finetune") or {}).get("data")
+        lines.append(f"weights: fine-tuned, {finetuned}" + (f" (recorded on data {trained_on}; pass --data "
+                                                             f"{trained_on} to compare)" if trained_on and
+                                                             trained_on != data else ""))
     res = ev.evaluate(doc.policy)
     lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))}, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
-    recorded = doc.metrics
+    recorded = recorded_metrics
     ok = True
     for key in ("top1", "agreement", "kl", "logit_sqnr"):
         if key in recorded and recorded[key] is not None:

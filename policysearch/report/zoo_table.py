@@ -1,11 +1,14 @@
-"""Baseline table of the zoo models: float and uniform-method top-1 at 8 and 6 bits.
+"""Baseline table of the zoo models: float and uniform-method top-1 at 8 and 6 bits, per wiring.
 
     python -m policysearch.report.zoo_table --data fmnist --out results/zoo.md
 
 Uniform policies as the paper's baselines: all sites ``ibert``; all ``ivit``; all ``fqvit`` with
 GELU from I-BERT, and with GELU from I-ViT (FQ-ViT has no integer GELU). Weights and activations
 at the same bit width. Top-1 on every evaluation image of ``--data`` (``fmnist``: the full
-10,000-image Fashion-MNIST test set).
+10,000-image Fashion-MNIST test set); every top-1 is followed by its difference from the best
+uniform policy of the same model, bits and wiring, with a paired 95% interval
+(``policysearch.stats``). Both wirings (``paper``: one integer pipeline for every method;
+``native``: each method wired as its own paper wires it) are evaluated side by side.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 
 from policysearch.policy import Policy
 from policysearch.spec import EvaluatorSpec, get_evaluator, resolve_device
+from policysearch.stats import format_interval, paired_interval, top1_percent
 
 POLICIES = {
     "ibert": ("ibert", {}),
@@ -26,24 +30,49 @@ POLICIES = {
     "fqvit + I-BERT GELU": ("fqvit", {"gelu": "ibert"}),
     "fqvit + I-ViT GELU": ("fqvit", {"gelu": "ivit"}),
 }
+log = logging.getLogger(__name__)
 
 
-def build_table(models: list[str], data: str, bits: list[int], device: str) -> str:
-    rows = []
+def best_of(preds: dict[str, torch.Tensor | None], labels: torch.Tensor) -> str | None:
+    """The key of the highest top-1 among ``preds`` (None: every one failed)."""
+    ok = [k for k, p in preds.items() if p is not None]
+    return max(ok, key=lambda k: top1_percent(preds[k], labels)) if ok else None
+
+
+def cell(pred: torch.Tensor | None, best: torch.Tensor | None, labels: torch.Tensor, *, is_best: bool = False) -> str:
+    """``top-1 (difference from best [paired 95% interval])``; the best itself in bold."""
+    if pred is None:
+        return "failed"
+    if is_best:
+        return f"**{top1_percent(pred, labels):.2f}** (best)"
+    if best is None:
+        return f"{top1_percent(pred, labels):.2f}"
+    return f"{top1_percent(pred, labels):.2f} ({format_interval(paired_interval(pred, best, labels))})"
+
+
+def build_table(models: list[str], data: str, bits: list[int], device: str,
+                wirings: list[str]) -> tuple[str, int]:
+    rows, n = [], 0
     for model in models:
-        ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device))
-        n = ev.labels.numel()
-        row = [model, f"{100 * ev.float_metrics['top1']:.2f}"]
-        for b in bits:
-            for method, fallback in POLICIES.values():
-                policy = Policy.uniform(ev.sites, method, fallback=fallback, act_bits=b, weight_bits=b)
-                res = ev.evaluate(policy)
-                row.append(f"{100 * res.metrics['top1']:.2f}" if res.ok else "failed")
-                logging.info("%s %s %d-bit: %s", model, method, b, row[-1])
-        rows.append("| " + " | ".join(row) + " |")
-    head = ["model", "float"] + [f"{name} W{b}A{b}" for b in bits for name in POLICIES]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]
-    return "\n".join(lines), n
+        for wiring in wirings:
+            ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device, wiring=wiring))
+            labels = ev.labels.cpu()
+            n = labels.numel()
+            for b in bits:
+                preds: dict[str, torch.Tensor | None] = {}
+                for name, (method, fallback) in POLICIES.items():
+                    policy = Policy.uniform(ev.sites, method, fallback=fallback, act_bits=b, weight_bits=b)
+                    res = ev.evaluate(policy)
+                    preds[name] = ev.last_predictions if res.ok else None
+                    log.info("%s %s %s %d-bit: %s", model, wiring, name, b,
+                             f"{100 * res.metrics['top1']:.2f}" if res.ok else res.error)
+                best = best_of(preds, labels)
+                ref = preds[best] if best is not None else None
+                cells = [cell(preds[k], ref, labels, is_best=k == best) for k in POLICIES]
+                rows.append(f"| {model} | {wiring} | W{b}A{b} | {cell(ev.float_predictions, ref, labels)} | "
+                            + " | ".join(cells) + " |")
+    head = ["model", "wiring", "bits", "float", *POLICIES]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows]), n
 
 
 def main() -> None:
@@ -51,21 +80,27 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["fmnist_vit", "fmnist_swin"])
     ap.add_argument("--data", default="fmnist")
     ap.add_argument("--bits", nargs="+", type=int, default=[8, 6])
+    ap.add_argument("--wirings", nargs="+", choices=["paper", "native"], default=["paper", "native"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="results/zoo.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     device = resolve_device(args.device)
-    table, n = build_table(args.models, args.data, args.bits, device)
+    table, n = build_table(args.models, args.data, args.bits, device, args.wirings)
     cmd = f"python -m policysearch.report.zoo_table --data {args.data} --out {args.out}"
     text = (f"# Zoo baselines: top-1 (%) in float and under uniform integer-only policies\n\n"
             f"Produced by `{cmd}` ({n} evaluation images of `{args.data}`, calibration on the data's "
             f"calibration split, device {device}, torch {torch.__version__}, Python {platform.python_version()}, "
             f"{time.time() - t0:.0f} s).\n\n{table}\n\n"
+            "Each cell: top-1, then its difference from the best uniform policy of its row (in bold) in points, "
+            "with a paired 95% interval over the same images; `*` marks an interval that excludes 0, i.e. a "
+            "difference that is not noise. The float cell compares float with that best uniform policy.\n\n"
             "Uniform policies: every softmax, GELU and LayerNorm site runs the named method; FQ-ViT has no "
             "integer GELU, so its GELU sites run I-BERT's or I-ViT's. Weights per channel and activations per "
-            "tensor at the same bit width (W/A). Method input precisions: `policysearch/models/precision.py`.\n")
+            "tensor at the same bit width (W/A). Wirings: `paper` runs every method inside one integer pipeline "
+            "after I-ViT's reference code (`policysearch/models/paper.py`); `native` wires each method as its own "
+            "paper does (`policysearch/models/precision.py`), with a float residual stream.\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

@@ -22,16 +22,35 @@ RUNNERS.register_lazy("ray", "policysearch.runners.ray:RayRunner", extra="ray")
 PRESETS: Registry[dict[str, Any]] = Registry("runner preset")
 PRESETS.register("local", {"type": "local"})
 PRESETS.register("ray", {"type": "ray"})
+#: a private Ray instance on this machine: one actor per GPU, else one per CPU core (1 torch thread)
+PRESETS.register("ray_local", {"type": "ray", "address": "local", "workers": "auto", "cpus_per_worker": 1,
+                               "gpus_per_worker": "auto", "max_retries": 2})
+#: join a running Ray cluster (`ray start --head`; --address HOST:PORT names another head): one actor
+#: per GPU, else one per group of 4 CPU cores
+PRESETS.register("ray_cluster", {"type": "ray", "address": "auto", "workers": "auto", "cpus_per_worker": 4,
+                                 "gpus_per_worker": "auto", "max_retries": 2})
 
 
 def create_runner(name: str = "local", **options: Any) -> Runner:
     """A runner from a preset name or YAML path: ``{type: <registered runner>, ...options}``."""
+    import inspect
+
+    from policysearch.errors import ConfigError
     from policysearch.presets import resolve_preset
 
     data, _ = resolve_preset("runners", name, PRESETS)
     data = {k: v for k, v in data.items() if k != "name"}
     kind = data.pop("type", "local")
-    return RUNNERS.get(kind)(**{**data, **options})
+    cls = RUNNERS.get(kind)
+    merged = {**data, **options}
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(merged) - set(valid))
+        if unknown:
+            raise ConfigError(f"runner {kind!r} has no option(s) {', '.join(unknown)}; "
+                              f"valid: {', '.join(valid) or '(none)'}")
+    return cls(**merged)
 
 
 def list_runners() -> list[str]:

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 class LocalRunner(Runner):
     capacity = 1
 
-    def __init__(self, **_: object) -> None:
+    def __init__(self) -> None:  # no options: evaluates in this process, one policy at a time
         pass
 
     def map(self, spec: object, policies: Sequence[Policy]) -> Iterator[tuple[Policy, EvalResult]]:

@@ -11,6 +11,10 @@ from it) and does not count; one that repeats a pending policy is told as failed
 ``max_duplicates`` repeats in a row with nothing pending, or once every policy of the space has
 been asked, the search ends early (logged).
 
+Batches: ``ask(n)`` proposes up to ``n`` policies at once (a runner's ``capacity``), each a RUNNING
+trial until told; TPE uses a constant liar for them (``TPESampler(constant_liar=True)``), so a
+batch depends only on the seed, the history and ``n``, never on the order results come back.
+
 Determinism and exact resume: the sampler is rebuilt before every ``study.ask()`` with a seed
 derived from ``seed`` and the number of trials in the study, so a proposal depends only on the
 study's history. ``state_dict`` stores that history (params, values, state and system
@@ -216,9 +220,16 @@ class TPE(OptunaStrategy):
         self.warm = SQNRDiff(space, directions=self.directions, seed=self.seed)
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        import warnings
+
         import optuna
 
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.options.n_startup_trials)
+        # constant liar: while policies of a batch are pending (RUNNING trials), TPE counts them as
+        # bad results, so one ask(n) spreads its n proposals instead of repeating the same region
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental in Optuna 4
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.options.n_startup_trials,
+                                              constant_liar=True)
 
     def _next(self, n: int) -> list[Policy]:
         if not self.warm.finished:

@@ -1,0 +1,156 @@
+"""One QAT step of the integer model vs one float training step, same model and batch, side by side.
+
+    python benchmarks/bench_qat_step.py [--model fmnist_vit] [--model deit_tiny_patch16_224]
+                                        [--batch 32] [--threads 2] [--wiring paper]
+                                        [--methods ibert,fqvit,ivit] [--ste reference,float]
+
+Per model: the float model (unwired timm; zoo weights for a zoo name, random weights otherwise)
+and its wired copy calibrated on random images, running each uniform policy (``--methods``; FQ-ViT
+has no integer GELU, so its GELU sites run ``ivit``). A *step* is what the trainer does per batch:
+forward, loss, backward, AdamW step. The float step trains the float model on cross-entropy; the
+QAT step trains the integer model on the distillation loss against the frozen float model with
+the activation ranges tracked (``policysearch.finetune``: ``ranges="ema"``), under each STE mode
+(``--ste``), and is timed twice: without the teacher's forward (``qat``: the integer model's own
+step, the issue's measure) and with it (``qat+teacher``: what ``policysearch finetune`` runs).
+Rounds interleave every variant; the medians and the median of the per-round ratios to the float
+step are printed, with the machine load (``/proc/loadavg``) before and after. The issue's budget:
+``qat`` at most 4x the float step (fmnist_vit and deit_tiny_patch16_224, batch 32, 2 threads).
+The ratios are only meaningful on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import policysearch as ps
+from policysearch.finetune.kd import freeze, kd_loss
+from policysearch.finetune.qat import track_ranges
+from policysearch.kernels._common import ste_gradients
+from policysearch.policy import Policy
+from policysearch.train import param_groups
+
+BUDGET = 4.0
+
+
+def load(name: str) -> torch.nn.Module:
+    from policysearch.models.loading import load_model
+    from policysearch.models.zoo import ZOO
+
+    if name in ZOO:
+        return load_model(name)
+    import timm
+
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def bench(name: str, args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    base = load(name)
+    size = base.pretrained_cfg.get("input_size") or (3, 224, 224)
+    if name.startswith("fmnist"):
+        size = (1, 28, 28)
+    x = torch.randn(args.batch, *size)
+    y = torch.randint(0, base.num_classes, (args.batch,))
+    teacher = freeze(copy.deepcopy(base))
+    student_float = copy.deepcopy(base).train()
+    opt_float = torch.optim.AdamW(param_groups(student_float, 0.0), lr=1e-6)
+    wired = ps.prepare(copy.deepcopy(base), wiring=args.wiring)
+    ps.calibrate(wired, [x])
+    sites = ps.find_sites(wired)
+    opt_q = torch.optim.AdamW(param_groups(wired, 0.0), lr=1e-6)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    stes = [m.strip() for m in args.ste.split(",") if m.strip()]
+    policies = {m: Policy.uniform(sites, m, fallback={"gelu": "ivit"}) for m in methods}
+
+    def float_step() -> None:
+        loss = F.cross_entropy(student_float(x), y)
+        opt_float.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_float.step()
+
+    def qat_step(policy: Policy, ste: str, with_teacher: bool) -> Callable[[], None]:
+        with torch.no_grad():
+            fixed = teacher(x)
+
+        def step() -> None:
+            with ste_gradients(ste), track_ranges(wired):
+                if with_teacher:
+                    with torch.no_grad():
+                        target = teacher(x)
+                else:
+                    target = fixed
+                loss = kd_loss(wired(x), target)
+                opt_q.zero_grad(set_to_none=True)
+                loss.backward()
+                opt_q.step()
+
+        step.policy = policy  # type: ignore[attr-defined]
+        return step
+
+    def setup(fn: Callable[[], None]) -> None:  # switching policies is not part of a step
+        if hasattr(fn, "policy"):
+            ps.apply_policy(wired, fn.policy)
+            wired.train()
+
+    runs: dict[str, Callable[[], None]] = {"float": float_step}
+    for m, p in policies.items():
+        for ste in stes:
+            runs[f"qat {m} {ste}"] = qat_step(p, ste, False)
+        runs[f"qat+teacher {m} {stes[0]}"] = qat_step(p, stes[0], True)
+    for fn in runs.values():  # warm-up
+        setup(fn)
+        fn()
+    load_before = loadavg()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for k, fn in runs.items():
+            setup(fn)
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    load_after = loadavg()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{name}: batch {args.batch}, {args.threads} threads, wiring {args.wiring}, {args.repeats} interleaved "
+          f"rounds; load average before {load_before}, after {load_after}")
+    print(f"  {'step':34s} {'median ms':>10s} {'x float':>8s}")
+    for k in runs:
+        ratios = [t / f for t, f in zip(times[k], times["float"], strict=True)]
+        r = statistics.median(ratios)
+        flag = "" if k == "float" or not k.startswith("qat ") else ("  ok" if r <= BUDGET else f"  > {BUDGET}x")
+        print(f"  {k:34s} {1000 * med[k]:10.1f} {r:8.2f}{flag}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", default=None,
+                    help="zoo or timm name (repeat; default: fmnist_vit and deit_tiny_patch16_224)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wiring", default="paper", choices=("paper", "native"))
+    ap.add_argument("--methods", default="ibert,fqvit,ivit")
+    ap.add_argument("--ste", default="reference,float", help="STE modes to time (the first also with the teacher)")
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    for name in args.model or ["fmnist_vit", "deit_tiny_patch16_224"]:
+        bench(name, args)
+
+
+if __name__ == "__main__":
+    main()

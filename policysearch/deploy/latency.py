@@ -1,0 +1,432 @@
+"""Latency of ONNX models in ONNX Runtime, and the ``policysearch latency RUN`` stage.
+
+:func:`measure` times several models **interleaved**: after a warm-up, each round runs every model
+once, in an order rotated by one each round, so drift of the machine (30-50 % over minutes on the
+project's shared CPUs) lands on every model alike. It reports the median of ``repeats`` (>= 20)
+rounds per model and batch, with intra-op threads fixed (default 2, inter-op 1). With a GPU and
+``onnxruntime-gpu``, ``provider="auto"`` picks TensorRT, else CUDA, else the CPU.
+
+:func:`run_latency` is the stage: for a finished run it exports the float model, the model with
+GELU replaced by ReLU at the policy's ``relu`` sites and at every GELU, quantizes them (static QDQ,
+U8S8, calibrated on the run's calibration images), measures float / int8 GELU / int8 with the
+policy's ReLU sites / int8 all-ReLU at batch 1 and 8, scores each ONNX model's top-1 on the run's
+evaluation images, and writes ``results/<run>/latency.json``, the run record's
+``stages.latency`` and the policy JSON's ``metrics.latency``.
+
+The ReLU models reuse the run's weights. Their top-1 means something only for weights trained
+without GELU (the training stage's distillation); ``latency.json`` records which weights ran.
+
+:func:`update_table` keeps ``results/latency.md``: rows are kept in a JSON block inside the file
+and re-rendered, so each command that measures a model replaces only that model's rows.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from policysearch.errors import ConfigError
+
+__all__ = [
+    "LATENCY_FILE",
+    "MIN_REPEATS",
+    "available_providers",
+    "machine_info",
+    "measure",
+    "resolve_provider",
+    "run_latency",
+    "summary",
+    "update_table",
+]
+
+log = logging.getLogger(__name__)
+
+LATENCY_FILE = "latency.json"
+LATENCY_FORMAT = "policysearch.latency/v1"
+MIN_REPEATS = 20
+_PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+def available_providers() -> list[str]:
+    """ONNX Runtime's execution providers here, in the order :func:`resolve_provider` prefers."""
+    from policysearch.deploy import require_onnx
+
+    _, ort = require_onnx()
+    have = set(ort.get_available_providers())
+    return [p for p in _PREFERRED if p in have]
+
+
+def resolve_provider(provider: str = "auto") -> str:
+    """``auto`` -> TensorRT, else CUDA, else CPU (what is installed); ``cpu`` / ``cuda`` / ``tensorrt``
+    or a full provider name -> that one, or an error listing those available."""
+    have = available_providers()
+    if provider == "auto":
+        return have[0] if have else "CPUExecutionProvider"
+    full = {v: k for k, v in _SHORT.items()}.get(provider, provider)
+    if full not in have:
+        raise ConfigError(f"execution provider {provider!r} is not available in this onnxruntime; available: "
+                          f"{', '.join(_SHORT.get(p, p) for p in have)} (GPU providers need onnxruntime-gpu)")
+    return full
+
+
+def _session(path: str | Path, *, threads: int, provider: str) -> Any:
+    from policysearch.deploy import require_onnx
+
+    _, ort = require_onnx()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def _input_shape(sess: Any) -> tuple[int, ...]:
+    shape = sess.get_inputs()[0].shape
+    dims = [d for d in shape[1:]]
+    if not all(isinstance(d, int) for d in dims):
+        raise ConfigError(f"the ONNX model's input shape {shape} has dynamic dimensions besides the batch")
+    return tuple(dims)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, core count and load averages (report them beside any latency)."""
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["load"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+# -- measurement ----------------------------------------------------------------------------
+
+def measure(models: Mapping[str, str | Path], *, batches: Sequence[int] = (1, 8), repeats: int = MIN_REPEATS,
+            warmup: int = 3, threads: int = 2, provider: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Median latency of each ONNX model at each batch size, measured interleaved.
+
+    Returns ``{"results": {name: {str(batch): {"median_ms", "q1_ms", "q3_ms", "min_ms", "runs"}}},
+    "ratios": ...}``-style dict (see :func:`_stats`), plus the settings and the machine's load
+    before and after. ``repeats`` below :data:`MIN_REPEATS` is refused.
+    """
+    from policysearch.deploy import require_onnx
+
+    require_onnx()
+    if repeats < MIN_REPEATS:
+        raise ConfigError(f"--repeats must be at least {MIN_REPEATS} (a median needs them), got {repeats}")
+    if not models:
+        raise ConfigError("nothing to measure")
+    provider = resolve_provider(provider)
+    names = list(models)
+    sessions = {n: _session(models[n], threads=threads, provider=provider) for n in names}
+    shapes = {_input_shape(s) for s in sessions.values()}
+    if len(shapes) != 1:
+        raise ConfigError(f"the models take different inputs: {sorted(shapes)}")
+    shape = shapes.pop()
+    input_names = {n: s.get_inputs()[0].name for n, s in sessions.items()}
+    rng = np.random.default_rng(seed)
+    load_before = machine_info().get("load")
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    rounds: dict[str, list[dict[str, float]]] = {}
+    for batch in batches:
+        x = rng.standard_normal((int(batch), *shape), dtype=np.float32)
+        for n in names:
+            for _ in range(warmup):
+                sessions[n].run(None, {input_names[n]: x})
+        per_round: list[dict[str, float]] = []
+        for r in range(repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            times = {}
+            for n in order:
+                t0 = time.perf_counter()
+                sessions[n].run(None, {input_names[n]: x})
+                times[n] = (time.perf_counter() - t0) * 1e3
+            per_round.append(times)
+        for n in names:
+            samples[n][str(batch)] = [t[n] for t in per_round]
+        rounds[str(batch)] = per_round
+    return {
+        "provider": _SHORT.get(provider, provider), "threads": int(threads), "repeats": int(repeats),
+        "warmup": int(warmup), "batches": [int(b) for b in batches], "input_shape": list(shape),
+        "load_before": load_before, "load_after": machine_info().get("load"),
+        "results": {n: {b: _stats(v) for b, v in samples[n].items()} for n in names},
+        "_rounds": rounds,
+    }
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median_ms": round(statistics.median(values), 4), "q1_ms": round(q[0], 4), "q3_ms": round(q[2], 4),
+            "min_ms": round(min(values), 4), "runs": len(values)}
+
+
+def paired_ratio(measured: Mapping[str, Any], num: str, den: str, batch: int | str) -> dict[str, float]:
+    """``num``/``den`` at ``batch``: ratio of medians and median of the per-round ratios."""
+    b = str(batch)
+    res = measured["results"]
+    per_round = [r[num] / r[den] for r in measured["_rounds"][b]]
+    return {"of_medians": round(res[num][b]["median_ms"] / res[den][b]["median_ms"], 4),
+            "paired_median": round(statistics.median(per_round), 4)}
+
+
+# -- the stage ------------------------------------------------------------------------------
+
+def _relu_sites(policy: Any) -> list[str]:
+    return [site.name for site, choice in policy.items() if site.kind == "gelu" and choice.method == "relu"]
+
+
+def _finetuned_checkpoint(record: Any) -> str | None:
+    """The training stage's weights, when the run record names them (``stages.finetune.checkpoint``)."""
+    ckpt = record.data.get("stages", {}).get("finetune", {}).get("checkpoint")
+    if not ckpt:
+        return None
+    path = Path(ckpt)
+    return str(path if path.is_absolute() or path.exists() else record.run_dir / path)
+
+
+def run_latency(run: str, *, results_dir: str | Path = "results", batches: Sequence[int] = (1, 8),
+                repeats: int = MIN_REPEATS, warmup: int = 3, threads: int = 2, provider: str = "auto",
+                fmt: str = "u8s8", checkpoint: str | None = None, keep_onnx: bool = True,
+                table: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+    """The int8 latency check of a finished run; returns the ``latency.json`` document.
+
+    ``checkpoint``: weights to use instead of the run's (default: the training stage's, when the run
+    record names them, else the run's own). ``keep_onnx``: keep the ONNX files in
+    ``results/<run>/onnx/``. ``table``: also update that latency table (``results/latency.md``).
+    """
+    from policysearch.deploy import require_onnx
+    from policysearch.deploy.onnx_export import export_float, gelu_paths, load_run_model, onnx_logits
+    from policysearch.deploy.ort_int8 import quantize_int8
+    from policysearch.policy import Policy, write_policy
+    from policysearch.run import RunRecord, lock_run, policy_document, resolve_run_dir
+
+    require_onnx()
+    run_dir = resolve_run_dir(run, results_dir)
+    record = RunRecord.load(run_dir)
+    policy_document(record)  # refuses an unfinished run
+    policy = Policy.from_dict(record.data["answer"]["policy"])
+    checkpoint = checkpoint or _finetuned_checkpoint(record)
+    model, data = load_run_model(record, integer=False, checkpoint=checkpoint)
+    calib = data.calib_images()
+    images, labels = data.eval_tensors()
+    all_gelu = gelu_paths(model)
+    policy_relu = _relu_sites(policy)
+    variants: dict[str, Any] = {"float": None, "int8_gelu": ()}
+    if policy_relu and set(policy_relu) != set(all_gelu):
+        variants["int8_policy"] = tuple(policy_relu)
+    if all_gelu:
+        variants["int8_relu"] = tuple(all_gelu)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="policysearch-latency-") as tmp:
+        folder = run_dir / "onnx" if keep_onnx else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        example = calib[:2]
+        paths: dict[str, Path] = {}
+        float_paths: dict[tuple[str, ...], Path] = {}
+        for name, relu in variants.items():
+            key = tuple(relu or ())
+            if key not in float_paths:
+                stem = "float" if not key else ("float_relu" if name == "int8_relu" else "float_policy_relu")
+                float_paths[key] = export_float(model, folder / f"{stem}.onnx", relu=list(key) or None, example=example)
+            if name == "float":
+                paths[name] = float_paths[key]
+            else:
+                paths[name] = quantize_int8(float_paths[key], folder / f"{name}.onnx", calib, fmt=fmt)
+        t_export = time.perf_counter() - t_start
+        measured = measure(paths, batches=batches, repeats=repeats, warmup=warmup, threads=threads,
+                           provider=provider)
+        batch = int(record.data.get("config", {}).get("batch_size") or 64)
+        top1 = {name: _top1(onnx_logits(p, images, batch_size=batch, threads=threads), labels)
+                for name, p in paths.items()}
+    ratios: dict[str, Any] = {}
+    for b in measured["batches"]:
+        r: dict[str, Any] = {"int8_gelu/float": paired_ratio(measured, "int8_gelu", "float", b)}
+        for name in ("int8_policy", "int8_relu"):
+            if name in paths:
+                r[f"{name}/int8_gelu"] = paired_ratio(measured, name, "int8_gelu", b)
+        ratios[str(b)] = r
+    measured.pop("_rounds")
+    weights = checkpoint or record.data.get("fingerprint", {}).get("weights")
+    if checkpoint and checkpoint == _finetuned_checkpoint(record):
+        if all_gelu and set(policy_relu) == set(all_gelu):
+            kind = "GELU-less distilled"
+        elif policy_relu:
+            kind = f"partly GELU-less ({len(policy_relu)}/{len(all_gelu)} ReLU)"
+        else:
+            kind = "fine-tuned"
+        weights_label = f"{kind} (training stage): {Path(checkpoint).name}"
+    elif checkpoint:
+        weights_label = f"checkpoint {Path(checkpoint).name}"
+    else:
+        weights_label = f"run {record.name} ({str(weights)[:20]})"
+    doc = {
+        "format": LATENCY_FORMAT, "run": record.name, "model": record.data.get("config", {}).get("model"),
+        "weights": weights, "weights_label": weights_label, "command": command,
+        "int8": {"format": fmt, "quantization": "static QDQ, min/max calibration", "calibration_images": len(calib)},
+        "variants": {name: {"relu_sites": list(variants[name] or ()), "file": str(paths[name].name) if keep_onnx else None}
+                     for name in paths},
+        "policy_relu_sites": policy_relu, "gelu_sites": all_gelu,
+        **measured, "ratios": ratios,
+        "top1": {**top1, "torch_float": record.data.get("float_metrics", {}).get("top1"),
+                 "torch_policy": record.data.get("answer", {}).get("metrics", {}).get("top1")},
+        "eval_images": len(images), "machine": machine_info(), "export_quantize_s": round(t_export, 2),
+        "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "note": ("ReLU variants use these weights with GELU replaced; their top-1 is meaningful only for "
+                 "weights trained GELU-less (the training stage's distillation)"),
+    }
+    with lock_run(run_dir):
+        (run_dir / LATENCY_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+        record = RunRecord.load(run_dir)
+        record.set_stage("latency", {"file": LATENCY_FILE, **summary(doc)})
+        outputs = record.data.setdefault("outputs", {})
+        outputs["latency"] = LATENCY_FILE
+        record.save()
+        write_policy(run_dir / outputs.get("policy", "policy.json"), policy_document(record))
+    if table is not None:
+        update_table(table, rows_from_latency(doc), command=command)
+    return doc
+
+
+def summary(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The short form of a ``latency.json`` document (the run record and the policy's metrics)."""
+    out: dict[str, Any] = {"provider": doc.get("provider"), "threads": doc.get("threads"),
+                           "int8": doc.get("int8", {}).get("format"), "weights": doc.get("weights")}
+    out["median_ms"] = {name: {b: v["median_ms"] for b, v in per.items()} for name, per in doc["results"].items()}
+    out["ratios"] = {b: {k: v["paired_median"] for k, v in r.items()} for b, r in doc.get("ratios", {}).items()}
+    out["top1"] = {k: v for k, v in doc.get("top1", {}).items() if k in doc["results"]}
+    return out
+
+
+def _top1(logits: Any, labels: Any) -> float | None:
+    if labels is None or len(labels) == 0:
+        return None
+    return round(float((logits.argmax(-1) == labels).float().mean()), 6)
+
+
+def _versions() -> dict[str, str]:
+    from policysearch.deploy import require_onnx
+
+    onnx, ort = require_onnx()
+    import torch
+
+    return {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__}
+
+
+# -- results/latency.md ---------------------------------------------------------------------
+
+_BLOCK = re.compile(r"<!-- latency-rows\n(.*?)\n-->", re.S)
+#: the rows issue 10 asks for; those not yet measured are listed as missing
+EXPECTED_ROWS = (
+    ("swin_tiny_patch4_window7_224", "random (timm, pretrained=False)"),
+    ("deit_small_patch16_224", "random (timm, pretrained=False)"),
+    ("fmnist_vit", "GELU-less distilled (training stage)"),
+    ("fmnist_swin", "GELU-less distilled (training stage)"),
+)
+
+
+def rows_from_latency(doc: Mapping[str, Any], *, weights_label: str | None = None) -> list[dict[str, Any]]:
+    """Table rows (one per batch) from a ``latency.json`` document or a benchmark's equivalent."""
+    rows = []
+    res, top1 = doc["results"], doc.get("top1", {})
+    relu_name = "int8_relu" if "int8_relu" in res else None
+    for b in doc["batches"]:
+        b = str(b)
+        ratios = doc.get("ratios", {}).get(b, {})
+        ratio = ratios.get(f"{relu_name}/int8_gelu", {}).get("paired_median") if relu_name else None
+        rows.append({
+            "model": doc["model"], "weights": weights_label or doc.get("weights_label") or str(doc.get("weights")), "batch": int(b),
+            "float_ms": res["float"][b]["median_ms"], "int8_gelu_ms": res["int8_gelu"][b]["median_ms"],
+            "int8_relu_ms": res[relu_name][b]["median_ms"] if relu_name else None, "relu_gelu": ratio,
+            "gelu_float": ratios.get("int8_gelu/float", {}).get("paired_median"),
+            "top1": {k: top1.get(k) for k in ("float", "int8_gelu", "int8_relu")},
+            "int8": doc.get("int8", {}).get("format"), "provider": doc.get("provider"), "threads": doc.get("threads"),
+            "load": doc.get("load_before"), "date": str(doc.get("created", ""))[:10], "command": doc.get("command"),
+        })
+    return rows
+
+
+def update_table(path: str | Path, rows: Sequence[Mapping[str, Any]], *, command: str | None = None) -> Path:
+    """Replace the rows of the same (model, weights, batch, threads) in the table at ``path``; re-render it."""
+    path = Path(path)
+    kept: list[dict[str, Any]] = []
+    if path.is_file():
+        m = _BLOCK.search(path.read_text())
+        if m:
+            kept = json.loads(m.group(1))
+    new = [{**r, "command": r.get("command") or command} for r in rows]
+    def key(r: Mapping[str, Any]) -> tuple:
+        return r["model"], r["weights"], r["batch"], r.get("threads") or 0
+
+    keys = {key(r) for r in new}
+    merged = sorted([r for r in kept if key(r) not in keys] + new, key=lambda r: (key(r)[:2], key(r)[3], key(r)[2]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(_render(merged))
+    return path
+
+
+def _fmt(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _render(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = [
+        "# int8 latency: float, int8 with GELU, int8 with ReLU (ONNX Runtime)",
+        "",
+        "Median of >= 20 interleaved runs per model (each round runs every variant once, rotating the",
+        "order), fixed intra-op threads, static QDQ int8 (min/max calibration). `ReLU/GELU` and",
+        "`int8 GELU/float` are medians of the per-round ratios (target for ReLU/GELU: <= 0.89 at batch 8, the",
+        "GELU-less Swin paper's 11 %). Load is the 1/5/15-minute load average when the measurement started. Top-1 only where the",
+        "model has trained weights (ReLU columns: meaningful only for weights trained without GELU).",
+        "Every row names the command that produced it; re-running that command replaces its rows.",
+        "",
+        "| model | weights | batch | float ms | int8 GELU ms | int8 ReLU ms | ReLU/GELU | int8 GELU/float "
+        "| top-1 float / int8 GELU / int8 ReLU | int8 | threads | load | date | by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|",
+    ]
+    commands = list(dict.fromkeys(r.get("command") for r in rows if r.get("command")))
+    for r in rows:
+        t = r.get("top1") or {}
+        top = " / ".join(_fmt(None if t.get(k) is None else 100 * t[k], ".2f") for k in ("float", "int8_gelu", "int8_relu"))
+        speed = r.get("gelu_float") or (r["int8_gelu_ms"] / r["float_ms"] if r.get("float_ms") else None)
+        by = f"[{commands.index(r['command']) + 1}]" if r.get("command") in commands else "-"
+        load = "/".join(f"{v:.2f}" for v in r["load"]) if r.get("load") else "-"
+        lines.append(f"| {r['model']} | {r['weights']} | {r['batch']} | {_ms(r['float_ms'])} | {_ms(r['int8_gelu_ms'])} "
+                     f"| {_ms(r.get('int8_relu_ms'))} | {_fmt(r.get('relu_gelu'), '.3f')} | {_fmt(speed, '.3f')} "
+                     f"| {top if any(t.values()) else '-'} | {r.get('int8') or '-'} | {r.get('threads') or '-'} "
+                     f"| {load} | {r.get('date') or '-'} | {by} |")
+    lines += ["", "Produced by (the `by` column):", ""] + [f"{i}. `{c}`" for i, c in enumerate(commands, 1)]
+    missing = [f"{m} ({w})" for m, w in EXPECTED_ROWS
+               if not any(r["model"] == m and str(r["weights"]).startswith(w.split(" (")[0]) for r in rows)]
+    lines += ["", "Rows still missing: " + (", ".join(missing) if missing else "none") + "."]
+    if missing:
+        lines += ["The zoo models' rows come from `policysearch latency RUN --table results/latency.md` on a run",
+                  "whose weights were distilled GELU-less by the training stage."]
+    lines += ["", "<!-- latency-rows", json.dumps(list(rows), indent=0), "-->", ""]
+    return "\n".join(lines)

@@ -1,0 +1,408 @@
+"""ONNX export: the float model (with GELU or ReLU MLPs) and the simulated-integer model of a policy.
+
+Every export uses PyTorch's legacy TorchScript exporter (``dynamo=False``, opset 17, a dynamic
+batch axis): it exports timm's DeiT and Swin in seconds and needs no ``onnxscript``.
+
+**Float models.** :func:`export_float` writes the model as it is; :func:`replace_gelu` first
+swaps ``nn.GELU`` for ``nn.ReLU`` at chosen MLPs (``blocks.N.mlp.act`` in ViT/DeiT,
+``layers.N.blocks.M.mlp.act`` in Swin), the GELU-less model of the Tayaranian et al. paper.
+
+**The integer model** (``policysearch export RUN --onnx FILE``, :func:`export_run_onnx`): the
+model policysearch evaluates (``load_model`` + ``prepare`` + ``calibrate`` + ``apply_policy``),
+traced. Its operators are floor / round / clamp and power-of-two scalings of integer-valued
+float32 tensors, which ONNX has; two kernel helpers do not trace and are replaced while exporting
+only (:func:`export_friendly`, nothing in the kernel modules changes):
+
+* ``kernels._common.exp2_int`` builds ``2**k`` from float32 bits (``Tensor.view(torch.float32)``
+  on int32), which the tracer rejects; it is replaced by ``Pow(2, k)`` with the same
+  saturation (0 below ``k = -126``, ``inf`` above 127), equal for every ``k`` (tested);
+* ``torch.frexp`` (dyadic requantization, I-BERT's softmax requantization, FQ-ViT's exact
+  ``floor(log2)``) has no ONNX symbolic; one is registered that computes the same mantissa and
+  exponent with Log / Floor / Pow and a one-step correction either way (exact; tested).
+
+**Agreement** (:func:`compare_onnx`). Every kernel is integer arithmetic in float32 and exports
+bit-exactly (tested per kernel). The linear layers are not: policysearch simulates them as float32
+matmuls of dequantized operands, and PyTorch's and ONNX Runtime's GEMMs add the products in
+different orders, so a product can differ in its last bit, and where that moves a value across a
+rounding boundary the next quantizer picks the neighbouring integer. The integer model's logits
+therefore agree within :data:`INTEGER_TOLERANCE`, the float model's within
+:data:`FLOAT_TOLERANCE`. policysearch's own outputs move by as much when only the batch
+composition changes (the GEMM blocking changes), so this is the reproducibility the simulated
+model itself has.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from policysearch.errors import ConfigError, PolicySearchError
+
+__all__ = [
+    "ExportError",
+    "FLOAT_TOLERANCE",
+    "INTEGER_TOLERANCE",
+    "OPSET",
+    "Agreement",
+    "OnnxExport",
+    "compare_onnx",
+    "export_float",
+    "export_friendly",
+    "export_integer",
+    "export_onnx",
+    "export_run_onnx",
+    "gelu_paths",
+    "load_run_model",
+    "onnx_logits",
+    "replace_gelu",
+]
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+
+class ExportError(PolicySearchError):
+    """The exported ONNX model does not reproduce the PyTorch model within the stated tolerance."""
+
+#: ONNX Runtime against PyTorch, float model: max |Δlogit| <= rel x max |logit|, top-1 on >= top1
+FLOAT_TOLERANCE = {"rel": 1e-4, "top1": 1.0}
+#: the simulated-integer model (see the module docstring: float32 GEMM accumulation order)
+INTEGER_TOLERANCE = {"rel": 0.05, "top1": 0.99}
+
+
+# -- float models: GELU -> ReLU -------------------------------------------------------------
+
+def _is_gelu(m: nn.Module) -> bool:
+    return isinstance(m, nn.GELU) or (type(m).__name__ == "GELU" and "timm" in type(m).__module__)
+
+
+def gelu_paths(model: nn.Module) -> list[str]:
+    """The module paths of every GELU in ``model`` (timm: each MLP's ``mlp.act``), in order."""
+    return [path for path, m in model.named_modules() if path and _is_gelu(m)]
+
+
+def replace_gelu(model: nn.Module, paths: Sequence[str] | None = None) -> list[str]:
+    """Replace the GELU at each of ``paths`` (default: every GELU) by ``nn.ReLU``, in place.
+
+    Returns the replaced paths. A path that is not a GELU of the model is a :class:`ConfigError`
+    naming it. Swin's constructor takes no ``act_layer``, so this works on built models.
+    """
+    available = gelu_paths(model)
+    todo = list(available if paths is None else paths)
+    bad = [p for p in todo if p not in available]
+    if bad:
+        raise ConfigError(f"not a GELU of {type(model).__name__}: {', '.join(bad[:5])}"
+                          f"{' ...' if len(bad) > 5 else ''}; its GELUs are at {', '.join(available[:3])} ...")
+    for path in todo:
+        parent_path, _, attr = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, nn.ReLU())
+    return todo
+
+
+# -- export ---------------------------------------------------------------------------------
+
+def _exp2_export(k: torch.Tensor) -> torch.Tensor:
+    """``kernels._common.exp2_int`` without the float32 bit cast: the same values, traceable."""
+    k = torch.clamp(k, -127.0, 128.0)
+    return torch.where(k <= -127.0, torch.zeros_like(k), torch.pow(torch.full_like(k, 2.0), k))
+
+
+def _frexp_symbolic(g: Any, x: Any) -> tuple[Any, Any]:
+    """ONNX for ``torch.frexp``: ``x = m * 2**e``, ``0.5 <= |m| < 1`` (``frexp(0) = (0, 0)``)."""
+    dtype = torch.float64 if x.type().scalarType() == "Double" else torch.float32
+
+    def const(v: float) -> Any:
+        return g.op("Constant", value_t=torch.tensor(v, dtype=dtype))
+
+    zero, one, half, two = const(0.0), const(1.0), const(0.5), const(2.0)
+    absx = g.op("Abs", x)
+    is_zero = g.op("Equal", absx, zero)
+    a = g.op("Where", is_zero, one, absx)
+    e = g.op("Add", g.op("Floor", g.op("Div", g.op("Log", a), const(0.6931471805599453))), one)
+    m = g.op("Div", a, g.op("Pow", two, e))  # a power-of-two division: exact
+    big = g.op("GreaterOrEqual", m, one)  # log rounded down: one step back
+    e = g.op("Where", big, g.op("Add", e, one), e)
+    m = g.op("Where", big, g.op("Mul", m, half), m)
+    small = g.op("Less", m, half)  # log rounded up
+    e = g.op("Where", small, g.op("Sub", e, one), e)
+    m = g.op("Where", small, g.op("Mul", m, two), m)
+    m = g.op("Where", is_zero, zero, g.op("Mul", m, g.op("Sign", x)))
+    e = g.op("Where", is_zero, zero, e)
+    return m, g.op("Cast", e, to_i=6)  # int32, as torch.frexp's exponent
+
+
+@contextlib.contextmanager
+def export_friendly() -> Iterator[None]:
+    """While exporting: traceable ``exp2_int`` and an ONNX symbolic for ``aten::frexp``.
+
+    Swaps the function object in every loaded ``policysearch`` module that imported it (the kernel
+    modules keep their code), and restores everything on exit.
+    """
+    from policysearch.kernels import _common
+
+    original = getattr(_common, "exp2_int", None)
+    swapped = []
+    if original is not None:
+        for name, module in list(sys.modules.items()):
+            if (name == "policysearch" or name.startswith("policysearch.")) and \
+                    getattr(module, "exp2_int", None) is original:
+                module.exp2_int = _exp2_export
+                swapped.append(module)
+    torch.onnx.register_custom_op_symbolic("aten::frexp", _frexp_symbolic, OPSET)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::frexp", OPSET)
+        for module in swapped:
+            module.exp2_int = original
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, integer: bool = False) -> Path:
+    """Export ``model`` (eval mode) to ``path`` with a dynamic batch axis; input ``x``, output ``logits``.
+
+    ``example`` is one input batch (its batch size only shapes the trace). ``integer=True`` exports
+    under :func:`export_friendly` (the simulated-integer model). Returns the path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = export_friendly() if integer else contextlib.nullcontext()
+    try:
+        with ctx, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings on constant shapes and scales
+            torch.onnx.export(
+                model, (example.to(device),), str(path), dynamo=False, opset_version=OPSET,
+                input_names=["x"], output_names=["logits"],
+                dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, do_constant_folding=True,
+            )
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _example(model: nn.Module, batch: int) -> torch.Tensor:
+    from policysearch.models.loading import model_input_size
+
+    return torch.randn(batch, *model_input_size(model), generator=torch.Generator().manual_seed(0))
+
+
+def export_float(model: nn.Module, path: str | Path, *, relu: Sequence[str] | bool | None = None,
+                 example: torch.Tensor | None = None) -> Path:
+    """Export the float model; ``relu``: GELU paths to replace by ReLU first (``True``: all).
+
+    With ``relu`` the model is copied first, so ``model`` itself is left unchanged.
+    """
+    import copy
+
+    if relu:
+        model = copy.deepcopy(model)
+        replace_gelu(model, None if relu is True else list(relu))
+    return export_onnx(model, path, example if example is not None else _example(model, 2))
+
+
+def export_integer(model: nn.Module, path: str | Path, example: torch.Tensor) -> Path:
+    """Export a prepared, calibrated model under its applied policy (the simulated-integer model)."""
+    info = getattr(model, "_policysearch", None)
+    if info is None or getattr(info, "policy", None) is None:
+        raise ConfigError("export_integer needs a model under a policy: prepare, calibrate and apply_policy first")
+    # one forward first: values the quantizers derive once from calibration data and then cache
+    # (FQ-ViT's PTF factors come from the last calibration batch) enter the trace as their small
+    # results, not as that batch baked in and the derivation recomputed on every run
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(example.to(next(model.parameters()).device))
+    model.train(was_training)
+    return export_onnx(model, path, example, integer=True)
+
+
+# -- agreement -----------------------------------------------------------------------------
+
+def _session(path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None) -> Any:
+    from policysearch.deploy import require_onnx
+
+    _, ort = require_onnx()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+def onnx_logits(path_or_session: Any, images: torch.Tensor, *, batch_size: int = 64,
+                threads: int | None = None) -> torch.Tensor:
+    """The ONNX model's outputs on ``images``, run by ONNX Runtime (CPU) in batches."""
+    sess = _session(path_or_session, threads=threads) if isinstance(path_or_session, (str, Path)) else path_or_session
+    name = sess.get_inputs()[0].name
+    outs = [torch.from_numpy(sess.run(None, {name: b.detach().cpu().contiguous().numpy()})[0])
+            for b in images.split(batch_size)]
+    return torch.cat(outs)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """ONNX Runtime's outputs against PyTorch's on the same images, in the same batches."""
+
+    images: int
+    max_abs: float  # max |ort - torch| over all logits
+    logit_scale: float  # max |torch logit|
+    rel: float  # max_abs / logit_scale
+    exact: float  # fraction of logits bit-identical
+    top1: float  # fraction of images with the same argmax
+    tolerance: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return self.rel <= self.tolerance["rel"] and self.top1 >= self.tolerance["top1"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def __str__(self) -> str:
+        verdict = "within" if self.ok else "OUTSIDE"
+        return (f"{self.images} images: top-1 agrees on {100 * self.top1:.1f}%, {100 * self.exact:.1f}% of logits "
+                f"bit-identical, max |diff| {self.max_abs:.3g} ({self.rel:.2g} of max |logit| {self.logit_scale:.3g}); "
+                f"{verdict} the tolerance (rel <= {self.tolerance['rel']:g}, top-1 >= {self.tolerance['top1']:g})")
+
+
+@torch.no_grad()
+def compare_onnx(path: str | Path, model: nn.Module, images: torch.Tensor, *, batch_size: int = 64,
+                 tolerance: dict[str, float] | None = None) -> Agreement:
+    """Run ``path`` in ONNX Runtime and ``model`` in PyTorch on ``images`` (same batches) and compare.
+
+    ``tolerance`` defaults to :data:`INTEGER_TOLERANCE` for a model under a policy, else
+    :data:`FLOAT_TOLERANCE`.
+    """
+    if tolerance is None:
+        under_policy = getattr(getattr(model, "_policysearch", None), "policy", None) is not None
+        tolerance = INTEGER_TOLERANCE if under_policy else FLOAT_TOLERANCE
+    model.eval()
+    device = next(model.parameters()).device
+    ref = torch.cat([model(b.to(device)).float().cpu() for b in images.split(batch_size)])
+    got = onnx_logits(path, images, batch_size=batch_size)
+    if got.shape != ref.shape:
+        raise ValueError(f"ONNX output shape {tuple(got.shape)} != PyTorch's {tuple(ref.shape)}")
+    diff = (got - ref).abs()
+    scale = float(ref.abs().max())
+    max_abs = float(diff.max())
+    return Agreement(images=len(images), max_abs=max_abs, logit_scale=scale,
+                     rel=max_abs / scale if scale > 0 else float(max_abs > 0),
+                     exact=float((diff == 0).float().mean()),
+                     top1=float((got.argmax(-1) == ref.argmax(-1)).float().mean()), tolerance=dict(tolerance))
+
+
+# -- a run's models -------------------------------------------------------------------------
+
+def _run_model_args(record: Any) -> dict[str, Any]:
+    config = record.data.get("config", {})
+    args = dict(record.data.get("fingerprint", {}).get("model_args") or {})
+    for key in ("num_classes", "img_size", "in_chans"):
+        if config.get(key) is not None:
+            args.setdefault(key, config[key])
+    return args
+
+
+def load_run_model(record: Any, *, integer: bool, checkpoint: str | None = None) -> tuple[nn.Module, Any]:
+    """``(model, data)`` of a finished run: the model as the run built it, and the run's data.
+
+    ``integer=True``: prepared with the run's wiring, calibrated on the run's calibration images
+    (in the run's batches) and under the run's answer policy, as the evaluator scored it;
+    ``integer=False``: the float model. ``checkpoint`` replaces the run's weights (e.g. a
+    fine-tuned file); the weights are seeded as the run seeded them.
+    """
+    from policysearch.data import load_data
+    from policysearch.models import apply_policy, calibrate, prepare
+    from policysearch.models.loading import check_compatible, load_model
+    from policysearch.policy import Policy
+    from policysearch.run import policy_document
+
+    policy_document(record)  # a clear error when the run has not finished
+    config = record.data.get("config", {})
+    torch.manual_seed(int(config.get("seed", 0)))  # timm weights without a checkpoint: as the run
+    model = load_model(config["model"], checkpoint=checkpoint or config.get("checkpoint"), **_run_model_args(record))
+    wiring = record.data.get("fingerprint", {}).get("wiring") or config.get("wiring") or "native"
+    if integer:
+        prepare(model, wiring=wiring)
+    data = load_data(config.get("data", "fmnist-sample"), model=model, calib_size=config.get("calib_size"),
+                     eval_size=config.get("eval_size"))
+    check_compatible(model, data)
+    if integer:
+        calibrate(model, data.calib_images().split(int(config.get("batch_size") or 256)))
+        apply_policy(model, Policy.from_dict(record.data["answer"]["policy"]))
+    return model.eval(), data
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """What ``policysearch export RUN --onnx FILE`` wrote and how well ONNX Runtime reproduces it."""
+
+    path: Path
+    run: str
+    wiring: str
+    agreement: Agreement
+    top1_onnx: float | None
+    top1_torch: float | None
+    top1_recorded: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "run": self.run, "wiring": self.wiring, "agreement": self.agreement.to_dict(),
+                "top1_onnx": self.top1_onnx, "top1_torch": self.top1_torch, "top1_recorded": self.top1_recorded}
+
+    def __str__(self) -> str:
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.2f}%"
+
+        return (f"{self.path}\nONNX Runtime against policysearch on the calibration images: {self.agreement}\n"
+                f"top-1 on the evaluation images: ONNX Runtime {pct(self.top1_onnx)}, policysearch "
+                f"{pct(self.top1_torch)} (the run recorded {pct(self.top1_recorded)})")
+
+
+def export_run_onnx(run: str, out: str | Path, *, results_dir: str | Path = "results",
+                    top1: bool = True, checkpoint: str | None = None) -> OnnxExport:
+    """Export the integer model of a finished run under its answer policy to ``out`` and check it.
+
+    The check runs ONNX Runtime and PyTorch on the run's calibration images (and, with ``top1``,
+    scores both on its evaluation images); an agreement outside :data:`INTEGER_TOLERANCE` is an
+    :class:`ExportError` (the file stays, for inspection).
+    """
+    from policysearch.deploy import require_onnx
+    from policysearch.run import RunRecord, resolve_run_dir
+
+    require_onnx()
+    record = RunRecord.load(resolve_run_dir(run, results_dir))
+    model, data = load_run_model(record, integer=True, checkpoint=checkpoint)
+    calib = data.calib_images()
+    path = export_integer(model, out, calib[:2])
+    batch = int(record.data.get("config", {}).get("batch_size") or 64)
+    agreement = compare_onnx(path, model, calib, batch_size=batch, tolerance=INTEGER_TOLERANCE)
+    top1_onnx = top1_torch = None
+    if top1:
+        images, labels = data.eval_tensors()
+        with torch.no_grad():
+            top1_torch = _top1(torch.cat([model(b) for b in images.split(batch)]), labels)
+        top1_onnx = _top1(onnx_logits(path, images, batch_size=batch), labels)
+    result = OnnxExport(path=path, run=record.name, wiring=model._policysearch.wiring, agreement=agreement,
+                        top1_onnx=top1_onnx, top1_torch=top1_torch,
+                        top1_recorded=record.data.get("answer", {}).get("metrics", {}).get("top1"))
+    if not agreement.ok:
+        raise ExportError(f"the exported ONNX model does not reproduce policysearch: {agreement} (file left at {path})")
+    return result
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    if labels is None or len(labels) == 0:
+        return None
+    return float((logits.argmax(-1) == labels.to(logits.device)).float().mean())

@@ -1,0 +1,352 @@
+"""The fine-tuning tables of ``results/finetune.md``: the jobs that produce them, and the rendering.
+
+    python -m policysearch.finetune.tables run geluless [--models fmnist_vit,fmnist_swin]
+    python -m policysearch.finetune.tables run table5   [--models ...] [--bits 8,6] [--epochs 1]
+    python -m policysearch.finetune.tables render       [--out results/finetune.md]
+
+Every job is one ``policysearch finetune`` (:func:`policysearch.finetune.finetune`) on the full
+Fashion-MNIST (``--data fmnist``: 60,000 training images, evaluation on all 10,000 test images),
+``paper`` wiring, the default settings unless given, in its own folder under ``--root``
+(``results/finetune/``), with per-image predictions saved for paired intervals. A job that has
+finished is skipped, an interrupted one resumes, so ``run`` can be repeated until everything is
+there and ``render`` writes whatever has finished, listing the missing rows with the command
+that fills them.
+
+* ``geluless``: both zoo models with every GELU replaced by ReLU by iterative distillation (one
+  block per stage, input side first, one epoch per stage), then the 8-bit integer policy (I-BERT
+  softmax and LayerNorm, ReLU in place of GELU) after QAT (``--epochs``, default 1). The paper's
+  claim: within 0.5 points of the float GELU model.
+* ``table5`` (the paper's Tables 4 and 5): uniform ibert / fqvit / ivit and the mixed policies of
+  the SQNR rules (``sqnr_diff``, ``sqnr_drop``, ``sqnr_absdiff``, ``sqnr_output``) and of one
+  search strategy (``tpe``, 40 trials), at W8A8 and W6A6, before QAT and after ``--epochs``
+  epochs; the mixed policies come from ``policysearch run`` on the same data (1,000 evaluation
+  images per trial). The rules' rows after QAT are the paper's Table 2.
+
+Intervals: for two policies evaluated on the same images, the 95% interval of the difference in
+top-1 is ``mean(d) +- 1.96 sd(d) / sqrt(n)`` over the per-image differences ``d`` in correctness
+(each -1, 0 or 1): a paired normal interval.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policysearch.stats import paired_interval
+
+__all__ = ["Job", "jobs", "main", "paired_interval", "render"]
+
+log = logging.getLogger(__name__)
+
+ROOT = Path("results/finetune")
+MODELS = ("fmnist_vit", "fmnist_swin")
+UNIFORM = ("ibert", "fqvit", "ivit")
+RULES = ("sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output")
+STRATEGY = "tpe"
+STRATEGY_TRIALS = 40
+MODULE = "python -m policysearch.finetune.tables"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    part: str
+    model: str
+    bits: int
+    policy: str  # a uniform method, a strategy name, or "geluless"
+    epochs: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-w{self.bits}a{self.bits}-{self.policy}-e{self.epochs}"
+
+    def folder(self, root: Path) -> Path:
+        return root / self.part / self.name
+
+    def command(self, root: Path) -> str:
+        extra = "" if root == ROOT else f" --root {shlex.quote(str(root))}"
+        return (f"{MODULE} run {self.part} --models {self.model} --bits {self.bits} --epochs {self.epochs} "
+                f"--only {self.policy}{extra}")
+
+
+def jobs(part: str, *, models: Sequence[str] = MODELS, bits: Sequence[int] = (8, 6),
+         epochs: Sequence[int] = (1,)) -> list[Job]:
+    if part == "geluless":
+        return [Job(part=part, model=m, bits=8, policy="geluless", epochs=e) for m in models for e in epochs]
+    if part == "table5":
+        names = [*UNIFORM, *RULES, STRATEGY]
+        return [Job(part=part, model=m, bits=b, policy=p, epochs=e)
+                for m in models for b in bits for e in epochs for p in names]
+    raise SystemExit(f"unknown part {part!r}; valid: geluless, table5")
+
+
+# -- running -----------------------------------------------------------------------------------
+
+def _sites(model: str) -> list[Any]:
+    import policysearch as ps
+    from policysearch.models.loading import load_model
+
+    m = load_model(model)
+    ps.prepare(m, wiring="paper")
+    return ps.find_sites(m)
+
+
+def _policy(job: Job, root: Path, device: str, progress: bool) -> Any:
+    """The job's policy: a uniform one, the GELU-less one, or a search run's answer (run first)."""
+    from policysearch.policy import Policy, read_policy
+
+    if job.policy == "geluless":
+        return Policy.uniform(_sites(job.model), {"softmax": "ibert", "gelu": "relu", "layernorm": "ibert"},
+                              weight_bits=job.bits, act_bits=job.bits)
+    if job.policy in UNIFORM:
+        return Policy.uniform(_sites(job.model), job.policy, weight_bits=job.bits, act_bits=job.bits,
+                              fallback={"gelu": "ibert"})
+    from policysearch.search import SearchConfig, search
+
+    run_name = f"{job.model}-w{job.bits}a{job.bits}-{job.policy}"
+    runs = root / "runs"
+    config = SearchConfig(strategy=job.policy, model=job.model, data="fmnist", space="paper", objective="kl",
+                          trials=STRATEGY_TRIALS if job.policy == STRATEGY else None, weight_bits=job.bits,
+                          act_bits=job.bits, wiring="paper", run_name=run_name, results_dir=str(runs),
+                          storage=f"sqlite:///{runs}/studies.db", device=device, eval_size=1000)
+    if not (runs / run_name / "policy.json").is_file():
+        search(config, progress=progress)
+    return read_policy(runs / run_name / "policy.json")
+
+
+def run_job(job: Job, root: Path, *, device: str = "auto", progress: bool = True, **options: Any) -> Path:
+    from policysearch.finetune import finetune
+
+    out = job.folder(root)
+    if (out / "finetune.json").is_file() and (out / "finetune" / "predictions.npz").is_file():
+        log.info("%s: finished, skipped", job.name)
+        return out
+    policy = _policy(job, root, device, progress)
+    settings = {"epochs": job.epochs, **options}
+    if job.policy == "geluless":
+        settings.setdefault("relu_epochs", 1)
+    finetune(policy=policy, model=job.model, data="fmnist", wiring="paper", eval_size=None, calib_size=None,
+             out=out, device=device, progress=progress, predictions=True, **settings)
+    return out
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+def _load(folder: Path) -> dict[str, Any] | None:
+    import numpy as np
+
+    rec, pred = folder / "finetune.json", folder / "finetune" / "predictions.npz"
+    if not (rec.is_file() and pred.is_file()):
+        return None
+    data = json.loads(rec.read_text())
+    with np.load(pred) as z:
+        data["pred"] = {k: z[k] for k in z.files}
+    return data
+
+
+def _top1(pred: Any, labels: Any) -> float:
+    import numpy as np
+
+    return 100 * float((np.asarray(pred) == np.asarray(labels)).mean())
+
+
+def _ci(d: tuple[float, float, float]) -> str:
+    return f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
+
+
+def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -> list[str]:
+    lines = ["## GELU-less: GELU -> ReLU by iterative distillation, then the 8-bit integer policy", ""]
+    cmd = f"`{MODULE} run geluless --models {','.join(models)} --epochs {','.join(map(str, epochs))}`"
+    lines += [f"Command: {cmd}, then `{MODULE} render`.", "",
+              "Policy: ReLU at every GELU site, I-BERT softmax and LayerNorm, W8A8, `paper` wiring. ReLU stages: "
+              "one block per stage, input side first, one epoch each, each distilled from the previous stage "
+              "(the first from the float GELU model); then QAT of the integer policy with distillation from the "
+              "float GELU model. Top-1 (%) on the 10,000 Fashion-MNIST test images; differences against the float "
+              "GELU model with paired 95% intervals. The claim (Tayaranian et al.): within 0.5 points.", "",
+              "| model | QAT epochs | float GELU | float ReLU (distilled) | integer policy before training | "
+              "integer policy after | after - float GELU | within 0.5? | CPU/GPU time |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    missing = []
+    for job in jobs("geluless", models=models, epochs=epochs):
+        d = _load(job.folder(root))
+        if d is None:
+            lines.append(f"| {job.model} | {job.epochs} | not run | | | | | | |")
+            missing.append(job.command(root))
+            continue
+        p, y = d["pred"], d["pred"]["labels"]
+        diff = paired_interval(p["after"], p["float"], y)
+        ok = "yes" if diff[0] >= -0.5 else "no"
+        hours = f"{d.get('seconds', 0) / 3600:.1f} h on {d.get('device')}"
+        lines.append(f"| {job.model} | {job.epochs} | {_top1(p['float'], y):.2f} | {_top1(p['relu_float'], y):.2f} | "
+                     f"{_top1(p['before'], y):.2f} | {_top1(p['after'], y):.2f} | {_ci(diff)} | {ok} | {hours} |")
+    if missing:
+        lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
+    return lines
+
+
+def _render_table5(root: Path, models: Sequence[str], bits: Sequence[int], epochs: Sequence[int]) -> list[str]:
+    lines = ["## The paper's Tables 4 and 5 (and Table 2: the SQNR rules after QAT)", ""]
+    cmd = (f"`{MODULE} run table5 --models {','.join(models)} --bits {','.join(map(str, bits))} "
+           f"--epochs {','.join(map(str, epochs))}`")
+    lines += [f"Command: {cmd}, then `{MODULE} render`.", "",
+              "Top-1 (%) on the 10,000 Fashion-MNIST test images, `paper` wiring; differences against the best "
+              "uniform method of the same column with paired 95% intervals. Uniform fqvit runs I-BERT's GELU "
+              f"(FQ-ViT has none). Mixed policies: `policysearch run` with the SQNR rules and {STRATEGY} "
+              f"({STRATEGY_TRIALS} trials, KL objective), 1,000 evaluation images per trial.", ""]
+    missing = []
+    for model in models:
+        for b in bits:
+            cols = [("before QAT", None)] + [(f"after {e} epoch{'s' if e > 1 else ''}", e) for e in epochs]
+            lines += [f"### {model} W{b}A{b}", "", "| policy | " + " | ".join(c for c, _ in cols) + " |",
+                      "|---|" + "---|" * len(cols)]
+            loaded = {(p, e): _load(Job(part="table5", model=model, bits=b, policy=p, epochs=e).folder(root))
+                      for p in [*UNIFORM, *RULES, STRATEGY] for e in epochs}
+            for e in epochs:
+                for p in [*UNIFORM, *RULES, STRATEGY]:
+                    if loaded[(p, e)] is None:
+                        missing.append(Job(part="table5", model=model, bits=b, policy=p, epochs=e).command(root))
+            any_run = next((d for d in loaded.values() if d is not None), None)
+            if any_run is not None:
+                y, f = any_run["pred"]["labels"], any_run["pred"]["float"]
+                lines.append("| float | " + " | ".join(f"{_top1(f, y):.2f}" for _ in cols) + " |")
+
+            def best(e: int | None, key: str) -> Any:
+                cands = [(_top1(d["pred"][key], d["pred"]["labels"]), d) for (p, ee), d in loaded.items()
+                         if p in UNIFORM and d is not None and (ee == e or e is None)]
+                return max(cands, key=lambda t: t[0])[1]["pred"][key] if cands else None
+
+            for p in [*UNIFORM, *RULES, STRATEGY]:
+                cells = []
+                for _, e in cols:
+                    d = loaded.get((p, e if e is not None else epochs[0]))
+                    key = "before" if e is None else "after"
+                    if d is None:
+                        cells.append("not run")
+                        continue
+                    y = d["pred"]["labels"]
+                    ref = best(e, key)
+                    cell = f"{_top1(d['pred'][key], y):.2f}"
+                    if ref is not None and p not in UNIFORM:
+                        cell += f" ({_ci(paired_interval(d['pred'][key], ref, y))})"
+                    cells.append(cell)
+                lines.append(f"| {p} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if missing:
+        lines += ["Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
+    return lines
+
+
+STE_POLICY = "fmnist_swin-ivit-w6a6.json"
+STE_COMMAND = ("policysearch finetune --policy results/finetune/ste/{policy} --data fmnist --eval-size 2000 "
+               "--steps 150 --batch-size 64 --ste {ste} --out results/finetune/ste/{ste}")
+
+
+def _render_ste(root: Path) -> list[str]:
+    """The STE comparison (the issue: the references' STE against the alternative, on one case)."""
+    lines = ["## Straight-through estimators: the references' against the float operator's gradient", "",
+             "One case: fmnist_swin under uniform ivit at W6A6 (`paper` wiring), 150 QAT steps at batch 64 on the "
+             "Fashion-MNIST training set, lr 1e-4, distillation from the float model, ranges tracked (EMA); top-1 "
+             "on 2,000 test images. The policy file is written by `python -m policysearch.finetune.tables "
+             "ste-policy`; the commands:", ""]
+    lines += [f"    {STE_COMMAND.format(policy=STE_POLICY, ste=ste)}" for ste in ("reference", "float")]
+    lines += ["", "| STE | top-1 before | top-1 after | after - before | agreement with its float model | "
+              "top-1 with the trained ranges | QAT seconds |", "|---|---|---|---|---|---|---|"]
+    for ste in ("reference", "float"):
+        rec = root / "ste" / ste / "finetune.json"
+        if not rec.is_file():
+            lines.append(f"| {ste} | not run | | | | | |")
+            continue
+        d = json.loads(rec.read_text())
+        b, a = 100 * d["before"]["top1"], 100 * d["after"]["top1"]
+        qat = (d.get("qat") or {}).get("wall_seconds")
+        lines.append(f"| {ste} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {100 * d['after'].get('agreement', math.nan):.2f} | "
+                     f"{100 * d['trained_ranges']['top1']:.2f} | {qat} |")
+    return lines
+
+
+def write_ste_policy(root: Path = ROOT) -> Path:
+    """The policy file of the STE comparison case."""
+    import policysearch as ps
+    from policysearch.models.loading import load_model
+    from policysearch.policy import Policy, PolicyDocument, write_policy
+
+    m = load_model("fmnist_swin")
+    ps.prepare(m, wiring="paper")
+    policy = Policy.uniform(ps.find_sites(m), "ivit", weight_bits=6, act_bits=6)
+    path = root / "ste" / STE_POLICY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_policy(path, PolicyDocument(policy=policy, model={"name": "fmnist_swin"}, wiring="paper",
+                                      provenance={"data": "fmnist", "note": "uniform ivit W6A6: the STE comparison"}))
+    return path
+
+
+def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models: Sequence[str] = MODELS,
+           bits: Sequence[int] = (8, 6), epochs: Sequence[int] = (1,), notes: Sequence[str] = ()) -> Path:
+    import platform
+
+    import torch
+
+    lines = ["# Fine-tuning: QAT with distillation and GELU-less distillation on the zoo", "",
+             f"Rendered by `{MODULE} render` from the jobs under `{root}/` (torch {torch.__version__}, "
+             f"Python {platform.python_version()}). Each table names the command that produces it; a job "
+             "that is not there is listed with its command.", ""]
+    lines += _render_geluless(root, models, epochs) + [""]
+    lines += _render_table5(root, models, bits, epochs) + [""]
+    lines += _render_ste(root)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=MODULE, description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) the jobs of a table")
+    r.add_argument("part", choices=["geluless", "table5"])
+    r.add_argument("--only", default=None, help="comma-separated policies of the part (default: all)")
+    for p in (r, sub.add_parser("render", help="write results/finetune.md from the finished jobs")):
+        p.add_argument("--root", type=Path, default=ROOT)
+        p.add_argument("--models", default=",".join(MODELS))
+        p.add_argument("--bits", default="8,6")
+        p.add_argument("--epochs", default="1")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--no-progress", action="store_true")
+    sub.choices["render"].add_argument("--out", type=Path, default=Path("results/finetune.md"))
+    sub.choices["render"].add_argument("--note", action="append", default=[], help="a note line (repeat)")
+    sub.add_parser("ste-policy", help="write the policy file of the STE comparison case").add_argument(
+        "--root", type=Path, default=ROOT)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "ste-policy":
+        print(write_ste_policy(args.root))
+        return 0
+    models = [m for m in args.models.split(",") if m]
+    if args.cmd == "render":
+        print(render(args.root, args.out, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs),
+                     notes=args.note))
+        return 0
+    only = set(args.only.split(",")) if args.only else None
+    for job in jobs(args.part, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs)):
+        if only is not None and job.policy not in only:
+            continue
+        t0 = time.perf_counter()
+        out = run_job(job, args.root, device=args.device, progress=not args.no_progress)
+        print(f"{job.name}: {out} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

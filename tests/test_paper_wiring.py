@@ -1,0 +1,332 @@
+"""The ``paper`` wiring: one integer pipeline for every method (issue 8).
+
+* integer all the way: every (tensor, scale) pair handed between modules lies on its grid;
+* gamma where the paper takes it: the same tap for every method, masked entries excluded;
+* the wiring's bookkeeping: default, recorded, not mixed with ``native``, unsupported models.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from timm.models.swin_transformer import SwinTransformer
+from torch import nn
+
+import policysearch as ps
+from policysearch.errors import ConfigError
+from policysearch.models.attention import PaperAttention, PaperWindowAttention
+from policysearch.models.paper import PaperMlp, PaperPatchEmbed, PaperPatchMerging
+from policysearch.models.precision import widen_to_accumulator
+from policysearch.models.segments import segments
+from policysearch.models.site import QuantSite
+from policysearch.models.tiny import tiny_swin, tiny_vit
+from policysearch.objectives import Evaluator, asqnr
+from policysearch.policy import Choice, Policy
+from policysearch.quant import IntAct, IntConv2d, IntLinear
+
+RTOL = 1e-6  # float32 carries integers up to 2^24 exactly; larger ones within a few ulps
+
+
+def shifted_swin() -> nn.Module:
+    """A one-stage Swin whose second block has shifted windows (tiny_swin has none)."""
+    return SwinTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=16,
+                           depths=(2,), num_heads=(2,), window_size=4, mlp_ratio=2.0).eval()
+
+
+def _calibrated(make, seed: int = 0, n: int = 8):
+    torch.manual_seed(seed)
+    model = make()
+    x = torch.randn(n, 3, 32, 32)
+    ps.calibrate(ps.prepare(model), [x])
+    return model, x
+
+
+def _off_grid(x: torch.Tensor, s: torch.Tensor, nchw: bool = False) -> tuple[float, float]:
+    """(largest distance of x / s from an integer, relative to max(1, |x/s|); largest |x / s|)."""
+    s = s.detach().double()
+    if nchw and s.numel() > 1:
+        s = s.view(1, -1, 1, 1)  # the conv accumulator, per-channel on dim 1
+    v = x.detach().double() / s
+    dist = ((v - v.round()).abs() / v.abs().clamp(min=1.0)).max()
+    return float(dist), float(v.abs().max())
+
+
+_CHECKED = (IntAct, IntLinear, IntConv2d, QuantSite, PaperAttention, PaperWindowAttention, PaperMlp,
+            PaperPatchEmbed, PaperPatchMerging)
+#: the quantizers whose input is float by design: the image, and two parameter tensors
+_FLOAT_INPUTS = ("patch_embed.in_act", "paper_stem.pos_act", "table_act")
+
+
+def _walk(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], set[str]]:
+    """One forward with hooks on every module of the pipeline; asserts every hand-over lies on its
+    integer grid within its bit range; returns how many hand-overs each module type made, and the
+    names of the modules that made them."""
+    seen: dict[str, int] = {}
+    ran: set[str] = set()
+    problems: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def check(where: str, t: torch.Tensor, s: torch.Tensor | None, bits: int, nchw: bool = False) -> None:
+        if s is None:
+            problems.append(f"{where}: a float tensor (no scale)")
+            return
+        dist, top = _off_grid(t, s, nchw)
+        if dist > RTOL:
+            problems.append(f"{where}: off its grid by {dist:.2e} (relative)")
+        if top > 2 ** (bits - 1):
+            problems.append(f"{where}: |q| = {top:.0f} beyond {bits} bits")
+
+    def pre(mod, args):
+        name = names[mod]
+        if isinstance(mod, (PaperPatchMerging,)):
+            args = args[0]
+        if len(args) >= 2 and isinstance(args[1], torch.Tensor):
+            check(f"{name} input", args[0], args[1], 32)
+        elif isinstance(mod, IntAct) and not any(name.endswith(f) for f in _FLOAT_INPUTS):
+            problems.append(f"{name}: handed a float tensor")
+        if isinstance(mod, IntAct) and len(args) >= 4 and args[2] is not None:
+            check(f"{name} identity", args[2], args[3], 32)
+
+    def post(mod, args, out):
+        name = names[mod]
+        y, s = out
+        bits = mod.bits if isinstance(mod, IntAct) else 32
+        check(f"{name} output", y, s, bits, nchw=isinstance(mod, IntConv2d))
+        key = type(mod).__name__ + (f":{mod.kind}" if isinstance(mod, QuantSite) else "")
+        seen[key] = seen.get(key, 0) + 1
+        ran.add(name)
+
+    handles = []
+    for mod in model.modules():
+        if isinstance(mod, _CHECKED):
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.isfinite(logits).all()
+    assert not problems, "\n".join(problems[:20])
+    return seen, ran
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin, shifted_swin, lambda: tiny_vit(distilled=True)],
+                         ids=["vit", "swin", "shifted_swin", "deit_distilled"])
+@pytest.mark.parametrize("method", ["ibert", "fqvit", "ivit"])
+def test_every_hand_over_lies_on_its_integer_grid(make, method):
+    model, x = _calibrated(make)
+    sites = ps.find_sites(model)
+    ps.apply_policy(model, Policy.uniform(sites, method, fallback={"gelu": "ivit"}))
+    seen, ran = _walk(model, x)
+    # every site ran once and handed over an integer output; every linear and quantizer was checked
+    for kind in ("softmax", "gelu", "layernorm"):
+        assert seen[f"QuantSite:{kind}"] == sum(s.kind == kind for s in sites)
+    n_linear = sum(isinstance(m, IntLinear) for m in model.modules())
+    assert seen["IntLinear"] == n_linear and seen["IntConv2d"] == 1
+    # every quantizer ran, but a LayerNorm's own (only with Choice.bits) and the head's unused ones
+    unused = ("paper_head.pool_act", "paper_head.fc_norm_act") if hasattr(model, "blocks") else ("paper_head.fc_norm_act",)
+    idle = [n for n, m in model.named_modules() if isinstance(m, IntAct) and n not in ran
+            and not n.endswith(".in_act") and n not in unused]
+    assert not idle, idle
+    assert seen["IntAct"] >= 8 * len(sites) // 3
+
+
+def test_relu_and_mixed_bits_stay_integer():
+    model, x = _calibrated(tiny_swin)
+    sites = ps.find_sites(model)
+    policy = Policy.uniform(sites, "ivit", fallback={"gelu": "relu"})
+    policy = policy.replace({sites[2].name: Choice(method="ibert", bits=6), sites[0].name: Choice(method="ivit", bits=10)})
+    ps.apply_policy(model, policy)
+    _, ran = _walk(model, x)
+    assert "patch_embed.norm.in_act" in ran
+
+
+def test_the_handed_tensor_is_the_same_for_every_method():
+    """At each site, with upstream choices equal, the recorded input is bit-identical."""
+    model, x = _calibrated(shifted_swin)
+    sites = ps.find_sites(model)
+    recorded = {}
+    for method in ("ibert", "fqvit", "ivit"):
+        base = Policy.uniform(sites, "ivit")
+        for target in sites:
+            if target.kind == "gelu" and method == "fqvit":
+                continue
+            ps.apply_policy(model, base.replace({target.name: method}))
+            got = {}
+            with torch.no_grad(), ps.record_sites(model, lambda n, xi, y: got.__setitem__(n, xi)):
+                model(x)
+            recorded[(method, target.name)] = got[target.name]
+    for (method, name), t in recorded.items():
+        torch.testing.assert_close(t, recorded[("ivit", name)], rtol=0, atol=0, msg=f"{method} at {name}")
+
+
+def test_native_wiring_is_still_available_and_differs():
+    torch.manual_seed(0)
+    a, b = tiny_vit(), tiny_vit()
+    b.load_state_dict(a.state_dict())
+    ps.prepare(a, wiring="native")
+    ps.prepare(b)
+    assert a._policysearch.wiring == "native" and b._policysearch.wiring == "paper"
+    assert [s.name for s in ps.find_sites(a)] == [s.name for s in ps.find_sites(b)]
+    x = torch.randn(4, 3, 32, 32)
+    for m in (a, b):
+        ps.calibrate(m, [x])
+        ps.apply_policy(m, Policy.uniform(ps.find_sites(m), "ivit"))
+    with torch.no_grad():
+        assert not torch.allclose(a(x), b(x))
+    with pytest.raises(ConfigError, match="already wired 'native'"):
+        ps.prepare(a, wiring="paper")
+    with pytest.raises(ConfigError, match="unknown wiring"):
+        ps.prepare(tiny_vit(), wiring="integer")
+
+
+def test_paper_refuses_what_it_cannot_rebuild():
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, global_pool="max")
+    with pytest.raises(ps.UnsupportedModelError, match="global_pool='max'.*native"):
+        ps.prepare(model)
+    ps.prepare(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                 global_pool="max"), wiring="native")  # native still wires it
+
+
+@pytest.mark.parametrize("make", [tiny_vit, shifted_swin])
+def test_float_mode_and_segments_of_the_paper_wiring_are_the_timm_model(make):
+    torch.manual_seed(0)
+    model = make()
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    ps.prepare(model)
+    with torch.no_grad():
+        ref = ref_model(x)
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        ps.calibrate(model, [x])
+        ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ivit"))
+        full = model(x)
+        h = x
+        for seg in segments(model):
+            h = seg.fn(h)
+    torch.testing.assert_close(h, full, rtol=0, atol=0)
+
+
+def test_exact_dyadic_requantization_agrees_with_the_float32_simulation():
+    model, x = _calibrated(tiny_swin)
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ivit"))
+    with torch.no_grad():
+        fast = model(x)
+        IntAct.exact = True
+        try:
+            exact = model(x)
+        finally:
+            IntAct.exact = False
+    assert (fast - exact).norm() <= 1e-3 * exact.norm()
+
+
+def test_accumulator_form_is_a_power_of_two_refinement():
+    s = torch.tensor([0.05, 2.0**-12, 3e-4, 1e-5])
+    w = widen_to_accumulator(s)
+    k = torch.log2(s / w)
+    assert torch.equal(k, k.round()) and (k >= 0).all()
+    assert (w <= 2.0**-12).all() and ((w * 2 > 2.0**-12) | (k == 0)).all()
+    assert w[1] == s[1] and w[3] == s[3]
+
+
+# -- gamma ---------------------------------------------------------------------------------------
+
+def _zoo_evaluator(name: str, wiring: str = "paper", reuse: bool = True) -> Evaluator:
+    from policysearch.data import load_data
+    from policysearch.models.loading import load_model
+
+    torch.manual_seed(0)
+    model = ps.prepare(load_model(name), wiring=wiring)
+    data = load_data("fmnist-sample", model=model, calib_size=32, eval_size=32)
+    ex, ey = data.eval_tensors()
+    return Evaluator(model, calib_images=data.calib_images(), eval_images=ex, eval_labels=ey,
+                     batch_size=32, sqnr_batch=32, reuse=reuse)
+
+
+@pytest.mark.parametrize("name", ["fmnist_vit", "fmnist_swin"])
+def test_first_site_gamma_is_equal_for_every_method(name):
+    ev = _zoo_evaluator(name)
+    first = ev.sites[0].name
+    results = {m: ev.evaluate(Policy.uniform(ev.sites, m, fallback={"gelu": "ivit"})) for m in ("ibert", "fqvit", "ivit")}
+    gammas = {m: r.sites[first].gamma for m, r in results.items()}
+    assert len(set(gammas.values())) == 1, gammas
+    assert 40 < gammas["ivit"] < 200
+    assert len({r.sites[first].beta for r in results.values()}) == 3  # the methods do differ
+
+
+def test_native_first_site_gamma_differs_by_method():
+    """The reason for the paper tap: in native each method quantizes its own input."""
+    ev = _zoo_evaluator("fmnist_vit", wiring="native")
+    first = ev.sites[0].name
+    g = {m: ev.evaluate(Policy.uniform(ev.sites, m, fallback={"gelu": "ivit"})).sites[first].gamma
+         for m in ("fqvit", "ivit")}
+    assert g["fqvit"] < g["ivit"] - 5
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_gamma_is_equal_where_upstream_choices_are_equal(reuse):
+    torch.manual_seed(0)
+    ev = Evaluator(shifted_swin(), calib_images=torch.randn(8, 3, 32, 32), eval_images=torch.randn(8, 3, 32, 32),
+                   batch_size=8, sqnr_batch=8, reuse=reuse)
+    names = [s.name for s in ev.sites]
+    base = Policy.uniform(ev.sites, "ivit")
+    k = names.index("layers.0.blocks.1.attn.softmax")
+    for method in ("ibert", "fqvit"):
+        a = ev.evaluate(base)
+        b = ev.evaluate(base.replace({names[k]: method}))
+        for name in names[: k + 1]:  # upstream identical: every gamma up to the changed site is equal
+            assert a.sites[name].gamma == b.sites[name].gamma, name
+        assert a.sites[names[k]].beta != b.sites[names[k]].beta
+        assert a.sites[names[k + 1]].gamma != b.sites[names[k + 1]].gamma  # downstream sees the change
+
+
+# -- masked entries ------------------------------------------------------------------------------
+
+def test_asqnr_leaves_masked_entries_out():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 5)
+    q = x + 0.01 * torch.randn_like(x)
+    valid = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    valid[..., 3:] = False
+    wild = q.clone()
+    wild[..., 3:] = 1e3  # masked entries: anything, even NaN, must not matter
+    wild[0, 0, 0, 4] = float("nan")
+    assert asqnr(x, wild, valid=valid) == pytest.approx(asqnr(x[..., :3], q[..., :3]), rel=1e-9)
+    assert asqnr(x, wild) < 0 or math.isinf(asqnr(x, wild))
+    none_valid = torch.zeros_like(valid)
+    assert asqnr(x, wild, valid=none_valid) == 200.0  # nothing to compare
+
+
+@pytest.mark.parametrize("wiring", ["paper", "native"])
+def test_evaluator_leaves_the_shifted_window_mask_out(wiring):
+    torch.manual_seed(0)
+    model = ps.prepare(shifted_swin(), wiring=wiring)
+    ev = Evaluator(model, calib_images=torch.randn(8, 3, 32, 32), eval_images=torch.randn(8, 3, 32, 32),
+                   batch_size=8, sqnr_batch=8)
+    name = "layers.0.blocks.1.attn.softmax"
+    policy = Policy.uniform(ev.sites, "ivit")
+    res = ev.evaluate(policy)
+    x_ref, y_ref, valid = ev.ref_sites[name]
+    assert valid is not None and not bool(valid.all()) and bool(valid.any())
+    got = {}
+    with torch.no_grad(), ps.record_sites(model, lambda n, xi, y, v: got.__setitem__(n, (xi, y, v)), masks=True):
+        model(ev.batches[0])
+    xq, yq, v = got[name]
+    assert torch.equal(v, valid)
+    assert res.sites[name].gamma == pytest.approx(asqnr(x_ref, xq, valid=valid))
+    assert res.sites[name].beta == pytest.approx(asqnr(y_ref, yq, valid=valid))
+    # the masked entries do not count: the reference may hold anything there, the result stays
+    masked = ~valid.expand_as(y_ref)
+    wild_x, wild_y = x_ref.masked_fill(masked, -1e3), y_ref.masked_fill(masked, 1e3)
+    ev.ref_sites[name] = (wild_x, wild_y, valid)
+    ev.clear_cache()
+    again = ev.evaluate(policy)
+    assert again.sites[name] == res.sites[name]
+    assert asqnr(wild_y, yq) < res.sites[name].beta - 5  # counted, they would weigh heavily
+    assert asqnr(wild_x, xq) < res.sites[name].gamma - 5
+    assert ev.ref_sites["layers.0.blocks.0.attn.softmax"][2] is None  # no mask: no selection
