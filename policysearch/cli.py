@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -60,9 +61,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         eval_size=None if args.eval_size == 0 else args.eval_size, calib_size=args.calib_size,
         batch_size=args.batch_size,
         runner_options={k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None},
+        profile=args.profile, max_latency=args.max_latency, min_top1=args.min_top1,
     )
+    latency_batches = _batches(args.latency_batches, "--latency-batches") if args.latency else None  # before any work
     res = search(config, progress=not args.no_progress)
     _print_summary(res, db=args.db)
+    if res.feasibility:
+        from policysearch.objectives.latency import feasibility_text
+
+        print(feasibility_text(res.feasibility))
     if args.finetune:  # the next stage, on the run record the search just finished (resumes on its own)
         from policysearch.finetune import finetune
 
@@ -70,6 +77,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                       **_finetune_options(args, batch_size=args.train_batch_size))
         print()
         print(ft.summary())
+    if args.latency:  # then the int8 latency check (reuses a latency.json measured on the same weights)
+        from policysearch.deploy.latency import run_latency
+
+        doc = run_latency(str(res.run_dir), results_dir=args.results_dir, batches=latency_batches,
+                          threads=args.latency_threads, reuse=True,
+                          command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
+        print()
+        _print_latency(doc)
     return 0
 
 
@@ -133,23 +148,19 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_latency(args: argparse.Namespace) -> int:
-    import shlex
-
-    from policysearch.deploy.latency import run_latency
-
+def _batches(text: str, flag: str = "--batches") -> list[int]:
     try:
-        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+        batches = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
         batches = []
     if not batches or min(batches) < 1:
         from policysearch.errors import ConfigError
 
-        raise ConfigError(f"--batches {args.batches!r}: give positive batch sizes separated by commas, e.g. 1,8")
-    doc = run_latency(args.run, results_dir=args.results_dir, batches=batches, repeats=args.repeats,
-                      threads=args.threads, provider=args.provider, fmt=args.int8, checkpoint=args.checkpoint,
-                      keep_onnx=not args.no_keep_onnx, table=args.table,
-                      command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
+        raise ConfigError(f"{flag} {text!r}: give positive batch sizes separated by commas, e.g. 1,8")
+    return batches
+
+
+def _print_latency(doc: dict) -> None:
     print(f"{doc['run']}: {doc['model']} on {doc['provider']}, {doc['threads']} threads, int8 {doc['int8']['format']}, "
           f"median of {doc['repeats']} interleaved runs (load {doc['load_before']})")
     for name, per in doc["results"].items():
@@ -158,6 +169,16 @@ def _cmd_latency(args: argparse.Namespace) -> int:
               + ("" if t is None else f"  top-1 {100 * t:.2f}%"))
     for b, r in doc["ratios"].items():
         print(f"  batch {b}: " + ", ".join(f"{k} {v['paired_median']:.3f}" for k, v in r.items()))
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    from policysearch.deploy.latency import run_latency
+
+    doc = run_latency(args.run, results_dir=args.results_dir, batches=_batches(args.batches), repeats=args.repeats,
+                      threads=args.threads, provider=args.provider, fmt=args.int8, checkpoint=args.checkpoint,
+                      keep_onnx=not args.no_keep_onnx, table=args.table,
+                      command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
+    _print_latency(doc)
     return 0
 
 
@@ -242,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="ray runners: number of actors (default: one per GPU, else per group of CPU cores)")
     p.add_argument("--trials", type=int, default=None, help="evaluation budget for tpe/nsga2/random")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="cost profile for the latency metric (policysearch profile; default with a latency "
+                        "objective or constraint: <results-dir>/profiles/<model>-cpu-b8.json)")
+    p.add_argument("--max-latency", type=float, default=None, metavar="R",
+                   help="constraint: latency relative to float at most R (e.g. 0.9); the best feasible policy "
+                        "is exported, else the closest, marked infeasible; ilp's budget")
+    p.add_argument("--min-top1", type=float, default=None, metavar="A",
+                   help="constraint: top-1 at least A (a fraction, e.g. 0.85); as --max-latency; ilp's budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=8, help="activation bits (default 8)")
     p.add_argument("--weight-bits", type=int, default=None, help="weight bits (default: --bits)")
@@ -264,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", action="store_true",
                    help="then fine-tune the answer (policysearch finetune RUN; the options below)")
     p.add_argument("--train-batch-size", type=int, default=None, help="with --finetune: training batch size")
+    p.add_argument("--latency", action="store_true",
+                   help="then the int8 latency check in ONNX Runtime (policysearch latency RUN; after --finetune "
+                        "on the fine-tuned weights; needs the onnx extra)")
+    p.add_argument("--latency-batches", default="1,8", help="with --latency: batch sizes (default 1,8)")
+    p.add_argument("--latency-threads", type=int, default=2, help="with --latency: ONNX Runtime threads (default 2)")
     _add_finetune_args(p)
     p.set_defaults(func=_cmd_run)
 

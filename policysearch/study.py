@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,9 @@ class StudyRecorder:
             if "answer" not in attrs_now:  # first, so optuna-dashboard lists it first among the study's attributes
                 self.study.set_user_attr("answer", "not chosen yet (the search has not finished)")
             self.study.set_user_attr("objective_spec", dict(objective))
-            self.study.set_metric_names(objective_names(objective))
+            with warnings.catch_warnings():  # "experimental" since optuna 3.2; the dashboard reads these names
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names(objective_names(objective))
             self.study.set_user_attr("fingerprint", dict(fingerprint))
             for key, value in (attrs or {}).items():
                 self.study.set_user_attr(key, value)

@@ -435,3 +435,28 @@ def test_quantize_int8_qdq(tmp_path):
     assert types["u8s8"] == ({"uint8"}, {"int8"}) and types["s8s8"] == ({"int8"}, {"int8"})
     with pytest.raises(ConfigError, match="unknown int8 format"):
         quantize_int8(float_path, tmp_path / "x.onnx", images, fmt="u4")
+
+
+@needs_onnx
+def test_run_chains_search_finetune_and_latency_and_each_stage_resumes(tmp_path, capsys, monkeypatch):
+    """``run --finetune --latency``: the three stages; the same command again redoes none of them."""
+    import policysearch.deploy.latency as lat
+    from policysearch.cli import main
+    from policysearch.run import RunRecord
+
+    argv = ["run", "--strategy", "uniform", "--model", "test_fmnist_vit", "--eval-size", "48", "--calib-size", "32",
+            "--results-dir", str(tmp_path), "--run-name", "chain", "--storage", f"sqlite:///{tmp_path}/s.db",
+            "--device", "cpu", "--no-progress", "--finetune", "--steps", "2", "--train-batch-size", "32",
+            "--latency", "--latency-batches", "1", "--latency-threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    stages = RunRecord.load(tmp_path / "chain").data["stages"]
+    assert set(stages) >= {"finetune", "latency"} and "int8_gelu" in out
+    doc = json.loads((tmp_path / "chain" / "latency.json").read_text())
+    assert doc["weights"].endswith("finetuned.safetensors")  # measured on the training stage's weights
+    measured = []
+    monkeypatch.setattr(lat, "measure", lambda *a, **k: measured.append(1) or pytest.fail("measured again"))
+    assert main(argv) == 0
+    assert not measured and json.loads((tmp_path / "chain" / "latency.json").read_text()) == doc
+    # other latency settings measure again; a bad batch list is one CLI error
+    assert main([*argv[:-4], "--latency", "--latency-batches", "x"]) == 2

@@ -210,8 +210,13 @@ def _finetuned_checkpoint(record: Any) -> str | None:
 def run_latency(run: str, *, results_dir: str | Path = "results", batches: Sequence[int] = (1, 8),
                 repeats: int = MIN_REPEATS, warmup: int = 3, threads: int = 2, provider: str = "auto",
                 fmt: str = "u8s8", checkpoint: str | None = None, keep_onnx: bool = True,
-                table: str | Path | None = None, command: str | None = None) -> dict[str, Any]:
+                table: str | Path | None = None, command: str | None = None,
+                reuse: bool = False) -> dict[str, Any]:
     """The int8 latency check of a finished run; returns the ``latency.json`` document.
+
+    ``reuse``: return the run's existing ``latency.json`` instead of measuring again when it was
+    measured on the same weights, batches, provider request, int8 format and threads (the
+    ``run --latency`` chain resumes this way).
 
     ``checkpoint``: weights to use instead of the run's (default: the training stage's, when the run
     record names them, else the run's own). ``keep_onnx``: keep the ONNX files in
@@ -229,6 +234,11 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
     policy_document(record)  # refuses an unfinished run
     policy = Policy.from_dict(record.data["answer"]["policy"])
     checkpoint = checkpoint or _finetuned_checkpoint(record)
+    if reuse and (done := _previous(run_dir, checkpoint or record.data.get("fingerprint", {}).get("weights"),
+                                    batches, provider, fmt, threads)) is not None:
+        log.info("%s: int8 latency already measured on these weights and settings (%s); reusing it",
+                 record.name, LATENCY_FILE)
+        return done
     model, data = load_run_model(record, integer=False, checkpoint=checkpoint)
     calib = data.calib_images()
     images, labels = data.eval_tensors()
@@ -293,7 +303,7 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
         "top1": {**top1, "torch_float": record.data.get("float_metrics", {}).get("top1"),
                  "torch_policy": record.data.get("answer", {}).get("metrics", {}).get("top1")},
         "eval_images": len(images), "machine": machine_info(), "export_quantize_s": round(t_export, 2),
-        "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "provider_requested": provider, "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "note": ("ReLU variants use these weights with GELU replaced; their top-1 is meaningful only for "
                  "weights trained GELU-less (the training stage's distillation)"),
     }
@@ -308,6 +318,20 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
     if table is not None:
         update_table(table, rows_from_latency(doc), command=command)
     return doc
+
+
+def _previous(run_dir: Path, weights: Any, batches: Sequence[int], provider: str, fmt: str,
+              threads: int) -> dict[str, Any] | None:
+    """The run's ``latency.json`` when it was measured with these settings, else None."""
+    path = run_dir / LATENCY_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (doc.get("weights") == weights and doc.get("int8", {}).get("format") == fmt
+            and doc.get("threads") == threads and doc.get("provider_requested") == provider
+            and sorted(int(b) for b in doc.get("batches", ())) == sorted(int(b) for b in batches))
+    return doc if same else None
 
 
 def summary(doc: Mapping[str, Any]) -> dict[str, Any]:

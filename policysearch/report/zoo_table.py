@@ -89,6 +89,7 @@ def main() -> None:
     device = resolve_device(args.device)
     table, n = build_table(args.models, args.data, args.bits, device, args.wirings)
     cmd = f"python -m policysearch.report.zoo_table --data {args.data} --out {args.out}"
+    cmd += f" --wirings {' '.join(args.wirings)}" if list(args.wirings) != ["paper", "native"] else ""
     text = (f"# Zoo baselines: top-1 (%) in float and under uniform integer-only policies\n\n"
             f"Produced by `{cmd}` ({n} evaluation images of `{args.data}`, calibration on the data's "
             f"calibration split, device {device}, torch {torch.__version__}, Python {platform.python_version()}, "
