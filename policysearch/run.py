@@ -326,8 +326,13 @@ def _brief(result: Any) -> dict[str, Any]:
 def write_outputs(record: RunRecord, *, config: Any, objective: Mapping[str, Any], space: Any, policy: Any,
                   result: Any, baselines: Mapping[str, Any], sensitivity: list[dict[str, Any]],
                   float_metrics: Mapping[str, float], timings: Mapping[str, float],
-                  counts: Mapping[str, int]) -> None:
-    """config.yaml, policy.json, sensitivity.csv, and the finished run record."""
+                  counts: Mapping[str, int], feasibility: Mapping[str, Any] | None = None,
+                  strategy_report: Mapping[str, Any] | None = None) -> None:
+    """config.yaml, policy.json, sensitivity.csv, and the finished run record.
+
+    ``feasibility``: the answer under the run's constraints (``feasible``, ``shortfall``, ...);
+    ``strategy_report``: ``{"provenance": {...}, "metrics": {...}}`` the strategy gives about its
+    answer (e.g. ilp's predicted metrics, ``predicted_<metric>``, beside the measured ones)."""
     import csv
 
     import yaml
@@ -341,10 +346,18 @@ def write_outputs(record: RunRecord, *, config: Any, objective: Mapping[str, Any
         status="finished", finished=_now(), timings=dict(timings), **counts,
         baselines={m: _brief(r) for m, r in baselines.items()}, float_metrics=dict(float_metrics),
         answer={"policy": policy.to_dict(), "values": list(result.values),
-                "metrics": {**result.metrics, "sites": {k: v.to_dict() for k, v in result.sites.items()}}},
+                "metrics": {**result.metrics, **dict((strategy_report or {}).get("metrics", {})),
+                            "sites": {k: v.to_dict() for k, v in result.sites.items()}},
+                **({"feasible": feasibility.get("feasible"), "shortfall": feasibility.get("shortfall", {})}
+                   if feasibility else {})},
         outputs={"policy": "policy.json", "config": "config.yaml", "sensitivity": "sensitivity.csv"},
         versions=_versions(),
     )
+    for name, value in (("constraints", feasibility), ("strategy_report", (strategy_report or {}).get("provenance"))):
+        if value:
+            record.data[name] = dict(value)
+        else:
+            record.data.pop(name, None)  # from an earlier finish of this run
     write_policy(run_dir / "policy.json", policy_document(record))
     with (run_dir / "sensitivity.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["site", "kind", "method", "gamma", "beta", "sqnr_diff"])
@@ -365,12 +378,20 @@ def policy_document(record: RunRecord) -> Any:
     metrics = {**answer["metrics"], "values": answer["values"],
                "float_top1": data.get("float_metrics", {}).get("top1")}
     if "latency" in data.get("stages", {}):  # the int8 runtime check (policysearch latency RUN)
+        if isinstance(metrics.get("latency"), (int, float)):  # the profile's prediction keeps its own key
+            metrics["profiled_latency"] = metrics["latency"]
         metrics["latency"] = {k: v for k, v in data["stages"]["latency"].items() if k != "updated"}
     provenance = {"strategy": config.get("strategy"), "objective": data.get("objective", {}).get("name"),
                   "space": config.get("space"), "seed": config.get("seed"), "data": config.get("data"),
                   "eval_size": config.get("eval_size"), "calib_size": config.get("calib_size"),
                   "run_name": record.name, "fingerprint": fingerprint_digest(fp),
                   "created": data.get("finished", data.get("created")), "versions": data.get("versions", {})}
+    if data.get("constraints"):  # --max-latency / --min-top1: whether the answer meets them, and by how much not
+        cons = data["constraints"]
+        provenance.update(constraints=cons.get("constraints", {}), feasible=cons.get("feasible"),
+                          shortfall=cons.get("shortfall", {}))
+    if data.get("strategy_report"):  # what the strategy says about its answer (ilp: predicted vs measured)
+        provenance["strategy_report"] = data["strategy_report"]
     model = {"name": config.get("model"), "checkpoint": config.get("checkpoint"),
              "args": fp.get("model_args", {}), "weights": fp.get("weights")}
     finetuned = data.get("stages", {}).get("finetune")

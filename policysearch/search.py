@@ -64,6 +64,14 @@ class SearchConfig:
     #: balanced in the shipped sample); None = all. 1000 keeps the default job within a minute.
     eval_size: int | None = 1000
     batch_size: int = 256
+    #: cost profile (``policysearch profile``) for the ``latency`` metric; None: when a latency
+    #: objective or constraint needs one, <results_dir>/profiles/<model>-cpu-b8.json if it exists,
+    #: else the method catalogue's costs, else an error saying to profile the model first
+    profile: str | None = None
+    #: constraints on the answer (policysearch.objectives.latency.Constraints): relative latency at
+    #: most, top-1 (a fraction) at least; the best feasible policy is exported, else the closest
+    max_latency: float | None = None
+    min_top1: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits"):
@@ -86,6 +94,16 @@ class SearchConfig:
             from policysearch.run import check_run_name
 
             check_run_name(self.run_name)
+        from policysearch.objectives.latency import Constraints
+
+        Constraints(max_latency=self.max_latency, min_top1=self.min_top1)  # validates both
+
+    @property
+    def constraints(self) -> Any:
+        """The answer's :class:`~policysearch.objectives.latency.Constraints`."""
+        from policysearch.objectives.latency import Constraints
+
+        return Constraints(max_latency=self.max_latency, min_top1=self.min_top1)
 
     @property
     def model_args(self) -> dict[str, int]:
@@ -104,6 +122,10 @@ class SearchResult:
     evaluated: int
     reused: int
     sensitivity: list[dict[str, Any]]
+    #: the answer under --max-latency / --min-top1: feasible, shortfall, counts (None without constraints)
+    feasibility: dict[str, Any] | None = None
+    #: what the strategy reports about its answer (``strategy.report(policy)``, e.g. ilp's predictions)
+    strategy_report: dict[str, Any] | None = None
 
 
 def _run_name(config: SearchConfig) -> str:
@@ -117,6 +139,7 @@ def _run_name(config: SearchConfig) -> str:
 def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     """Run the search ``config`` describes; see the module docstring."""
     from policysearch.objectives import load_objective
+    from policysearch.objectives.latency import evaluator_objective
     from policysearch.run import RunRecord, check_writable, lock_run, run_fingerprint
     from policysearch.runners import create_runner
     from policysearch.spec import EvaluatorSpec, resolve_device
@@ -125,7 +148,8 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
 
     t_start = time.perf_counter()
     objective = load_objective(config.objective)
-    STRATEGIES.get(config.strategy)  # a bad name fails before any work
+    strategy_cls = STRATEGIES.get(config.strategy)  # a bad name fails before any work
+    latency = _latency_model(config, objective, strategy_cls)  # a missing profile too
     runner = create_runner(config.runner, **config.runner_options)
     resolve_device(config.device)
     run_name = _run_name(config)
@@ -146,14 +170,28 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
                           storage=redact_url(storage), study=run_name)
             spec = EvaluatorSpec(
                 model=config.model, checkpoint=config.checkpoint, model_args=tuple(config.model_args.items()),
-                wiring=config.wiring, data=config.data, objective=objective.to_dict(), device=config.device,
+                wiring=config.wiring, data=config.data, objective=evaluator_objective(objective).to_dict(),
+                device=config.device,
                 calib_size=config.calib_size, eval_size=config.eval_size, batch_size=config.batch_size,
                 seed=config.seed,
             )
-            return _search(config, spec, objective, runner, record, recorder, progress, t_start)
+            return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
     except BaseException as exc:
         _mark_stopped(run_dir, exc)
         raise
+
+
+def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> Any:
+    """The latency model the run needs (a latency objective, --max-latency, or --min-top1 for a
+    strategy that budgets with costs), or the one --profile names; None otherwise."""
+    from dataclasses import fields
+
+    from policysearch.objectives.latency import resolve_profile, uses_metric
+
+    takes_profile = "profile" in {f.name for f in fields(strategy_cls.Options)}
+    needed = (uses_metric(objective, "latency") or config.max_latency is not None
+              or (config.min_top1 is not None and takes_profile))
+    return resolve_profile(config.profile, model=config.model, results_dir=config.results_dir, needed=needed)
 
 
 def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
@@ -171,7 +209,8 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
 
 
 def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record: Any, recorder: Any,
-            progress: bool, t_start: float) -> SearchResult:
+            progress: bool, t_start: float, latency: Any = None) -> SearchResult:
+    from policysearch.objectives.latency import derive_metrics
     from policysearch.run import sensitivity_rows, write_outputs
     from policysearch.spaces import load_space
     from policysearch.spec import get_evaluator
@@ -180,26 +219,33 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     evaluator = get_evaluator(spec)  # the driver needs the sites; local runners reuse it
     record.check_data(evaluator.data_digest)
     recorder.set_data_digest(evaluator.data_digest)
+    _check_constraints(config, evaluator, latency)
     space = load_space(config.space, evaluator.sites, weight_bits=config.weight_bits, act_bits=config.act_bits)
     options = dict(config.strategy_options)
     if config.trials is not None:
         options["trials"] = config.trials
+    for name, value in (("max_latency", config.max_latency), ("min_top1", config.min_top1), ("profile", latency)):
+        if value is not None:  # a strategy that budgets takes them; others ignore them
+            options.setdefault(name, value)
     strategy = create_strategy(config.strategy, space, directions=objective.directions, seed=config.seed, **options)
     recorder.set_choices({s.name: [str(c) for c in space.choices(s.name)] for s in space.sites})
     record.update(float_metrics=dict(evaluator.float_metrics), sites=len(evaluator.sites))
     t_setup = time.perf_counter()
     loop = _Loop(recorder=recorder, record=record, runner=runner, spec=spec, objective=objective,
-                 progress=progress, kind_of=_kinds(space, strategy))
+                 progress=progress, kind_of=_kinds(space, strategy),
+                 derive=lambda p, r, fresh: derive_metrics(r, p, objective=objective, latency=latency, fresh=fresh))
     try:
         loop.drive(strategy)
         baselines = {m: loop.evaluate(p) for m, p in space.uniform_policies().items()}
     finally:
         runner.close()
         loop.close()
-    best = strategy.best()
+    best, feasibility = _answer(config, strategy, space, baselines, objective)
     if best is None:
         raise ConfigError("the search finished without any successful evaluation (every result failed)")
     policy, result = best
+    report = getattr(strategy, "report", None)  # optional: what the strategy says about its answer
+    strategy_report = report(policy) if callable(report) else None
     sensitivity = sensitivity_rows(space.uniform_policies(), baselines)
     t_end = time.perf_counter()
     write_outputs(record, config=config, objective=objective.to_dict(), space=space, policy=policy,
@@ -207,13 +253,37 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
                   float_metrics=dict(evaluator.float_metrics),
                   timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
                            "total_s": round(t_end - t_start, 3)},
-                  counts={"evaluated": loop.evaluated, "reused": loop.reused})
+                  counts={"evaluated": loop.evaluated, "reused": loop.reused},
+                  feasibility=feasibility, strategy_report=strategy_report)
     _publish_answer(config, record, recorder, policy)
     return SearchResult(
         run_dir=record.run_dir, run_name=record.name, policy=policy, result=result, baselines=baselines,
         float_metrics=dict(evaluator.float_metrics), evaluated=loop.evaluated, reused=loop.reused,
-        sensitivity=sensitivity,
+        sensitivity=sensitivity, feasibility=feasibility, strategy_report=strategy_report,
     )
+
+
+def _check_constraints(config: SearchConfig, evaluator: Any, latency: Any) -> None:
+    """Once the evaluator is built: the profile covers its sites; --min-top1 has labels to use."""
+    if latency is not None:
+        latency.check(evaluator.sites)
+        if latency.model is not None and latency.model != config.model:
+            log.warning("the cost profile %s was measured on %s, not %s", latency.source, latency.model, config.model)
+    if config.min_top1 is not None and not evaluator.float_metrics.get("top1", float("nan")) >= 0:
+        raise ConfigError(f"--min-top1 needs labelled evaluation images; the data {config.data!r} has none")
+
+
+def _answer(config: SearchConfig, strategy: Any, space: Any, baselines: Mapping[str, EvalResult],
+            objective: Any) -> tuple[tuple[Policy, EvalResult] | None, dict[str, Any] | None]:
+    """``strategy.best()``, or under constraints the best feasible evaluated policy (else the
+    closest), with its feasibility record."""
+    constraints = config.constraints
+    if not constraints.active:
+        return strategy.best(), None
+    evaluated = {p.key(): (p, r) for p, r in strategy.results.values() if space.contains(p)}
+    for method, p in space.uniform_policies().items():
+        evaluated.setdefault(p.key(), (p, baselines[method]))
+    return constraints.choose(strategy.best(), list(evaluated.values()), objective.directions)
 
 
 def _kinds(space: Any, strategy: Any) -> Any:
@@ -257,9 +327,12 @@ class _Loop:
     """ask -> (cache | runner.map) -> tell -> record."""
 
     def __init__(self, *, recorder: Any, record: Any, runner: Any, spec: Any, objective: Any,
-                 progress: bool, kind_of: Any = None) -> None:
+                 progress: bool, kind_of: Any = None, derive: Any = None) -> None:
         self.recorder, self.record, self.runner, self.spec = recorder, record, runner, spec
         self.kind_of = kind_of or (lambda policy: ("search candidate", None, "candidate"))
+        #: (policy, result, fresh) -> result with the driver's derived metrics (latency, error)
+        self.derive = derive or (lambda policy, result, fresh: result)
+        self.derived: set[str] = set()  # cache keys whose result carries the derived metrics
         self.cache: dict[str, EvalResult] = recorder.completed(objective)
         self.in_study = set(self.cache)
         self.lent, donors = recorder.reusable(objective)
@@ -279,8 +352,14 @@ class _Loop:
     def _cached(self, policy: Policy) -> EvalResult | None:
         key = policy.key()
         hit = self.cache.get(key)
-        if hit is None and key in self.lent:
-            hit = self.lent[key]
+        if hit is not None:
+            if key not in self.derived:  # read back from the study: derive once, under this run's profile
+                hit = self.cache[key] = self.derive(policy, hit, False)
+                self.derived.add(key)
+            return hit
+        if key in self.lent:
+            hit = self.derive(policy, self.lent[key], False)
+            self.derived.add(key)
             kind, method, _ = self.kind_of(policy)
             self.recorder.record(policy, hit, tag="reused", reused_from=",".join(self.donors), kind=kind,
                                  uniform_method=method)
@@ -317,6 +396,8 @@ class _Loop:
         t0, started = time.perf_counter(), _dt.datetime.now()
         for p, r in self.runner.map(self.spec, policies):
             t1, finished = time.perf_counter(), _dt.datetime.now()
+            r = self.derive(p, r, True)
+            self.derived.add(p.key())
             kind, method, tag = self.kind_of(p)
             self.recorder.record(p, r, tag=tag, started=started, finished=finished, kind=kind,
                                  uniform_method=method)
@@ -334,7 +415,8 @@ class _Loop:
 def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:
     import hashlib
 
-    metrics = {k: result.metrics.get(k) for k in ("top1", "agreement", "kl", "logit_sqnr") if k in result.metrics}
+    metrics = {k: result.metrics.get(k) for k in ("top1", "agreement", "kl", "logit_sqnr", "latency")
+               if k in result.metrics}
     return {"policy": hashlib.sha256(policy.key().encode()).hexdigest()[:12], "tag": tag,
             "counts": policy.method_counts(), "values": list(result.values), **metrics,
             "error": result.error, "seconds": round(seconds, 3)}

@@ -55,7 +55,7 @@ def test_local_preset_file_wins_over_builtin(tmp_path, monkeypatch):
 def test_objective_values_and_errors():
     obj = load_objective("accuracy_kl")
     assert obj.compute({"top1": 0.9, "kl": 0.5}) == pytest.approx((0.85,))
-    with pytest.raises(ConfigError, match="unknown metric 'latency'"):
-        Objective(name="x", values=((("latency", 1.0),),), directions=("minimize",))
+    with pytest.raises(ConfigError, match="unknown metric 'speed'"):
+        Objective(name="x", values=((("speed", 1.0),),), directions=("minimize",))
     with pytest.raises(ConfigError, match="unknown objective 'nope'"):
         load_objective("nope")

@@ -57,9 +57,9 @@ def keys(policies):
 
 # -- conformance -----------------------------------------------------------------------------------
 def test_registered_names_and_unknown_name():
-    assert set(ALL) == {"uniform", "sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output", "exhaustive", "tpe",
-                        "nsga2", "random"}
-    with pytest.raises(UnknownNameError, match="valid: exhaustive, nsga2, random, sqnr_absdiff, sqnr_diff"):
+    assert set(ALL) == {"uniform", "sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output", "exhaustive", "ilp",
+                        "tpe", "nsga2", "random"}
+    with pytest.raises(UnknownNameError, match="valid: exhaustive, ilp, nsga2, random, sqnr_absdiff, sqnr_diff"):
         create_strategy("bogus", small_space())
 
 

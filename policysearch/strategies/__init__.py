@@ -13,6 +13,7 @@ from typing import Any
 from policysearch.spaces.space import SearchSpace
 from policysearch.strategies.base import STRATEGIES, Strategy, dominates, rank_key, register
 from policysearch.strategies.exhaustive import Exhaustive, ExhaustiveOptions
+from policysearch.strategies.ilp import ILP, ILPOptions, ILPSolution
 from policysearch.strategies.optuna_based import (
     NSGA2,
     TPE,
@@ -37,11 +38,14 @@ from policysearch.strategies.sqnr import (
 from policysearch.strategies.uniform import Uniform
 
 __all__ = [
+    "ILP",
     "NSGA2",
     "STRATEGIES",
     "TPE",
     "Exhaustive",
     "ExhaustiveOptions",
+    "ILPOptions",
+    "ILPSolution",
     "NSGA2Options",
     "OptunaOptions",
     "OptunaStrategy",
@@ -70,6 +74,9 @@ log = logging.getLogger(__name__)
 
 #: Options a driver may pass to any strategy; one that does not take it ignores it (logged).
 BUDGET_OPTIONS = ("trials",)
+#: The run's constraints and latency profile, passed to every strategy; one that does not take
+#: them ignores them silently (the driver applies the constraints to the answer itself).
+CONSTRAINT_OPTIONS = ("max_latency", "min_top1", "profile")
 
 
 def create_strategy(name: str, space: SearchSpace, *, directions: Sequence[str] = ("maximize",),
@@ -80,6 +87,9 @@ def create_strategy(name: str, space: SearchSpace, *, directions: Sequence[str] 
     for opt in BUDGET_OPTIONS:
         if opt in options and opt not in accepted:
             log.warning("strategy %s has no %r option; ignoring %s=%r", name, opt, opt, options.pop(opt))
+    for opt in CONSTRAINT_OPTIONS:
+        if opt in options and opt not in accepted:
+            options.pop(opt)
     return cls(space, directions=directions, seed=seed, **options)
 
 
