@@ -61,6 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         eval_size=None if args.eval_size == 0 else args.eval_size, calib_size=args.calib_size,
         batch_size=args.batch_size,
         runner_options={k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None},
+        relu_repair=not args.no_relu_repair,
         profile=args.profile, max_latency=args.max_latency, min_top1=args.min_top1,
     )
     latency_batches = _batches(args.latency_batches, "--latency-batches") if args.latency else None  # before any work
@@ -290,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", type=int, choices=[20, 10], default=20,
                    help="print ASQNR in the paper's 20*log10 (default) or the conventional 10*log10 dB")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-relu-repair", action="store_true",
+                   help="evaluate a GELU site's relu choice without repairing its MLP (default: repaired by a "
+                        "short block-wise distillation to the float block, cached under results/cache/)")
     p.add_argument("--finetune", action="store_true",
                    help="then fine-tune the answer (policysearch finetune RUN; the options below)")
     p.add_argument("--train-batch-size", type=int, default=None, help="with --finetune: training batch size")

@@ -289,7 +289,17 @@ def run_fingerprint(config: Any) -> dict[str, Any]:
         "act_bits": config.act_bits,
         "wiring": config.wiring,
         "numerics": NUMERICS_VERSION,
+        "relu_repair": _repair_identity(config),
     }
+
+
+def _repair_identity(config: Any) -> dict[str, Any] | None:
+    """The ReLU repair settings that change results (None: ``relu`` only swaps the activation)."""
+    if not getattr(config, "relu_repair", False):
+        return None
+    from policysearch.objectives.repair import REPAIR_VERSION, RepairSettings
+
+    return {"version": REPAIR_VERSION, **RepairSettings().key_fields()}
 
 
 def sensitivity_rows(uniform: Mapping[str, Any], results: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -72,6 +72,10 @@ class SearchConfig:
     #: most, top-1 (a fraction) at least; the best feasible policy is exported, else the closest
     max_latency: float | None = None
     min_top1: float | None = None
+    #: a GELU site choosing ``relu`` is evaluated with its block's MLP repaired by a short
+    #: distillation to the float block (policysearch.objectives.repair; cached under
+    #: <results_dir>/cache/relu_repair); False: ``relu`` only swaps the activation
+    relu_repair: bool = True
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits"):
@@ -173,7 +177,8 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
                 wiring=config.wiring, data=config.data, objective=evaluator_objective(objective).to_dict(),
                 device=config.device,
                 calib_size=config.calib_size, eval_size=config.eval_size, batch_size=config.batch_size,
-                seed=config.seed,
+                seed=config.seed, relu_repair=config.relu_repair,
+                repair_cache_dir=str(Path(config.results_dir) / "cache" / "relu_repair"),
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
     except BaseException as exc:

@@ -48,9 +48,22 @@ class EvaluatorSpec:
     seed: int = 0
     reuse: bool = True
     progress: bool = False
+    #: repair the MLP of a GELU site that chooses ``relu`` (policysearch.objectives.repair); the
+    #: disk cache lives in ``repair_cache_dir`` (None: memory only)
+    relu_repair: bool = False
+    repair_cache_dir: str | None = None
 
     def key(self) -> str:
         return repr(sorted((k, repr(v)) for k, v in self.__dict__.items()))
+
+    def _repair_settings(self) -> Any:
+        if not self.relu_repair:
+            return None
+        from policysearch.objectives.repair import RepairSettings
+        from policysearch.run import weights_identity
+
+        return RepairSettings(cache_dir=self.repair_cache_dir,
+                              weights_identity=weights_identity(self.model, self.checkpoint))
 
     def build(self) -> Any:
         from policysearch.data import load_data
@@ -71,7 +84,7 @@ class EvaluatorSpec:
         evaluator = Evaluator(
             model, calib_images=calib_x, eval_images=eval_x, eval_labels=eval_y, objective=objective,
             batch_size=self.batch_size, sqnr_batch=self.sqnr_batch, device=resolve_device(self.device),
-            reuse=self.reuse, progress=self.progress,
+            reuse=self.reuse, progress=self.progress, relu_repair=self._repair_settings(),
         )
         evaluator.data_digest = data_digest(calib_x, eval_x, eval_y)
         return evaluator

@@ -27,6 +27,8 @@ __all__ = [
     "Evaluator",
     "LatencyModel",
     "Objective",
+    "ReluRepair",
+    "RepairSettings",
     "asqnr",
     "kl_divergence",
     "latency_weighted",
@@ -41,6 +43,8 @@ __all__ = [
 _LAZY = {
     "Evaluator": "policysearch.objectives.evaluator",
     "MAX_DB": "policysearch.objectives.sqnr",
+    "ReluRepair": "policysearch.objectives.repair",
+    "RepairSettings": "policysearch.objectives.repair",
     "asqnr": "policysearch.objectives.sqnr",
     "kl_divergence": "policysearch.objectives.sqnr",
     "logit_metrics": "policysearch.objectives.sqnr",

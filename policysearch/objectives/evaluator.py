@@ -14,6 +14,12 @@ out of both (``asqnr(..., valid=)``).
 Activation reuse: the forward is a chain of segments (stem, blocks, head). The inputs of every
 segment are kept for the last evaluated policies; a policy whose first changed site lies in
 segment ``k`` restarts there. Site metrics of earlier segments are reused too.
+
+ReLU repair (``relu_repair=RepairSettings(...)``, or ``True`` for the defaults; off by default):
+a GELU site that chooses ``relu`` runs its block's MLP with weights re-fitted to the float block
+(``policysearch.objectives.repair``), computed once per site and cached in memory and on disk;
+other choices run the original weights. A site's weights depend on its own choice only, so the
+segment reuse above stays exact. Off, ``relu`` just swaps the activation.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from torch import nn
 from policysearch.models.segments import Segment, segments
 from policysearch.models.wiring import apply_policy, calibrate, find_sites, float_mode, record_sites
 from policysearch.objectives.objective import Objective, load_objective
+from policysearch.objectives.repair import ReluRepair, RepairSettings
 from policysearch.objectives.sqnr import asqnr, logit_metrics
 from policysearch.policy import Policy
 from policysearch.result import EvalResult, SiteMetrics
@@ -65,6 +72,7 @@ class Evaluator:
         reuse: bool = True,
         keep_runs: int = 2,
         progress: bool = False,
+        relu_repair: RepairSettings | bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -82,6 +90,11 @@ class Evaluator:
         self.labels = eval_labels.to(self.device) if eval_labels is not None else None
         self._runs: list[_Run] = []
         self._float_reference()
+        repair = RepairSettings() if relu_repair is True else relu_repair
+        #: the repairs of ``relu`` sites (None: ``relu`` only swaps the activation)
+        self.relu_repair: ReluRepair | None = (
+            ReluRepair(self.model, calib, batch_size=batch_size, settings=repair, device=self.device,
+                       progress=progress) if isinstance(repair, RepairSettings) else None)
         self.evaluations = 0
         self.segment_calls = 0
 
@@ -140,6 +153,8 @@ class Evaluator:
     def evaluate(self, policy: Policy) -> EvalResult:
         """Score ``policy``; a non-finite output gives a failed result, never an exception."""
         apply_policy(self.model, policy)
+        if self.relu_repair is not None:
+            self.relu_repair.apply(policy)  # repaired MLP weights at relu sites, the originals elsewhere
         base, start = self._best_run(policy)
         recorded: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         inputs: list[list[torch.Tensor]] = []
