@@ -44,7 +44,7 @@ sites after it and the model-level metrics are what show the repair. A repaired 
 its own block's MLP segment (``models.segments``), and the weights of a site are a function of
 its choice alone, so the evaluator's segment reuse stays exact.
 
-**How close it comes** (measured once, CPU, one thread): ``fmnist_vit`` with its shipped weights,
+**How close it comes** (``python benchmarks/bench_relu_repair.py``, CPU): ``fmnist_vit`` with its shipped weights,
 ``--data fmnist-sample`` (512 calibration images, top-1 on the 2,000 test images), ``paper``
 wiring, W8A8, uniform ``ibert`` with every GELU site ``relu``, default settings: float model
 90.25%; uniform ``ibert`` with GELU 90.40%; ``relu`` unrepaired 87.05%; ``relu`` repaired 90.05%
