@@ -61,6 +61,11 @@ SPACES.register("gelu_less", {
     "description": "the paper's space with ReLU as the only choice for GELU sites (Tayaranian et al. 2024)",
     "methods": {**{k: list(v) for k, v in _PAPER.items()}, "gelu": ["relu"]},
 })
+SPACES.register("paper_relu", {
+    "description": "the paper's space with ReLU as a further choice for GELU sites: integer-only, for "
+                   "accuracy-latency search",
+    "methods": {**{k: list(v) for k, v in _PAPER.items()}, "gelu": [*_PAPER["gelu"], "relu"]},
+})
 SPACES.register("mixed_bits", {
     "description": "the paper's space with 6- or 8-bit inputs at softmax and GELU sites",
     "methods": {k: list(v) for k, v in _PAPER.items()},
