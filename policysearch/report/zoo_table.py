@@ -55,7 +55,8 @@ def build_table(models: list[str], data: str, bits: list[int], device: str,
     rows, n = [], 0
     for model in models:
         for wiring in wirings:
-            ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device, wiring=wiring))
+            # reuse=False: uniform policies share no prefix; keeping segment inputs of 10,000 images costs gigabytes
+            ev = get_evaluator(EvaluatorSpec(model=model, data=data, device=device, wiring=wiring, reuse=False))
             labels = ev.labels.cpu()
             n = labels.numel()
             for b in bits:
