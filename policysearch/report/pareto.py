@@ -40,7 +40,8 @@ def _counts(e: dict[str, Any]) -> str:
                      for k, v in e.get("counts", {}).items())
 
 
-def pareto_table(run: str, *, results_dir: str | Path = "results", command: str | None = None) -> str:
+def pareto_table(run: str, *, results_dir: str | Path = "results", command: str | None = None,
+                 run_command: str | None = None) -> str:
     from policysearch.run import RunRecord, resolve_run_dir
 
     record = RunRecord.load(resolve_run_dir(run, results_dir)).data
@@ -54,7 +55,8 @@ def pareto_table(run: str, *, results_dir: str | Path = "results", command: str 
              f"{cfg.get('space')}, data {cfg.get('data')} ({cfg.get('eval_size')} evaluation images per policy). "
              f"{len(front)} of {n} evaluated policies are non-dominated. Latency: relative to the float model, "
              "predicted from the run's cost profile (`policysearch profile`; emulated kernels, a proxy: the "
-             "int8 runtime check is the ground truth).", "",
+             "int8 runtime check is the ground truth)."
+             + (f" The run: `{run_command}`." if run_command else ""), "",
              "| relative latency | top-1 (%) | KL | methods per kind | policy |", "|---:|---:|---:|---|---|"]
     for e in front:
         kl = e.get("kl")
@@ -70,11 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run")
     ap.add_argument("--results-dir", default="results")
     ap.add_argument("--out", default=None, help="write the table to this file (default: print it)")
+    ap.add_argument("--run-command", default=None, help="the command that made the run, quoted in the table")
     args = ap.parse_args(argv)
     command = "python -m policysearch.report.pareto " + " ".join(map(shlex.quote, argv if argv is not None
                                                                        else sys.argv[1:]))
     try:
-        text = pareto_table(args.run, results_dir=args.results_dir, command=command)
+        text = pareto_table(args.run, results_dir=args.results_dir, command=command, run_command=args.run_command)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
