@@ -1,6 +1,6 @@
 """Reproduction of the paper's Table 2: the readings of the SQNR rule on both zoo models.
 
-    python -m policysearch.report.table2 --data fmnist --out results/table2.md
+    python -m policysearch.report.table2 --data fmnist --out results/table2.md [--bits 8] [--append]
 
 For each model and bit width, the uniform policies are evaluated once and shared; each rule
 (``sqnr_diff``: lowest beta - gamma, eq. 11 read literally; ``sqnr_drop``: lowest gamma - beta;
@@ -15,9 +15,15 @@ from the best uniform method of the same model, bits and wiring with a paired 95
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import re
+import shlex
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,9 +58,17 @@ class _Cached:
         return self.cache[key]
 
 
+HEAD = ["model", "wiring", "bits", "policy", "top-1 (difference from best uniform [paired 95%])",
+        "methods per kind (Table 3)"]
+
+
 def run(models: list[str], data: str, bits: list[int], device: str, eval_size: int | None,
-        db: int = 20, wirings: tuple[str, ...] = ("paper", "native")) -> tuple[list[str], int]:
-    """The table's lines and the number of evaluation images; SQNR in dB, ``db``·log10 (10 or 20)."""
+        db: int = 20, wirings: tuple[str, ...] = ("paper", "native"),
+        on_block: Callable[[list[str], int], None] | None = None) -> tuple[list[str], int]:
+    """The table's rows and the number of evaluation images; SQNR in dB, ``db``·log10 (10 or 20).
+
+    ``on_block(rows, n)`` is called after each (model, wiring, bits) block with the rows so far, so
+    that a long run keeps what it has finished."""
     convert_db(0.0, 20, db)  # a bad db fails before any model is loaded
     rows, n = [], 0
     for model in models:
@@ -88,9 +102,34 @@ def run(models: list[str], data: str, bits: list[int], device: str, eval_size: i
                             for m in ("logit_sqnr", "mean_sqnr_diff")]
                     rows.append(first + f"| {k} | {cell(preds[k], ref, labels, is_best=k == best)} | "
                                 f"{_counts(policy)} | {' | '.join(sqnr)} |")
-    head = ["model", "wiring", "bits", "policy", "top-1 (difference from best uniform [paired 95%])",
-            "methods per kind (Table 3)", f"logit SQNR (dB, {db}·log10)", f"mean beta - gamma (dB, {db}·log10)"]
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows], n
+                if on_block is not None:
+                    on_block(list(rows), n)
+    return rows, n
+
+
+def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) -> str:
+    """The markdown file: header naming every command whose rows it holds, the table, its state."""
+    head = [*HEAD, f"logit SQNR (dB, {db}·log10)", f"mean beta - gamma (dB, {db}·log10)"]
+    state = json.dumps({"commands": commands, "rows": rows, "n": n, "data": data, "db": db})
+    return (f"# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
+            "Produced by " + ", then ".join(f"`{c}`" for c in commands) + f" (torch {torch.__version__}). "
+            f"Top-1 (%) on the {n} evaluation images of `{data}`; space `paper` (softmax and LayerNorm from "
+            "ibert/fqvit/ivit, GELU from ibert/ivit); per-site SQNR (eq. 10) measured on 64 calibration "
+            "images in each method's uniform run.\n\n"
+            "Each top-1 is followed by its difference from the best uniform method of the same model, wiring "
+            "and bits (in bold), in points, with a paired 95% interval over the same images; `*` marks an "
+            "interval that excludes 0, a difference that is not noise. The methods column is the paper's "
+            "Table 3 (counts per kind).\n\n"
+            + "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
+            + f"\n\n<!-- table2-state {state} -->\n")
+
+
+def _previous(path: Path) -> dict[str, Any] | None:
+    try:
+        m = re.search(r"<!-- table2-state (.*) -->", path.read_text())
+        return json.loads(m.group(1)) if m else None
+    except (OSError, ValueError):
+        return None
 
 
 def main() -> None:
@@ -102,29 +141,30 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--wirings", nargs="+", choices=["paper", "native"], default=["paper", "native"])
     ap.add_argument("--out", default="results/table2.md")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out (written by this script) and add these")
     ap.add_argument("--db", type=int, choices=(20, 10), default=20,
                     help="print SQNR in 20·log10 (the paper's eq. 10, as stored) or 10·log10 dB")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     device = resolve_device(args.device)
-    lines, n = run(args.models, args.data, args.bits, device, args.eval_size, db=args.db, wirings=tuple(args.wirings))
-    cmd = f"python -m policysearch.report.table2 --data {args.data} --out {args.out}"
-    cmd += f" --db {args.db}" if args.db != 20 else ""
-    cmd += f" --wirings {' '.join(args.wirings)}" if list(args.wirings) != ["paper", "native"] else ""
-    cmd += f" --eval-size {args.eval_size}" if args.eval_size else ""
-    text = (f"# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
-            f"Produced by `{cmd}` (device {device}, torch {torch.__version__}, {time.time() - t0:.0f} s). "
-            f"Top-1 (%) on the {n} evaluation images of `{args.data}`; space `paper` (softmax and LayerNorm from "
-            "ibert/fqvit/ivit, GELU from ibert/ivit); per-site SQNR (eq. 10) measured on 64 calibration "
-            "images in each method's uniform run.\n\n"
-            "Each top-1 is followed by its difference from the best uniform method of the same model, wiring "
-            "and bits (in bold), in points, with a paired 95% interval over the same images; `*` marks an "
-            "interval that excludes 0, a difference that is not noise. The methods column is the paper's "
-            "Table 3 (counts per kind).\n\n" + "\n".join(lines) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    print(text)
+    cmd = "python -m policysearch.report.table2 " + " ".join(map(shlex.quote, sys.argv[1:]))
+    out = Path(args.out)
+    prev = _previous(out) if args.append else None
+    if prev is not None and (prev["data"], prev["db"]) != (args.data, args.db):
+        raise SystemExit(f"error: {out} holds rows of --data {prev['data']} --db {prev['db']}; --append needs the same")
+    old_rows, commands = (prev["rows"], [*prev["commands"], cmd]) if prev else ([], [cmd])
+
+    def write(rows: list[str], n: int) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render([*old_rows, *rows], commands=commands, n=n, data=args.data, db=args.db))
+
+    rows, n = run(args.models, args.data, args.bits, device, args.eval_size, db=args.db,
+                  wirings=tuple(args.wirings), on_block=write)
+    write(rows, n)
+    logging.info("%s written (%.0f s)", out, time.time() - t0)
+    print(out.read_text())
 
 
 if __name__ == "__main__":
