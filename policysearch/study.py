@@ -85,7 +85,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     except ImportError as exc:
         raise ConfigError(f"--storage {shown}: the database driver is not installed ({exc}); "
-                          "for PostgreSQL: pip install psycopg2-binary") from None
+                          "for PostgreSQL: pip install \"policysearch[postgres]\" (psycopg 3 and psycopg2)") from None
     except sa_exc.ArgumentError as exc:
         raise ConfigError(f"--storage {shown!r} is not a valid database URL ({_first_line(exc)}); "
                           "use e.g. sqlite:///results/studies.db or postgresql://user@host/db") from None
