@@ -121,7 +121,9 @@ def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) 
             "interval that excludes 0, a difference that is not noise. The methods column is the paper's "
             "Table 3 (counts per kind).\n\n"
             + "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
-            + f"\n\n<!-- table2-state {state} -->\n")
+            + "\n\nThe earlier `native`-wiring table (the shipped sample, no intervals) is kept in "
+            "`results/table2-native.md`.\n"
+            + f"\n<!-- table2-state {state} -->\n")
 
 
 def _previous(path: Path) -> dict[str, Any] | None:
