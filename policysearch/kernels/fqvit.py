@@ -126,9 +126,16 @@ def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     the float just below ``2^k`` (k >= 3) ``log2`` rounds up to ``k``, and the reference then uses
     ``(M, N) = (127, 7 - k)`` where the exact exponent would give ``(255, 8 - k)``.
     """
-    n = torch.clamp_(bit - 1 - torch.floor_(torch.log2(a)), 0, 31)  # a = 0 -> N = 31, M = 0
-    m = torch.clamp_(torch.floor_(a * exp2_int(n)), 0, 2**bit - 1)
+    m, n, _ = _mn_and_power(a, bit)
     return m, n
+
+
+def _mn_and_power(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`get_mn` and ``2^N``, which the LayerNorm needs too (computed once)."""
+    n = torch.clamp_(bit - 1 - torch.floor_(torch.log2(a)), 0, 31)  # a = 0 -> N = 31, M = 0
+    p2n = exp2_int(n)
+    m = torch.clamp_(torch.floor_(a * p2n), 0, 2**bit - 1)
+    return m, n, p2n
 
 
 class FQViTLayerNorm(nn.Module):
@@ -158,8 +165,7 @@ class FQViTLayerNorm(nn.Module):
             flat = ~(std > 0)
             std = torch.where(flat, torch.ones_like(std), std)
             a = (s1 / std).unsqueeze(-1) * weight / out_scale
-            m, n = get_mn(a.abs())
-            p2n = exp2_int(n)
+            m, _, p2n = _mn_and_power(a.abs())
             b = torch.round_((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
             out_int = torch.round_((a.sign() * m * x_q + b) / p2n)
             out_int = torch.where(flat.unsqueeze(-1), torch.round(bias / out_scale).expand_as(out_int), out_int)
@@ -180,8 +186,7 @@ class FQViTLayerNorm(nn.Module):
         std = torch.where(flat, torch.ones_like(spread), (s1 / channels) * torch.sqrt(torch.clamp(spread, min=1.0)))
         a = (s1 / std).unsqueeze(-1) * weight / out_scale
         with torch.no_grad():
-            m, n = get_mn(a.detach().abs())
-            p2n = exp2_int(n)
+            m, _, p2n = _mn_and_power(a.detach().abs())
         m = value_with_grad_of(m, a.abs() * p2n)
         b = round_ste((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
         out_int = round_ste((a.detach().sign() * m * x_q + b) / p2n)

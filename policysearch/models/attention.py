@@ -107,19 +107,27 @@ class QuantWindowAttention(_AttnBase):
         self.register_buffer("relative_position_index", src.relative_position_index, persistent=False)
 
     def _rel_bias(self) -> torch.Tensor:
-        n = self.window_area
-        b = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return b.permute(2, 0, 1).contiguous().unsqueeze(0)
+        return _gather_bias(self.relative_position_bias_table, self.relative_position_index, self.window_area)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        full_mask = None
-        if mask is not None:
-            num_win = mask.shape[0]
-            full_mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
-            full_mask = full_mask.reshape(-1, self.num_heads, N, N)
-        out, s_v = self._attend(x, self._rel_bias(), full_mask)
+        out, s_v = self._attend(x, self._rel_bias(), _window_mask(mask, x.shape, self.num_heads))
         return self._project(out, s_v)
+
+
+def _gather_bias(table: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """timm's relative-position bias of one window, ``(1, heads, n, n)``."""
+    b = table[index.view(-1)].view(n, n, -1)
+    return b.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+def _window_mask(mask: torch.Tensor | None, shape: torch.Size, heads: int) -> torch.Tensor | None:
+    """Swin's per-window shift mask ``(num_win, N, N)`` expanded to ``(B_, heads, N, N)``."""
+    if mask is None:
+        return None
+    B_, N = shape[0], shape[1]
+    num_win = mask.shape[0]
+    full = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, heads, -1, -1)
+    return full.reshape(-1, heads, N, N)
 
 
 def _ints(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -204,17 +212,9 @@ class PaperWindowAttention(_PaperAttnBase):
 
     def _rel_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         table, s_t = self.table_act(self.relative_position_bias_table)
-        n = self.window_area
-        b = table[self.relative_position_index.view(-1)].view(n, n, -1)
-        return b.permute(2, 0, 1).contiguous().unsqueeze(0), s_t
+        return _gather_bias(table, self.relative_position_index, self.window_area), s_t
 
     def forward(
         self, x: torch.Tensor, scale: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B_, N, _ = x.shape
-        full_mask = None
-        if mask is not None:
-            num_win = mask.shape[0]
-            full_mask = mask.view(1, num_win, 1, N, N).expand(B_ // num_win, -1, self.num_heads, -1, -1)
-            full_mask = full_mask.reshape(-1, self.num_heads, N, N)
-        return self._attend(x, scale, full_mask, self._rel_bias())
+        return self._attend(x, scale, _window_mask(mask, x.shape, self.num_heads), self._rel_bias())

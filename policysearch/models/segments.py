@@ -95,15 +95,20 @@ def _vit(m: nn.Module) -> list[Segment]:
     return [stem, *blocks, _head(m)]
 
 
-def _swin(m: nn.Module) -> list[Segment]:
+def _swin_stages(m: nn.Module, block_segments: Callable[[str, nn.Module], list[Segment]]) -> list[Segment]:
+    """Stem, then per stage its patch merging (if any) and its blocks' segments."""
     out = [Segment(name="stem", prefixes=("patch_embed",), fn=m.patch_embed)]
     for j, stage in enumerate(m.layers):
         if not isinstance(stage.downsample, nn.Identity):
             name = f"layers.{j}.downsample"
             out.append(Segment(name=name, prefixes=(name,), fn=stage.downsample))
         for k, block in enumerate(stage.blocks):
-            out += _swin_block(f"layers.{j}.blocks.{k}", block)
-    return [*out, _head(m)]
+            out += block_segments(f"layers.{j}.blocks.{k}", block)
+    return out
+
+
+def _swin(m: nn.Module) -> list[Segment]:
+    return [*_swin_stages(m, _swin_block), _head(m)]
 
 
 def _paper_halves(name: str, block: nn.Module) -> list[Segment]:
@@ -119,12 +124,5 @@ def _paper_vit(m: nn.Module) -> list[Segment]:
 
 
 def _paper_swin(m: nn.Module) -> list[Segment]:
-    out = [Segment(name="stem", prefixes=("patch_embed",), fn=m.patch_embed)]
-    for j, stage in enumerate(m.layers):
-        if not isinstance(stage.downsample, nn.Identity):
-            name = f"layers.{j}.downsample"
-            out.append(Segment(name=name, prefixes=(name,), fn=stage.downsample))
-        for k, block in enumerate(stage.blocks):
-            out += _paper_halves(f"layers.{j}.blocks.{k}", block)
     head = Segment(name="head", prefixes=("norm", "head"), fn=lambda carry: m.paper_head.run_swin(m, carry))
-    return [*out, head]
+    return [*_swin_stages(m, _paper_halves), head]
