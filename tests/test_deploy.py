@@ -166,6 +166,19 @@ def test_exp2_replacement_equals_kernel_helper():
     assert torch.equal(_exp2_export(k), exp2_int(k))
 
 
+def test_log_round_power_replacement_equals_kernel_helper():
+    """The traceable LIS code (frexp) gives the kernel's powers of two, and keeps every masked code masked."""
+    from policysearch.deploy.onnx_export import _log_round_power_export
+    from policysearch.kernels.fqvit import log_round_power
+
+    k = torch.arange(0.0, 60.0)
+    p2 = torch.pow(2.0, k)
+    r = torch.cat([torch.arange(1.0, 70000.0), p2, p2 * 1.5, p2 * 1.5 - 1, p2[1:] - 1, torch.tensor([3.3e29])])
+    assert torch.equal(_log_round_power_export(r), log_round_power(r))
+    huge = torch.tensor([1e31, 1e38, float("inf")])  # codes past 2^100: every one masked either way
+    assert (log_round_power(huge) >= 2.0**100).all() and (_log_round_power_export(huge) >= 2.0**100).all()
+
+
 def _ort(path):
     import onnxruntime as ort
 

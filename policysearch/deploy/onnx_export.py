@@ -10,12 +10,14 @@ swaps ``nn.GELU`` for ``nn.ReLU`` at chosen MLPs (``blocks.N.mlp.act`` in ViT/De
 **The integer model** (``policysearch export RUN --onnx FILE``, :func:`export_run_onnx`): the
 model policysearch evaluates (``load_model`` + ``prepare`` + ``calibrate`` + ``apply_policy``),
 traced. Its operators are floor / round / clamp and power-of-two scalings of integer-valued
-float32 tensors, which ONNX has; two kernel helpers do not trace and are replaced while exporting
+float32 tensors, which ONNX has; three kernel helpers do not trace and are replaced while exporting
 only (:func:`export_friendly`, nothing in the kernel modules changes):
 
 * ``kernels._common.exp2_int`` builds ``2**k`` from float32 bits (``Tensor.view(torch.float32)``
   on int32), which the tracer rejects; it is replaced by ``Pow(2, k)`` with the same
   saturation (0 below ``k = -126``, ``inf`` above 127), equal for every ``k`` (tested);
+* ``kernels.fqvit.log_round_power`` (the Log-Int-Softmax code) also reads float32 bits; it is
+  replaced by the same power of two from ``frexp`` (equal for every ratio, tested);
 * ``torch.frexp`` (dyadic requantization, I-BERT's softmax requantization, FQ-ViT's exact
   ``floor(log2)``) has no ONNX symbolic; one is registered that computes the same mantissa and
   exponent with Log / Floor / Pow and a one-step correction either way (exact; tested).
@@ -111,10 +113,19 @@ def replace_gelu(model: nn.Module, paths: Sequence[str] | None = None) -> list[s
 
 # -- export ---------------------------------------------------------------------------------
 
-def _exp2_export(k: torch.Tensor) -> torch.Tensor:
+def _exp2_export(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``kernels._common.exp2_int`` without the float32 bit cast: the same values, traceable."""
     k = torch.clamp(k, -127.0, 128.0)
     return torch.where(k <= -127.0, torch.zeros_like(k), torch.pow(torch.full_like(k, 2.0), k))
+
+
+def _log_round_power_export(ratio: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``kernels.fqvit.log_round_power`` from ``frexp`` instead of the float32 bits: the same
+    values (``r = m * 2^e``: code ``e - 1``, plus 1 where ``m >= 0.75``). Ratios are capped at
+    ``2^100`` first (``inf`` has no exponent), which keeps every masked code masked."""
+    m, e = torch.frexp(torch.clamp(ratio, max=2.0**100))
+    code = (e.to(ratio.dtype) - 1) + (m >= 0.75).to(ratio.dtype)
+    return _exp2_export(code)
 
 
 def _frexp_symbolic(g: Any, x: Any) -> tuple[Any, Any]:
@@ -143,28 +154,30 @@ def _frexp_symbolic(g: Any, x: Any) -> tuple[Any, Any]:
 
 @contextlib.contextmanager
 def export_friendly() -> Iterator[None]:
-    """While exporting: traceable ``exp2_int`` and an ONNX symbolic for ``aten::frexp``.
+    """While exporting: traceable ``exp2_int`` and ``log_round_power``, an ONNX symbolic for ``aten::frexp``.
 
     Swaps the function object in every loaded ``policysearch`` module that imported it (the kernel
     modules keep their code), and restores everything on exit.
     """
-    from policysearch.kernels import _common
+    from policysearch.kernels import _common, fqvit
 
     original = getattr(_common, "exp2_int", None)
-    swapped = []
+    swapped: list[tuple[object, str, object]] = []
     if original is not None:
         for name, module in list(sys.modules.items()):
             if (name == "policysearch" or name.startswith("policysearch.")) and \
                     getattr(module, "exp2_int", None) is original:
+                swapped.append((module, "exp2_int", original))
                 module.exp2_int = _exp2_export
-                swapped.append(module)
+    swapped.append((fqvit, "log_round_power", fqvit.log_round_power))
+    fqvit.log_round_power = _log_round_power_export
     torch.onnx.register_custom_op_symbolic("aten::frexp", _frexp_symbolic, OPSET)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::frexp", OPSET)
-        for module in swapped:
-            module.exp2_int = original
+        for module, attr, value in swapped:
+            setattr(module, attr, value)
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, integer: bool = False) -> Path:

@@ -33,8 +33,8 @@ from policysearch.methods import MethodSpec, get_method
 from policysearch.registry import Registry
 
 __all__ = ["KERNELS", "STE_MODES", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "current_ste", "exp2_int",
-           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "register_kernel", "round_ste", "shift_exp", "shift_exp_ste",
-           "ste_gradients", "value_with_grad_of", "with_ste"]
+           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "pow2_ste", "register_kernel", "round_ste", "shift_exp", "shift_exp_ste",
+           "ste_gradients", "value_with_grad_of", "value_with_log2_grad", "with_ste"]
 
 #: ``factory(*, bits, norm) -> nn.Module``: ``bits`` is the output bit width (the catalogue's
 #: default filled in; ``None`` for a method without one), ``norm`` the replaced ``nn.LayerNorm``.
@@ -144,6 +144,49 @@ class _ValueWithGradOf(torch.autograd.Function):
         return None, grad
 
 
+class _Pow2(torch.autograd.Function):
+    """``2 ** k`` for integer-valued ``k`` (:func:`exp2_int`), with ``torch.pow``'s gradient
+    ``grad * 2^k * ln 2``: the same graph without the (slow) float ``pow``."""
+
+    @staticmethod
+    def forward(ctx, k: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        out = exp2_int(k)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        (out,) = ctx.saved_tensors
+        return grad * (out * _LN2)
+
+
+class _ValueWithLog2Grad(torch.autograd.Function):
+    """Forward: ``value``; backward: ``torch.log2``'s gradient at ``x`` (``grad / (x ln 2)``)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return None, grad / (x * _LN2)
+
+
+_LN2 = math.log(2.0)
+
+
+def pow2_ste(k: torch.Tensor) -> torch.Tensor:
+    """``torch.pow(2.0, k)`` for integer-valued ``k`` in [-126, 127], value and gradient."""
+    return _Pow2.apply(k)
+
+
+def value_with_log2_grad(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``value_with_grad_of(value, torch.log2(x))`` without evaluating the (slow) ``log2``."""
+    return _ValueWithLog2Grad.apply(value, x)
+
+
 def floor_ste(x: torch.Tensor) -> torch.Tensor:
     return _FloorSTE.apply(x)
 
@@ -173,15 +216,18 @@ def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.T
     return value_with_grad_of(y_int, surrogate)
 
 
-def exp2_int(k: torch.Tensor) -> torch.Tensor:
+def exp2_int(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``2.0 ** k`` for integer-valued float ``k``, built from the float32 bits.
 
     Exact for ``k`` in [-126, 127], like ``2 ** k`` in the references, and several times cheaper
     than ``torch.pow``. Outside that range it saturates to ``0`` / ``inf`` as float32 ``2 ** k``
     does (I-ViT's GELU reaches ``2^(n - q) = inf`` on very negative rows at fine input scales).
+    The biased exponent ``(k + 127) * 2^23`` (at most ``255 * 2^23``) is exact in float32, so the
+    arithmetic stays in float until the one cast: no integer shift, which is slow on CPU.
+    ``inplace=True`` may overwrite ``k``.
     """
-    k = torch.clamp(k, -127.0, 128.0).to(torch.int32)
-    return ((k + 127) << 23).view(torch.float32)
+    bits = (k.clamp_(-127.0, 128.0) if inplace else torch.clamp(k, -127.0, 128.0)).add_(127.0).mul_(8388608.0)
+    return bits.to(torch.int32).view(torch.float32)
 
 
 # I-BERT i-exp (IntSoftmax.int_polynomial / int_exp), shared by I-BERT and FQ-ViT.
@@ -190,20 +236,27 @@ IEXP_N = 30
 IEXP_COEF = (0.35815147, 0.96963238, 1.0)
 
 
-def i_exp_poly(x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """I-BERT's integer exp of ``x_int <= 0`` at scale ``s``: ``(exp_int, exp_scale)``."""
+def i_exp_poly(x_int: torch.Tensor, s: torch.Tensor, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-BERT's integer exp of ``x_int <= 0`` at scale ``s``: ``(exp_int, exp_scale)``.
+
+    Each step is the reference's float32 operation in the reference's order (no fused
+    multiply-add), written in place; ``inplace=True`` may overwrite ``x_int``.
+    """
     a, b, c = IEXP_COEF
     b_over_a, c_over_a = b / a, c / a  # Python floats, as the reference stores them
     x0_int = torch.floor(IEXP_X0 / s)
-    x_int = torch.maximum(x_int, IEXP_N * x0_int)
-    q = torch.floor(x_int / x0_int)
-    r = x_int - x0_int * q
+    floor_at = IEXP_N * x0_int
+    x_int = x_int.clamp_(min=floor_at) if inplace and floor_at.dim() == 0 else torch.maximum(x_int, floor_at)
+    q = torch.floor_(x_int / x0_int)
+    z = q * x0_int
+    r = x_int.sub_(z)  # r = x_int - x0_int * q
     b_int = torch.floor(b_over_a / s)
     c_int = torch.floor(c_over_a / s**2)
-    z = r * (r + b_int) + c_int
+    # z = r * (r + b_int) + c_int, in z's buffer: 0 * finite + r is r exactly
+    z = z.mul_(0.0).add_(r).add_(b_int).mul_(r).add_(c_int)
     poly_scale = a * s**2
     # 2^(n-q) can reach 2^30 * c_int (~1e12): float32 as in the reference
-    exp_int = torch.clamp_(torch.floor_(z * exp2_int(IEXP_N - q)), min=0)
+    exp_int = torch.clamp_(torch.floor_(z.mul_(exp2_int(q.neg_().add_(IEXP_N), inplace=True))), min=0)
     return exp_int, poly_scale / 2**IEXP_N
 
 
@@ -236,7 +289,7 @@ def i_exp_poly_ste(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     q = floor_ste(x_int / x0_int)
     r = x_int - x0_int * q
     z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
-    return torch.clamp(floor_ste(z * torch.pow(2.0, IEXP_N - q)), min=0)
+    return torch.clamp(floor_ste(z * pow2_ste(IEXP_N - q)), min=0)
 
 
 def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
@@ -250,7 +303,7 @@ def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
     t = torch.maximum(t, n * x0_int)
     q = floor_ste(t / x0_int)
     exp_int = (t - x0_int * q) / 2 - x0_int
-    return torch.clamp(floor_ste(exp_int * torch.pow(2.0, torch.clamp(n - q, max=127.0))), min=0)
+    return torch.clamp(floor_ste(exp_int * pow2_ste(torch.clamp(n - q, max=127.0))), min=0)
 
 
 class IntSqrtLayerNorm(nn.Module):

@@ -49,18 +49,15 @@ from policysearch.kernels._common import (
     exp2_int,
     i_exp_poly,
     i_exp_poly_ste,
+    pow2_ste,
     register_kernel,
     round_ste,
     value_with_grad_of,
+    value_with_log2_grad,
     with_ste,
 )
 
 __all__ = ["FQViTLayerNorm", "FQViTSoftmax", "log2_codes"]
-
-
-def floor_log2(v: torch.Tensor) -> torch.Tensor:
-    """``floor(log2 v)`` for positive finite ``v``, exactly, from the float exponent (``frexp``)."""
-    return torch.frexp(v).exponent.to(v.dtype) - 1
 
 
 def log_round(ratio: torch.Tensor) -> torch.Tensor:
@@ -69,9 +66,19 @@ def log_round(ratio: torch.Tensor) -> torch.Tensor:
     The reference's float32 ``log2`` rounds up to ``k`` just below ``r = 2^k``; the exact exponent
     used here then gives ``k - 1`` plus the ``+1`` of the midpoint test: the same code.
     """
-    big = floor_log2(ratio)
-    extra = (ratio - exp2_int(big)) >= exp2_int(big - 1)
-    return big + extra.to(big.dtype)
+    return torch.frexp(log_round_power(ratio)).exponent.to(ratio.dtype) - 1
+
+
+def log_round_power(ratio: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """``2^log_round(r)`` for finite float32 ``r >= 1`` (``inf`` for ``inf``), from the float bits.
+
+    With ``r = 1.f * 2^e``, ``r >= 1.5 * 2^e`` is the leading fraction bit, so adding it to the
+    bits carries into the exponent exactly when the midpoint test adds 1; clearing the fraction
+    leaves ``2^code``. Integer adds and masks only, no ``log2`` or ``frexp`` (both slow on CPU).
+    ``inplace=True`` overwrites a contiguous ``ratio``. (ONNX export swaps in a traceable twin.)
+    """
+    bits = ratio.view(torch.int32) if inplace else ratio.contiguous().view(torch.int32).clone()
+    return bits.add_(1 << 22).bitwise_and_(-(1 << 23)).view(torch.float32)
 
 
 def log2_codes(y: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -89,18 +96,17 @@ class FQViTSoftmax(nn.Module):
         top = 2**self.bits - 1
         with torch.no_grad():
             x_int = x.detach() / s
-            x_int = x_int - x_int.max(dim=-1, keepdim=True).values
-            x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
-            exp_int, _ = i_exp_poly(x_int, s)
-            total = exp_int.sum(dim=-1, keepdim=True)
-            zero = exp_int == 0
-            ratio = torch.round(total / torch.where(zero, torch.ones_like(exp_int), exp_int))
-            code = log_round(ratio)
-            mask = zero | (code >= 2**self.bits)
-            qlog = torch.clamp(code, 0, top)
-            q_out = exp2_int(top - qlog).masked_fill_(mask, 0.0)
+            x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).nan_to_num_(nan=0.0, neginf=-3.0e38)
+            exp_int, _ = i_exp_poly(x_int, s, inplace=True)
+            total = exp_int.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # 0 only when every exp is
+            # ratio = round(sum / exp) >= 1, inf where exp_int = 0 (the reference's inf, masked)
+            ratio = (total / exp_int).round_()
+            # 2^(top - code) for code <= top, and floor(2^top / 2^code) = 0 for code > top (the
+            # reference's mask, qlog >= 2^bits) and for ratio = inf: one pass each, no bool mask
+            power = log_round_power(ratio, inplace=True)
+            q_out = power.reciprocal_().mul_(2.0**top).floor_()
             out_scale = torch.tensor(2.0**-top, device=x.device)
-        return with_ste(x, q_out * out_scale, lambda: x.softmax(-1),
+        return with_ste(x, q_out.mul_(out_scale), lambda: x.softmax(-1),
                         lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
@@ -115,8 +121,8 @@ class FQViTSoftmax(nn.Module):
         with torch.no_grad():
             code_int = log_round(ratio)
             mask = zero | (code_int >= 2**self.bits)
-        code = torch.clamp(value_with_grad_of(code_int, torch.log2(ratio)), 0, top)
-        return torch.pow(2.0, top - code).masked_fill(mask, 0.0) * out_scale
+        code = torch.clamp(value_with_log2_grad(code_int, ratio), 0, top)
+        return pow2_ste(top - code).masked_fill(mask, 0.0) * out_scale
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,8 +173,12 @@ class FQViTLayerNorm(nn.Module):
             a = (s1 / std).unsqueeze(-1) * weight / out_scale
             m, _, p2n = _mn_and_power(a.abs())
             b = torch.round_((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
-            out_int = torch.round_((a.sign() * m * x_q + b) / p2n)
-            out_int = torch.where(flat.unsqueeze(-1), torch.round(bias / out_scale).expand_as(out_int), out_int)
+            # sign(a) is sign(weight): s1 / std and out_scale are positive (a per-channel vector)
+            out_int = torch.round_((torch.sign(weight / out_scale) * m * x_q + b) / p2n)
+            # a constant row is rare: skip the select on CPU when there is none (off the CPU the
+            # check would cost a sync; in an ONNX trace the select must stay in the graph)
+            if torch.jit.is_tracing() or x.device.type != "cpu" or bool(flat.any()):
+                out_int = torch.where(flat.unsqueeze(-1), torch.round(bias / out_scale).expand_as(out_int), out_int)
         return with_ste(x, out_int * out_scale, lambda: self._float(x),
                         lambda: self._reference_graph(x, in_scale, out_scale),
                         params=(self.norm.weight, self.norm.bias)), out_scale
