@@ -484,3 +484,126 @@ def test_pow2_and_log2_surrogates_have_torch_gradients() -> None:
     (out * torch.cos(r.detach())).sum().backward()
     (torch.log2(r_ref) * torch.cos(r_ref.detach())).sum().backward()
     torch.testing.assert_close(r.grad, r_ref.grad, rtol=1e-6, atol=0)
+
+
+def _i_exp_poly_graph(x_int, s):
+    """I-BERT's ``int_exp`` as an op-by-op autograd graph (``floor_ste``): the closed form's oracle."""
+    from policysearch.kernels._common import IEXP_COEF, IEXP_N, IEXP_X0, floor_ste
+
+    a, b, c = IEXP_COEF
+    x0_int = torch.floor(IEXP_X0 / s)
+    x_int = torch.maximum(x_int, IEXP_N * x0_int)
+    q = floor_ste(x_int / x0_int)
+    r = x_int - x0_int * q
+    z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
+    return torch.clamp(floor_ste(z * torch.pow(2.0, IEXP_N - q)), min=0)
+
+
+def _shift_exp_graph(x_int, s, n):
+    """I-ViT's ``int_exp_shift`` as an op-by-op autograd graph (``floor_ste``): the closed form's oracle."""
+    from policysearch.kernels._common import floor_ste
+
+    t = x_int + floor_ste(x_int / 2) - floor_ste(x_int / 16)
+    x0_int = torch.floor(-1.0 / s)
+    t = torch.maximum(t, n * x0_int)
+    q = floor_ste(t / x0_int)
+    e = (t - x0_int * q) / 2 - x0_int
+    return torch.clamp(floor_ste(e * torch.pow(2.0, torch.clamp(n - q, max=127.0))), min=0)
+
+
+@pytest.mark.parametrize("which", ["i_exp_poly", "shift_exp"])
+@pytest.mark.parametrize("s_val", [2e-5, 1e-3, 0.05, 0.4])
+def test_exp_closed_form_gradient_matches_op_by_op_graph(which, s_val) -> None:
+    """The reference-STE integer exps: the integer pass's value, and the op-by-op graph's gradient."""
+    from policysearch.kernels._common import i_exp_poly, i_exp_poly_ste, shift_exp, shift_exp_ste
+
+    s = torch.tensor(s_val)
+    g = torch.Generator().manual_seed(int(s_val * 1e6))
+    x = -(torch.rand(6, 40, generator=g) * 12 / s).floor()
+    x[0, :3] = 0.0
+    x[1, :3] = -1e6 / s_val  # far below the clamp: no gradient
+    w = torch.randn(x.shape, generator=g)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    if which == "i_exp_poly":
+        fast, slow, value = i_exp_poly_ste(a, s), _i_exp_poly_graph(b, s), i_exp_poly(x, s)[0]
+    else:
+        fast, slow, value = shift_exp_ste(a, s, 15), _shift_exp_graph(b, s, 15), shift_exp(x.clone(), s, 15)[0]
+    assert torch.equal(fast, value) and torch.equal(fast, slow)
+    (fast * w).sum().backward()
+    (slow * w).sum().backward()
+    assert a.grad.abs().sum() > 0
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6 * float(b.grad.abs().max()))
+
+
+def _lis_graph(x, s, out_scale, bits=4):
+    """FQ-ViT's Log-Int-Softmax as an op-by-op straight-through graph: the closed form's oracle."""
+    from policysearch.kernels._common import round_ste, value_with_grad_of
+    from policysearch.kernels.fqvit import log_round
+
+    top = 2**bits - 1
+    x_int = x / s
+    x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
+    exp_int = _i_exp_poly_graph(x_int, s)
+    zero = (exp_int == 0).detach()
+    ratio = round_ste(exp_int.sum(dim=-1, keepdim=True) / torch.where(zero, torch.ones_like(exp_int), exp_int))
+    ratio = torch.clamp(ratio, min=1.0)
+    with torch.no_grad():
+        code_int = log_round(ratio)
+        mask = zero | (code_int >= 2**bits)
+    code = torch.clamp(value_with_grad_of(code_int, torch.log2(ratio)), 0, top)
+    return torch.pow(2.0, top - code).masked_fill(mask, 0.0) * out_scale
+
+
+@pytest.mark.parametrize("s_val", [1e-3, 0.05, 0.3])
+def test_fqvit_softmax_reference_gradient_matches_op_by_op_graph(s_val) -> None:
+    from policysearch.kernels._common import ste_gradients
+
+    s = torch.tensor(s_val)
+    g = torch.Generator().manual_seed(3)
+    x = torch.round(torch.randn(3, 4, 12, 12, generator=g) * 2 / s) * s
+    x[0, 0, 0, 5:] = -100.0  # masked entries, as attention masks write them
+    w = torch.randn(x.shape, generator=g)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with ste_gradients("reference"):
+        y, out_scale = kernels.create("softmax", "fqvit")(a, s)
+    ref = _lis_graph(b, s, out_scale)
+    assert torch.equal(y, ref)
+    (y * w).sum().backward()
+    (ref * w).sum().backward()
+    assert a.grad.abs().sum() > 0
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()))
+
+
+def _ivit_gelu_graph(x, s, bits=8):
+    """I-ViT's ``IntGELU`` as an op-by-op straight-through graph: the closed form's oracle."""
+    from policysearch.kernels._common import floor_ste
+
+    num = 2**31 - 1
+    pre_x_int = x / s
+    s_sig = s * 1.702
+    x_max = pre_x_int.max(dim=-1, keepdim=True).values
+    exp_int = _shift_exp_graph(pre_x_int - x_max, s_sig, 23)
+    exp_max = _shift_exp_graph(-x_max, s_sig, 23)
+    total = torch.clamp(exp_int + exp_max, max=num)
+    factor = floor_ste(num / total)
+    sig_int = floor_ste(exp_int * factor / 2 ** (32 - bits))
+    return pre_x_int * sig_int * (s / 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("s_val", [1e-3, 0.02, 0.1])
+def test_ivit_gelu_reference_gradient_matches_op_by_op_graph(s_val) -> None:
+    from policysearch.kernels._common import ste_gradients
+
+    s = torch.tensor(s_val)
+    g = torch.Generator().manual_seed(5)
+    x = torch.round(torch.randn(4, 7, 48, generator=g) * 2 / s) * s
+    w = torch.randn(x.shape, generator=g)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with ste_gradients("reference"):
+        y, _ = kernels.create("gelu", "ivit")(a, s)
+    ref = _ivit_gelu_graph(b, s)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    (y * w).sum().backward()
+    (ref * w).sum().backward()
+    assert a.grad.abs().sum() > 0
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()))

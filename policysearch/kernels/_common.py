@@ -278,32 +278,86 @@ def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = F
     return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n)))), min=0), s / 2**n
 
 
-def i_exp_poly_ste(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """:func:`i_exp_poly` as I-BERT's autograd graph (``int_exp`` with ``floor_ste``): ``exp_int``.
+class _ExpSTE(torch.autograd.Function):
+    """An integer exp whose backward is the closed form of its straight-through graph.
 
-    ``s`` carries no gradient (the reference computes the constants under ``torch.no_grad``)."""
-    a, b, c = IEXP_COEF
+    ``forward(x_int, value, coef)``: returns ``value`` (the integer pass, computed without
+    autograd); backward: ``grad * coef``, the derivative ``d value / d x_int`` that the
+    reference's op-by-op graph (every floor straight through) gives, computed once in the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_int: torch.Tensor, value: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(coef)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (coef,) = ctx.saved_tensors
+        return grad * coef, None, None
+
+
+def _max_mask(x: torch.Tensor, floor_at: torch.Tensor) -> torch.Tensor:
+    """``torch.maximum(x, floor_at)``'s gradient for ``x``: 1 above, 1/2 at a tie, 0 below
+    (``(sign(x - floor_at) + 1) / 2``: float passes only, no bool tensors)."""
+    return (x - floor_at).sign_().add_(1.0).mul_(0.5)
+
+
+def i_exp_poly_ste(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`i_exp_poly` with I-BERT's gradient (``int_exp`` with ``floor_ste``): ``exp_int``.
+
+    The value is the integer pass. The gradient is the closed form of the reference's graph: with
+    ``q = floor_ste(x / x0)`` and ``r = x - x0 q``, ``dr/dx = 1 - x0 / x0 = 0``, so only
+    ``2^(n - q)`` carries it: ``d exp / dx = -ln 2 * z 2^(n - q) / x0`` where ``x > n x0`` (half at
+    the tie, as ``torch.maximum``) and ``exp_int > 0`` (``torch.clamp`` passes no gradient at its
+    bound); the op-by-op graph gives the same up to float rounding
+    (tested) at a fraction of the cost. ``s`` carries no gradient (the reference computes the
+    constants under ``torch.no_grad``)."""
     s = s.detach()
-    x0_int = torch.floor(IEXP_X0 / s)
-    x_int = torch.maximum(x_int, IEXP_N * x0_int)
-    q = floor_ste(x_int / x0_int)
-    r = x_int - x0_int * q
-    z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
-    return torch.clamp(floor_ste(z * pow2_ste(IEXP_N - q)), min=0)
+    a, b, c = IEXP_COEF
+    with torch.no_grad():  # i_exp_poly's operations, keeping z * 2^(n - q) before the floor
+        x = x_int.detach()
+        x0_int = torch.floor(IEXP_X0 / s)
+        floor_at = IEXP_N * x0_int
+        xc = torch.maximum(x, floor_at)
+        q = torch.floor(xc / x0_int)
+        r = xc - x0_int * q
+        zp = (r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)) * exp2_int(IEXP_N - q)
+        exp_int = torch.clamp(torch.floor(zp), min=0)
+        if not x_int.requires_grad:
+            return exp_int
+        # the clamp at 0 passes where exp_int > 0 (torch's clamp stops the gradient at its bound)
+        coef = zp.mul_((-_LN2) / x0_int).mul_(_max_mask(x, floor_at)).mul_(exp_int.clamp(max=1.0))
+    return _ExpSTE.apply(x_int, exp_int, coef)
 
 
 def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
-    """:func:`shift_exp` as I-ViT's autograd graph (``int_exp_shift`` with ``floor_ste``): ``exp_int``.
+    """:func:`shift_exp` with I-ViT's gradient (``int_exp_shift`` with ``floor_ste``): ``exp_int``.
 
-    One guard the reference lacks: the exponent ``n - q`` is capped at 127 (where the integer pass
-    saturates to ``inf`` the gradient is then 0, not NaN)."""
+    The value is the integer pass. The gradient is the closed form of the reference's graph:
+    ``t = x + floor(x/2) - floor(x/16)`` passes ``1.4375``, ``r = t - x0 q`` passes ``1 - x0 / x0 =
+    0``, so only ``2^(n - q)`` carries it: ``d exp / dx = -1.4375 ln 2 * (r/2 - x0) 2^(n - q) / x0``
+    where ``t > n x0`` (half at the tie), ``exp_int > 0`` and ``n - q < 127`` (the clamps' open
+    bounds, as ``torch.clamp``'s gradient); the op-by-op graph gives the
+    same up to float rounding (tested). One guard the reference lacks: the exponent ``n - q`` is
+    capped at 127 (where the integer pass saturates to ``inf`` the gradient is then 0, not NaN)."""
     s = s.detach()
-    t = x_int + floor_ste(x_int / 2) - floor_ste(x_int / 16)
-    x0_int = torch.floor(-1.0 / s)
-    t = torch.maximum(t, n * x0_int)
-    q = floor_ste(t / x0_int)
-    exp_int = (t - x0_int * q) / 2 - x0_int
-    return torch.clamp(floor_ste(exp_int * pow2_ste(torch.clamp(n - q, max=127.0))), min=0)
+    with torch.no_grad():
+        x = x_int.detach()
+        x0_int = torch.floor(-1.0 / s)
+        t = x + torch.floor(x / 2) - torch.floor(x / 16)
+        floor_at = n * x0_int
+        tc = torch.maximum(t, floor_at)
+        q = torch.floor(tc / x0_int)
+        k = n - q
+        ep = ((tc - x0_int * q) / 2 - x0_int) * exp2_int(torch.clamp(k, max=127.0))
+        exp_int = torch.clamp(torch.floor(ep), min=0)
+        if not x_int.requires_grad:
+            return exp_int
+        coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(_max_mask(t, floor_at)).mul_(exp_int.clamp(max=1.0))
+        coef = coef.mul_((126.5 - k).mul_(2.0).clamp_(0.0, 1.0))  # the cap's clamp passes where n - q < 127
+        coef = coef.nan_to_num_(nan=0.0, posinf=0.0)  # a saturated 2^127 row (inf * 0): no gradient
+    return _ExpSTE.apply(x_int, exp_int, coef)
 
 
 class IntSqrtLayerNorm(nn.Module):

@@ -111,18 +111,41 @@ class FQViTSoftmax(nn.Module):
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
         """The integer computation with straight-through roundings (module docstring)."""
-        top = 2**self.bits - 1
         x_int = x / s
         x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-        exp_int = i_exp_poly_ste(x_int, s)
-        zero = (exp_int == 0).detach()
-        ratio = round_ste(exp_int.sum(dim=-1, keepdim=True) / torch.where(zero, torch.ones_like(exp_int), exp_int))
-        ratio = torch.clamp(ratio, min=1.0)  # >= 1 in value; keeps log2 finite on masked entries
-        with torch.no_grad():
-            code_int = log_round(ratio)
-            mask = zero | (code_int >= 2**self.bits)
-        code = torch.clamp(value_with_log2_grad(code_int, ratio), 0, top)
-        return pow2_ste(top - code).masked_fill(mask, 0.0) * out_scale
+        return _LogIntTail.apply(i_exp_poly_ste(x_int, s), 2**self.bits - 1, out_scale)
+
+
+class _LogIntTail(torch.autograd.Function):
+    """``exp_int -> 2^-log_round(round(sum / exp))`` (masked), with the closed-form gradient of its
+    straight-through graph: ``y = 2^(top - code)``, ``code`` passing ``d log2(ratio)``, gives
+    ``dy/dratio = -y / ratio``, and ``ratio = round_ste(S / d)`` (``d = exp``, or 1 where ``exp = 0``)
+    sends ``1/d`` of that to the row sum ``S`` and ``-S / d^2`` to its own non-zero entry; the
+    clamp of ``code`` to ``[0, top]`` passes for ``0 < code < top`` (``torch.clamp``'s gradient is 0
+    at its bounds). The op-by-op graph gives the same up to float rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, exp_int: torch.Tensor, top: int, out_scale: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        total = exp_int.sum(dim=-1, keepdim=True)
+        zero = exp_int == 0
+        denom = torch.where(zero, torch.ones_like(exp_int), exp_int)
+        ratio = torch.clamp(torch.round(total / denom), min=1.0)
+        power = log_round_power(ratio)
+        y = power.reciprocal_().mul_(2.0**top).floor_().masked_fill_(zero, 0.0)  # 2^(top - code)
+        # the clamp of code to [0, top] passes its gradient for 0 < code < top only (open bounds, as
+        # torch.clamp's gradient), i.e. for 2 <= y <= 2^(top - 1); masked entries are y = 0
+        passes = ((y > 1.0) & (y < 2.0**top)).to(y.dtype)
+        y = y.mul_(out_scale)
+        ctx.save_for_backward(y * passes, ratio, denom, zero, total)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        y_passing, ratio, denom, zero, total = ctx.saved_tensors
+        g_ratio = (grad * y_passing).div_(ratio).neg_()
+        g_sum = (g_ratio / denom).sum(dim=-1, keepdim=True)
+        g_own = g_ratio.mul_(total).div_(denom).div_(denom).neg_().masked_fill_(zero, 0.0)
+        return g_own.add_(g_sum), None, None
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

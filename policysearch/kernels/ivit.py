@@ -111,10 +111,37 @@ class IViTGELU(nn.Module):
         x_max = pre_x_int.max(dim=-1, keepdim=True).values
         exp_int = shift_exp_ste(pre_x_int - x_max, s_sig, self.N)
         exp_max = shift_exp_ste(-x_max, s_sig, self.N)
-        total = torch.clamp(exp_int + exp_max, max=_NUMERATOR)
-        factor = floor_ste(_NUMERATOR / total)
-        sig_int = floor_ste(exp_int * factor / 2 ** (32 - self.output_bit))
-        return pre_x_int * sig_int * (s / 2 ** (self.output_bit - 1))
+        return _SigmoidTail.apply(pre_x_int, exp_int, exp_max, 2.0 ** (self.output_bit - 32),
+                                  s / 2 ** (self.output_bit - 1))
+
+
+class _SigmoidTail(torch.autograd.Function):
+    """``pre_x * floor(e * floor(NUM / min(e + e_max, NUM)) * 2^-k) * c`` (I-ViT's GELU after its
+    two exps) with the closed-form gradient of its straight-through graph: each floor passes, the
+    clamp at ``NUM`` passes where ``e + e_max < NUM`` (open bound, as ``torch.clamp``), and
+    ``d floor(NUM / t) / dt = -NUM / t^2``. Same as the op-by-op graph up to float rounding (tested)."""
+
+    @staticmethod
+    def forward(ctx, pre_x_int: torch.Tensor, exp_int: torch.Tensor, exp_max: torch.Tensor,  # noqa: ANN001
+                shift: float, out_scale: torch.Tensor) -> torch.Tensor:
+        total = exp_int + exp_max
+        passes = (total < _NUMERATOR).to(total.dtype)
+        total = torch.clamp_(total, max=_NUMERATOR)
+        factor = torch.floor(_NUMERATOR / total)
+        sig_int = torch.floor((exp_int * factor) * shift)
+        ctx.save_for_backward(pre_x_int, exp_int, factor, total, passes, sig_int, out_scale)
+        ctx.shift = shift
+        return pre_x_int * sig_int * out_scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        pre_x_int, exp_int, factor, total, passes, sig_int, out_scale = ctx.saved_tensors
+        g = grad * out_scale
+        g_sig = g * pre_x_int
+        g_total = (g_sig * exp_int).mul_(-ctx.shift * _NUMERATOR).div_(total).div_(total).mul_(passes)
+        g_exp = g_sig.mul_(factor).mul_(ctx.shift).add_(g_total)
+        g_max = g_total.sum(dim=-1, keepdim=True)
+        return g.mul_(sig_int), g_exp, g_max, None, None
 
 
 class IViTLayerNorm(IntSqrtLayerNorm):
