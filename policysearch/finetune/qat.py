@@ -47,12 +47,17 @@ MOMENTUM = 0.95
 def _ema_update(obs: Any, t: torch.Tensor, momentum: float) -> None:
     """One training-time range update of observer ``obs`` from tensor ``t`` (I-ViT's QuantAct)."""
     t = t.detach().float()
-    if not bool(torch.isfinite(t).all()):
-        t = torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+    lo_hi = obs.batch_range(t) if obs.ready and _plain_range(obs) else None
+    # a min / max range is NaN or infinite exactly when the tensor has a NaN or an infinity: then
+    # (and for other range rules) the whole tensor is checked and cleaned first
+    if lo_hi is None or not bool(torch.isfinite(lo_hi[0]) & torch.isfinite(lo_hi[1])):
+        if not bool(torch.isfinite(t).all()):
+            t = torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+        lo_hi = None
     if not obs.ready:  # nothing calibrated: the first batch initialises, as in the references
         obs.update(t)
         return
-    lo, hi = obs.batch_range(t)
+    lo, hi = lo_hi if lo_hi is not None else obs.batch_range(t)
     obs.min_val.mul_(momentum).add_(lo * (1.0 - momentum))
     obs.max_val.mul_(momentum).add_(hi * (1.0 - momentum))
     if obs.per_channel and obs.ch_min.numel() == t.shape[-1]:
@@ -61,6 +66,13 @@ def _ema_update(obs: Any, t: torch.Tensor, momentum: float) -> None:
         obs.ch_max.mul_(momentum).add_(flat.amax(0) * (1.0 - momentum))
         obs.last = t
     obs.version += 1  # derived scales are cached by this counter
+
+
+def _plain_range(obs: Any) -> bool:
+    """Whether the observer's batch range is the plain min / max (``Observer.batch_range``)."""
+    from policysearch.quant.observers import Observer
+
+    return type(obs).batch_range is Observer.batch_range
 
 
 def _tracks(module: nn.Module) -> bool:

@@ -48,7 +48,8 @@ class Observer(nn.Module):
         self.last = None
 
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x.min(), x.max()
+        lo, hi = torch.aminmax(x)  # one pass
+        return lo, hi
 
     def merge(self, old: torch.Tensor, new: torch.Tensor, is_min: bool) -> torch.Tensor:
         raise NotImplementedError
