@@ -1,4 +1,4 @@
-"""Set-up and the one driver loop: ask -> map -> tell -> record, for every strategy.
+"""Set-up and the one driver loop: ask -> runner.stream -> record -> tell, for every strategy.
 
 ``search(config)`` checks everything it can before any work (names, device, storage, the run
 folder, the run's fingerprint), then builds the evaluator, replays what the study and studies of
@@ -14,7 +14,7 @@ import datetime as _dt
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,9 @@ from typing import Any
 from policysearch.errors import ConfigError
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
+from policysearch.runners.base import Feed
 
-__all__ = ["SearchConfig", "SearchResult", "search"]
+__all__ = ["SearchConfig", "SearchResult", "search", "strategy_feed"]
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +330,7 @@ def config_dict(config: SearchConfig) -> dict[str, Any]:
 
 
 class _Loop:
-    """ask -> (cache | runner.map) -> tell -> record."""
+    """ask -> (cache | runner.stream) -> record -> tell."""
 
     def __init__(self, *, recorder: Any, record: Any, runner: Any, spec: Any, objective: Any,
                  progress: bool, kind_of: Any = None, derive: Any = None) -> None:
@@ -344,6 +345,7 @@ class _Loop:
         self.donors = donors
         self.evaluated = 0
         self.reused = 0
+        self._started: dict[str, tuple[float, _dt.datetime]] = {}  # policy key -> when it went to the runner
         if self.cache:
             log.info("resuming: %d evaluations already in the study", len(self.cache))
         if self.lent:
@@ -372,35 +374,52 @@ class _Loop:
         return hit
 
     def drive(self, strategy: Any) -> None:
-        while True:
-            asked = strategy.ask(self.runner.capacity)
-            if not asked:
-                if strategy.finished:
-                    return
-                raise RuntimeError(f"strategy {type(strategy).__name__} asked nothing but is not finished")
-            todo = []
-            for p in asked:
-                cached = self._cached(p)
-                if cached is not None:
-                    self.reused += 1
-                    strategy.tell(p, cached)
-                else:
-                    todo.append(p)
-            for p, r in self._map(todo):
+        """Run ``strategy`` to the end through ``runner.stream``: the runner pulls policies as it
+        has room (cached and reused ones are told at once, never evaluated) and each result is
+        recorded, then told, as it arrives."""
+        def lookup(policy: Policy) -> EvalResult | None:
+            hit = self._cached(policy)
+            if hit is not None:
+                self.reused += 1
+            return hit
+
+        ask = strategy_feed(strategy, lookup)
+
+        def feed(n: int) -> list[Policy]:
+            todo = ask(n)
+            self._submitted(todo)
+            return todo
+
+        stream = self.runner.stream(self.spec, feed)
+        try:
+            for p, r in self._recorded(stream):
                 strategy.tell(p, r)
+        finally:
+            _close(stream)  # stopped early: the runner drops the work in flight now, not at garbage collection
+        if not strategy.finished:
+            raise RuntimeError(f"strategy {type(strategy).__name__} asked nothing but is not finished")
 
     def evaluate(self, policy: Policy) -> EvalResult:
         cached = self._cached(policy)
         if cached is not None:
             return cached
-        return next(iter(self._map([policy])))[1]
+        self._submitted([policy])
+        results = self.runner.map(self.spec, [policy])
+        try:
+            return next(self._recorded(results))[1]
+        finally:
+            _close(results)
 
-    def _map(self, policies: list[Policy]) -> Any:
-        if not policies:
-            return
-        t0, started = time.perf_counter(), _dt.datetime.now()
-        for p, r in self.runner.map(self.spec, policies):
+    def _submitted(self, policies: list[Policy]) -> None:
+        now = time.perf_counter(), _dt.datetime.now()
+        for p in policies:
+            self._started[p.key()] = now
+
+    def _recorded(self, results: Iterator[tuple[Policy, EvalResult]]) -> Iterator[tuple[Policy, EvalResult]]:
+        """Each fresh result with the derived metrics, recorded (study, run.json) before it is passed on."""
+        for p, r in results:
             t1, finished = time.perf_counter(), _dt.datetime.now()
+            t0, started = self._started.pop(p.key(), (t1, finished))
             r = self.derive(p, r, True)
             self.derived.add(p.key())
             kind, method, tag = self.kind_of(p)
@@ -414,7 +433,34 @@ class _Loop:
                 if r.ok:
                     self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:3]))
             yield p, r
-            t0, started = time.perf_counter(), _dt.datetime.now()
+
+
+def strategy_feed(strategy: Any, lookup: Callable[[Policy], EvalResult | None] | None = None) -> Feed:
+    """The driver's feed for :meth:`~policysearch.runners.base.Runner.stream`.
+
+    ``feed(n)`` asks ``strategy`` for up to ``n`` policies; one that ``lookup`` answers (a result
+    already in the study, or reused from another run) is told at once and asked past, so the feed
+    returns only policies to evaluate, up to ``n``; ``[]`` when the strategy has none to give now
+    (finished, or waiting for the results in flight).
+    """
+    def feed(n: int) -> list[Policy]:
+        todo: list[Policy] = []
+        while len(todo) < n and (asked := strategy.ask(n - len(todo))):
+            for p in asked:
+                hit = lookup(p) if lookup is not None else None
+                if hit is None:
+                    todo.append(p)
+                else:
+                    strategy.tell(p, hit)
+        return todo
+
+    return feed
+
+
+def _close(results: Iterator[Any]) -> None:
+    close = getattr(results, "close", None)
+    if callable(close):
+        close()
 
 
 def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:

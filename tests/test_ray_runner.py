@@ -1,5 +1,6 @@
 """The ray runner on a local Ray with 2 CPUs: parity with the local runner, a killed actor, a policy
-that kills every actor, Ctrl-C and resume, a PostgreSQL study; plus TPE batches and the missing extra.
+that kills every actor, Ctrl-C and resume, a PostgreSQL study, the streaming driver (a slow policy
+does not hold up the other actor); plus the driver's feed, TPE batches and the missing extra.
 
 Tests that need Ray or PostgreSQL skip with the reason when either is unavailable.
 """
@@ -93,6 +94,9 @@ def shared_ray(ray_session):
 
         def map(self, spec, policies):
             return pool.map(spec, policies)
+
+        def stream(self, spec, feed):
+            return pool.stream(spec, feed)
 
         def close(self):
             pass
@@ -384,6 +388,118 @@ def test_without_ray_the_runner_says_how_to_install_it(tmp_path, monkeypatch, ca
     assert main(["run", "--strategy", "uniform", "--model", "test_fmnist_vit", "--runner", "local",
                  "--workers", "2"]) == 2  # a ray option on the local runner is an error, not ignored
     assert "runner 'local' has no option(s) workers" in capsys.readouterr().err
+
+
+# -- streaming ------------------------------------------------------------------------------------
+def _recording_feed(policies, calls, yielded):
+    """``feed_list(policies)`` that notes ``(n, results yielded so far, what it handed out)`` per call."""
+    from policysearch.runners.base import feed_list
+
+    inner = feed_list(policies)
+
+    def feed(n):
+        out = inner(n)
+        calls.append((n, len(yielded), [p.key() for p in out]))
+        return out
+
+    return feed
+
+
+def test_the_default_stream_is_batch_synchronous():
+    """Runner.stream (every runner without its own): feed(capacity) -> map -> the next batch only
+    once the whole batch is back."""
+    from policysearch.runners.base import Runner
+
+    class Fake(Runner):
+        capacity = 3
+
+        def map(self, spec, policies):
+            return ((p, fake_evaluate(p)) for p in policies)
+
+    policies = list(small_space().uniform_policies().values())
+    policies += [policies[0].replace({"norm": c}) for c in small_space().choices("norm")][1:]
+    policies += [policies[0].replace({"blocks.0.norm1": c}) for c in small_space().choices("blocks.0.norm1")][1:]
+    assert len(policies) == 5
+    calls, yielded = [], []
+    for p, r in Fake().stream(None, _recording_feed(policies, calls, yielded)):
+        assert r == fake_evaluate(p)
+        yielded.append(p)
+    assert yielded == policies
+    assert [(n, k, len(out)) for n, k, out in calls] == [(3, 0, 3), (3, 3, 2), (3, 5, 0)]
+
+
+def test_the_driver_feed_tells_known_results_and_hands_out_only_new_work():
+    """strategy_feed: known results told at once and asked past; asks while results are pending;
+    [] while the strategy waits for them; the next step once they are told."""
+    from policysearch.search import strategy_feed
+    from policysearch.strategies import create_strategy
+
+    space = small_space()
+    s = create_strategy("exhaustive", space, seed=0)
+    uniform = list(space.uniform_policies().values())
+    known = {p.key(): fake_evaluate(p) for p in uniform}
+    looked_up = []
+    feed = strategy_feed(s, lambda p: looked_up.append(p.key()) or known.get(p.key()))
+    first = feed(3)
+    assert looked_up[:len(uniform)] == [p.key() for p in uniform]  # asked, answered, told: never handed out
+    assert all(s.result_of(p) == known[p.key()] for p in uniform)
+    changes = s.changes(s.base())
+    assert [p.key() for p in first] == [p.key() for p in changes[:3]]  # filled up to n past the known ones
+    rest = []
+    while more := feed(3):  # while the first ones are pending
+        assert len(more) <= 3
+        rest += more
+    assert [p.key() for p in first + rest] == [p.key() for p in changes]
+    assert feed(3) == [] and not s.finished  # waiting: the combined policy needs every result
+    for p in first + rest:
+        s.tell(p, fake_evaluate(p))
+    (combined,) = feed(3)
+    assert combined == s.combined(s.base())
+    s.tell(combined, fake_evaluate(combined))
+    assert feed(3) == [] and s.finished
+
+
+def test_the_ray_stream_refills_a_free_actor_while_another_is_busy(ray_session):
+    """One slow policy: the other actor goes on with the next policies, fed one at a time as it
+    frees up, and the slow one comes back last (a batch-synchronous loop would wait for it)."""
+    from policysearch.runners.ray import RayRunner
+    from policysearch.spaces import load_space
+    from policysearch.spec import EvaluatorSpec, get_evaluator
+
+    spec = EvaluatorSpec(model="test_fmnist_vit", calib_size=32, eval_size=48, batch_size=48)
+    sites = get_evaluator(spec).sites
+    space = load_space("paper", sites)
+    slow, *others = space.uniform_policies().values()
+    others += [others[0].replace({sites[-1].name: c}) for c in space.choices(sites[-1].name)
+               if c != others[0][sites[-1].name]][:2]
+    assert len(others) == 4
+    runner = RayRunner(workers=2, inject_fault={"slow_policies": {slow.key(): 4.0}})
+    calls, yielded = [], []
+    try:
+        for p, r in runner.stream(spec, _recording_feed([slow, *others], calls, yielded)):
+            assert r.ok, r.error
+            yielded.append(p)
+    finally:
+        runner.close()
+    assert [p.key() for p in yielded] == [p.key() for p in [*others, slow]]
+    # feed(2) at the start; then one free actor after each quick result, while the slow one runs
+    assert [(n, k) for n, k, _ in calls] == [(2, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 5)]
+    assert runner.stats["evaluations"] == 5
+    assert wait_for_free_cpus(ray_session)
+
+
+def test_a_search_goes_on_while_one_actor_evaluates_a_slow_policy(ray_session, local_runs, tmp_path):
+    """Through search(): trials start and finish while the slow one runs, and the answer, the
+    metrics and the trials are those of the local runner."""
+    local, local_cfg = local_runs("exhaustive")
+    slow = next(t.user_attrs["policy_key"] for t in trials(local_cfg) if t.user_attrs.get("tag") != "baseline")
+    cfg = ray_config(tmp_path, "exhaustive", options={"inject_fault": {"slow_policies": {slow: 3.0}}})
+    check_parity(search(cfg, progress=False), cfg, local, local_cfg)
+    ts = trials(cfg)
+    (s,) = [t for t in ts if t.user_attrs["policy_key"] == slow]
+    during = [t for t in ts if s.datetime_start < t.datetime_start and t.datetime_complete < s.datetime_complete]
+    assert len(during) >= 2, [(t.datetime_start, t.datetime_complete) for t in ts]
+    assert wait_for_free_cpus(ray_session)
 
 
 # -- TPE batches (constant liar) --------------------------------------------------------------------

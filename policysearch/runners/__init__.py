@@ -1,4 +1,5 @@
-"""Runners: where evaluations happen. ``capacity`` and ``map(spec, policies)``.
+"""Runners: where evaluations happen. ``capacity``, ``map(spec, policies)`` and ``stream(spec, feed)``
+(the contract: :mod:`policysearch.runners.base`).
 
 A runner gets a picklable :class:`~policysearch.spec.EvaluatorSpec`; each worker builds the
 evaluator (model, calibration, float references) once and reuses it. Only the driver records.

@@ -5,7 +5,10 @@ cluster (``address: auto`` or ``HOST:PORT``, ``ray://HOST:PORT``), then keeps a 
 Each actor builds its evaluator once from the :class:`~policysearch.spec.EvaluatorSpec` (model,
 calibration, float references, its own caches), which travels through Ray's object store once
 (``ray.put``); afterwards only policies go out and :class:`~policysearch.result.EvalResult` s come
-back. ``capacity`` is the number of actors, so the driver's batches keep every actor busy.
+back. ``capacity`` is the number of actors. ``stream`` (the driver's loop) keeps every actor busy:
+each time an evaluation finishes, its result goes to the driver (which tells the strategy) and the
+freed actor gets the strategy's next policy at once (when it has one), so no actor waits for the
+slowest of a batch; ``map`` is the same loop over a fixed list.
 
 Faults: an actor that dies (killed, out of memory, its node lost) is replaced by a new actor, and
 the policy it was evaluating is retried on that other actor, at most ``max_retries`` times; after
@@ -40,7 +43,7 @@ import ray.exceptions as rayexc
 from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
-from policysearch.runners.base import Runner
+from policysearch.runners.base import Feed, Runner, feed_list
 
 __all__ = ["RayRunner", "WorkerPoolError"]
 
@@ -92,6 +95,7 @@ class _Worker:
         self.count += 1
         self._maybe_die(policy)
         t0 = time.perf_counter()
+        time.sleep(float(self.fault.get("slow_policies", {}).get(policy.key(), 0.0)))
         result = safe_evaluate(self.evaluator, policy)
         return result, time.perf_counter() - t0
 
@@ -163,7 +167,8 @@ class RayRunner(Runner):
     * ``init_options``: extra keyword arguments for ``ray.init``.
     * ``inject_fault``: for tests only. ``{exit_on_eval: k}``: every first-generation actor ends
       its process abruptly at its k-th evaluation; ``{exit_on_policies: [key, ...]}``: any actor
-      does so whenever it is given one of these policies.
+      does so whenever it is given one of these policies; ``{slow_policies: {key: seconds}}``: any
+      actor takes that much longer to evaluate one of these policies (a straggler).
     """
 
     def __init__(self, *, address: str | None = "local", workers: int | str = "auto", cpus_per_worker: int = 1,
@@ -184,7 +189,7 @@ class RayRunner(Runner):
             raise ConfigError(f"ray runner: max_restarts must be an integer >= 0, got {max_restarts!r}")
         if address is not None and not isinstance(address, str):
             raise ConfigError(f"ray runner: address must be a string (local, auto, HOST:PORT), got {address!r}")
-        unknown = set(inject_fault or {}) - {"exit_on_eval", "exit_on_policies"}
+        unknown = set(inject_fault or {}) - {"exit_on_eval", "exit_on_policies", "slow_policies"}
         if unknown:
             raise ConfigError(f"ray runner: unknown inject_fault key(s) {', '.join(sorted(unknown))}")
         self.address = address or "local"
@@ -348,11 +353,16 @@ class RayRunner(Runner):
         with contextlib.suppress(Exception):  # already gone
             ray.kill(slot.actor, no_restart=True)
 
-    # -- map ---------------------------------------------------------------------------------------
+    # -- map and stream ------------------------------------------------------------------------
     def map(self, spec: object, policies: Sequence[Policy]) -> Iterator[tuple[Policy, EvalResult]]:
+        """:meth:`stream` over a fixed list."""
         policies = list(policies)
-        if not policies:
-            return
+        return self.stream(spec, feed_list(policies)) if policies else iter(())
+
+    def stream(self, spec: object, feed: Feed) -> Iterator[tuple[Policy, EvalResult]]:
+        """Keep every actor busy: ``feed(free actors)`` at the start and after each result yielded.
+
+        A dead actor's policy is retried first, before anything new is fed."""
         self._start()
         for slot in list(self._slots):
             if slot.dead:
@@ -360,14 +370,21 @@ class RayRunner(Runner):
         actor_spec, ref = self._actor_spec(spec)
         expected = self._expected[spec.key()]
         n_values = len(_directions(spec))
-        queue: deque[tuple[Policy, int, str]] = deque((p, 0, "") for p in policies)  # policy, deaths, last reason
+        queue: deque[tuple[Policy, int]] = deque()  # (policy, deaths so far): retries first, then fed ones
         idle: list[_Slot] = list(self._slots)
         inflight: dict[Any, tuple[_Slot, Policy, int, float]] = {}
-        t_idle = time.monotonic()
+
+        def refill() -> None:
+            free = len(idle) - len(queue)
+            if free > 0:
+                queue.extend((p, 0) for p in feed(free))
+
         try:
+            refill()
+            t_idle = time.monotonic()
             while queue or inflight:
                 while queue and idle:
-                    policy, deaths, _ = queue.popleft()
+                    policy, deaths = queue.popleft()
                     slot = max(idle, key=lambda s: (max((_prefix(policy, q) for q in s.recent), default=-1), -s.index))
                     idle.remove(slot)
                     self._ensure_loaded(slot, actor_spec, ref)
@@ -390,28 +407,29 @@ class RayRunner(Runner):
                         reason = _first_line(exc)
                         idle.insert(0, self._on_death(slot, policy, reason))  # a new actor in its place
                         deaths += 1
-                        if deaths > self.max_retries:
-                            self.stats["failed"] += 1
-                            log.warning("giving up on a policy after %d Ray worker deaths: %s", deaths, reason)
-                            yield policy, EvalResult.failed(
-                                n_values, f"Ray worker died {deaths} times evaluating this policy (last: {reason})")
-                        else:
+                        if deaths <= self.max_retries:
                             self.stats["retries"] += 1
-                            queue.appendleft((policy, deaths, reason))
-                        continue
+                            queue.appendleft((policy, deaths))
+                            continue
+                        self.stats["failed"] += 1
+                        log.warning("giving up on a policy after %d Ray worker deaths: %s", deaths, reason)
+                        result = EvalResult.failed(
+                            n_values, f"Ray worker died {deaths} times evaluating this policy (last: {reason})")
                     except rayexc.ActorUnschedulableError as exc:
                         raise WorkerPoolError(f"ray runner: Ray cannot place a worker ({_first_line(exc)})") from None
                     except rayexc.RayTaskError as exc:
                         self._check_loaded(slot, expected)  # a failed load explains it
                         raise _cause(exc) from None  # what the local runner would raise
-                    self._check_loaded(slot, expected)
-                    self._deaths_in_row = 0
-                    slot.recent.append(policy)
-                    self.stats["evaluations"] += 1
-                    self.stats["eval_s"] += eval_s
-                    self.stats["wall_s"] += time.perf_counter() - t0
-                    idle.append(slot)
-                    yield policy, result
+                    else:
+                        self._check_loaded(slot, expected)
+                        self._deaths_in_row = 0
+                        slot.recent.append(policy)
+                        self.stats["evaluations"] += 1
+                        self.stats["eval_s"] += eval_s
+                        self.stats["wall_s"] += time.perf_counter() - t0
+                        idle.append(slot)
+                    yield policy, result  # the consumer handles it (tells the strategy) before we go on
+                    refill()
         finally:
             for slot, *_ in list(inflight.values()):  # stopped early (Ctrl-C, an error): drop their work
                 self._kill(slot)
