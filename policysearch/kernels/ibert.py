@@ -116,7 +116,7 @@ class IBertSoftmax(nn.Module):
         s = as_scale(scale, x)
         with torch.no_grad():
             x_int = x.detach() / s
-            x_int = x_int - x_int.max(dim=-1, keepdim=True).values
+            x_int = x_int - x_int.amax(dim=-1, keepdim=True)
             x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
             x_int, s_exp = self._coarsen(x_int, s)
             exp_int, exp_scale = i_exp_poly(x_int, s_exp)

@@ -60,7 +60,7 @@ class IViTSoftmax(nn.Module):
         s = as_scale(scale, x)
         with torch.no_grad():
             x_int = x.detach() / s
-            x_int = x_int.sub_(x_int.max(dim=-1, keepdim=True).values)
+            x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
             x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
             exp_int, _ = shift_exp(x_int, s, self.N, inplace=True)
             total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
@@ -93,7 +93,7 @@ class IViTGELU(nn.Module):
         with torch.no_grad():
             pre_x_int = x.detach() / s
             s_sig = s * self.SIGMOID_K
-            x_max = pre_x_int.max(dim=-1, keepdim=True).values
+            x_max = pre_x_int.amax(dim=-1, keepdim=True)
             exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N, inplace=True)
             exp_max, _ = shift_exp(-x_max, s_sig, self.N)
             total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
