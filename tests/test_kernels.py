@@ -463,29 +463,6 @@ def test_shift_exp_keeps_the_reference_float_order() -> None:
     assert torch.equal(shift_exp(x.clone(), s, 15, inplace=True)[0], formula(x))
 
 
-def test_pow2_and_log2_surrogates_have_torch_gradients() -> None:
-    """The reference graphs' cheap ``2^k`` and ``log2`` surrogates: torch.pow's / torch.log2's values and gradients."""
-    from policysearch.kernels._common import pow2_ste, value_with_log2_grad
-
-    k = torch.arange(-126.0, 128.0).requires_grad_()
-    k_ref = k.detach().clone().requires_grad_()
-    w = torch.linspace(-1, 1, k.numel())
-    out = pow2_ste(k)
-    assert torch.equal(out, torch.pow(2.0, k_ref))
-    (out * w).sum().backward()
-    (torch.pow(2.0, k_ref) * w).sum().backward()
-    torch.testing.assert_close(k.grad, k_ref.grad, rtol=1e-6, atol=0)
-
-    r = torch.arange(1.0, 5000.0).requires_grad_()
-    r_ref = r.detach().clone().requires_grad_()
-    value = torch.floor(torch.log2(r.detach()))
-    out = value_with_log2_grad(value, r)
-    assert torch.equal(out, value)
-    (out * torch.cos(r.detach())).sum().backward()
-    (torch.log2(r_ref) * torch.cos(r_ref.detach())).sum().backward()
-    torch.testing.assert_close(r.grad, r_ref.grad, rtol=1e-6, atol=0)
-
-
 def _i_exp_poly_graph(x_int, s):
     """I-BERT's ``int_exp`` as an op-by-op autograd graph (``floor_ste``): the closed form's oracle."""
     from policysearch.kernels._common import IEXP_COEF, IEXP_N, IEXP_X0, floor_ste

@@ -33,8 +33,8 @@ from policysearch.methods import MethodSpec, get_method
 from policysearch.registry import Registry
 
 __all__ = ["KERNELS", "STE_MODES", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "current_ste", "exp2_int",
-           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "pow2_ste", "register_kernel", "round_ste", "shift_exp", "shift_exp_ste",
-           "ste_gradients", "value_with_grad_of", "value_with_log2_grad", "with_ste"]
+           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "register_kernel", "round_ste", "shift_exp", "shift_exp_ste",
+           "ste_gradients", "value_with_grad_of", "with_ste"]
 
 #: ``factory(*, bits, norm) -> nn.Module``: ``bits`` is the output bit width (the catalogue's
 #: default filled in; ``None`` for a method without one), ``norm`` the replaced ``nn.LayerNorm``.
@@ -144,47 +144,7 @@ class _ValueWithGradOf(torch.autograd.Function):
         return None, grad
 
 
-class _Pow2(torch.autograd.Function):
-    """``2 ** k`` for integer-valued ``k`` (:func:`exp2_int`), with ``torch.pow``'s gradient
-    ``grad * 2^k * ln 2``: the same graph without the (slow) float ``pow``."""
-
-    @staticmethod
-    def forward(ctx, k: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        out = exp2_int(k)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        (out,) = ctx.saved_tensors
-        return grad * (out * _LN2)
-
-
-class _ValueWithLog2Grad(torch.autograd.Function):
-    """Forward: ``value``; backward: ``torch.log2``'s gradient at ``x`` (``grad / (x ln 2)``)."""
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # noqa: ANN001
-        (x,) = ctx.saved_tensors
-        return None, grad / (x * _LN2)
-
-
 _LN2 = math.log(2.0)
-
-
-def pow2_ste(k: torch.Tensor) -> torch.Tensor:
-    """``torch.pow(2.0, k)`` for integer-valued ``k`` in [-126, 127], value and gradient."""
-    return _Pow2.apply(k)
-
-
-def value_with_log2_grad(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``value_with_grad_of(value, torch.log2(x))`` without evaluating the (slow) ``log2``."""
-    return _ValueWithLog2Grad.apply(value, x)
 
 
 def floor_ste(x: torch.Tensor) -> torch.Tensor:

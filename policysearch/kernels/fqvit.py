@@ -49,11 +49,9 @@ from policysearch.kernels._common import (
     exp2_int,
     i_exp_poly,
     i_exp_poly_ste,
-    pow2_ste,
     register_kernel,
     round_ste,
     value_with_grad_of,
-    value_with_log2_grad,
     with_ste,
 )
 
