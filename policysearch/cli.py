@@ -177,7 +177,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
 
     doc = run_latency(args.run, results_dir=args.results_dir, batches=_batches(args.batches), repeats=args.repeats,
                       threads=args.threads, provider=args.provider, fmt=args.int8, checkpoint=args.checkpoint,
-                      keep_onnx=not args.no_keep_onnx, table=args.table,
+                      relu_checkpoint=args.relu_checkpoint, keep_onnx=not args.no_keep_onnx, table=args.table,
                       command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
     _print_latency(doc)
     return 0
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("latency", help="int8 latency check of a finished run in ONNX Runtime (writes latency.json)")
-    p.add_argument("run", help="run name (folder under results/) or its path")
+    p.add_argument("run", help="run name (folder under results/) or its path, or the output folder of "
+                               "`policysearch finetune --policy` (with finetune.json)")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated (default 1,8)")
     p.add_argument("--repeats", type=int, default=20, help="interleaved rounds, median kept (default 20, at least 20)")
@@ -357,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", choices=["u8s8", "s8s8"], default="u8s8",
                    help="u8s8: uint8 activations, int8 weights (default; faster on CPUs without VNNI) | s8s8")
     p.add_argument("--checkpoint", default=None,
-                   help="weights to measure (default: the training stage's when the run has one, else the run's)")
+                   help="weights of the float and int8 GELU models (default: the run's own where the training stage "
+                        "distilled GELU into ReLU, else the training stage's when there is one, else the run's)")
+    p.add_argument("--relu-checkpoint", default=None,
+                   help="weights of the models with ReLU sites (default: the training stage's float ReLU model "
+                        "when it made one, else those of --checkpoint)")
     p.add_argument("--table", default=None, metavar="FILE", help="also update this latency table (results/latency.md)")
     p.add_argument("--no-keep-onnx", action="store_true", help="do not keep the ONNX files in results/<run>/onnx/")
     p.set_defaults(func=_cmd_latency)

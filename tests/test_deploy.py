@@ -409,6 +409,49 @@ def test_latency_stage_end_to_end(tiny_run, tmp_path):
 
 
 @needs_onnx
+def test_latency_of_a_geluless_finetune_folder_runs_each_variant_on_its_weights(tmp_path, monkeypatch):
+    """A standalone ``finetune --policy`` folder: GELU variants on the GELU weights, ReLU ones on the
+    float ReLU model; latency.json, finetune.json and policy.json; the CLI takes the folder."""
+    import policysearch as ps
+    import policysearch.deploy.latency as lat
+    from policysearch.cli import main
+    from policysearch.finetune import finetune
+    from policysearch.models.loading import load_model
+    from policysearch.policy import Policy, read_policy
+
+    m = load_model("test_fmnist_vit")
+    ps.prepare(m, wiring="paper")
+    policy = Policy.uniform(ps.find_sites(m), {"softmax": "ibert", "gelu": "relu", "layernorm": "ibert"})
+    out = tmp_path / "ft"
+    finetune(policy=policy, out=out, model="test_fmnist_vit", data="fmnist-sample", wiring="paper", steps=2,
+             relu_steps=1, lr=2e-3, calib_size=32, eval_size=48, batch_size=32, progress=False, device="cpu")
+    loaded = []
+    import policysearch.deploy.onnx_export as ox
+
+    original = ox.load_run_model
+    monkeypatch.setattr(ox, "load_run_model", lambda rec, **k: loaded.append(k.get("checkpoint")) or original(rec, **k))
+    doc = lat.run_latency(str(out), batches=(1,), repeats=20, threads=1, command="cmd")
+    assert loaded == [None, str(out / "relu_float.safetensors")]  # GELU: the zoo model's own weights
+    assert doc["relu_weights"] == str(out / "relu_float.safetensors") and doc["weights"].startswith(("sha256:", "seeded:"))
+    assert set(doc["results"]) == {"float", "int8_gelu", "int8_relu"} and doc["eval_images"] == 48
+    assert doc["weights_label"].startswith("GELU-less distilled (training stage): relu_float.safetensors")
+    assert doc["top1"]["torch_float"] == json.loads((out / "finetune.json").read_text())["float_top1"]
+    assert json.loads((out / "latency.json").read_text())["results"] == doc["results"]
+    assert json.loads((out / "finetune.json").read_text())["latency"]["relu_weights"] == doc["relu_weights"]
+    assert read_policy(out / "policy.json").metrics["latency"]["median_ms"]["int8_relu"]["1"] == \
+        doc["results"]["int8_relu"]["1"]["median_ms"]
+    assert not (out / "run.json").exists()
+    # the same weights and settings: reused; --relu-checkpoint from the CLI measures again
+    assert lat._previous(out, doc["weights"], doc["relu_weights"], (1,), "auto", "u8s8", 1) is not None
+    assert lat._previous(out, doc["weights"], doc["weights"], (1,), "auto", "u8s8", 1) is None
+    loaded.clear()
+    assert main(["latency", str(out), "--batches", "1", "--threads", "1", "--relu-checkpoint",
+                 str(out / "finetuned.safetensors")]) == 0
+    assert loaded == [None, str(out / "finetuned.safetensors")]
+    assert json.loads((out / "latency.json").read_text())["weights_label"].startswith("ReLU: checkpoint finetuned")
+
+
+@needs_onnx
 def test_latency_refuses_unfinished_run(tmp_path):
     from policysearch.deploy.latency import run_latency
 

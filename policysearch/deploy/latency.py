@@ -13,8 +13,16 @@ policy's ReLU sites / int8 all-ReLU at batch 1 and 8, scores each ONNX model's t
 evaluation images, and writes ``results/<run>/latency.json``, the run record's
 ``stages.latency`` and the policy JSON's ``metrics.latency``.
 
-The ReLU models reuse the run's weights. Their top-1 means something only for weights trained
-without GELU (the training stage's distillation); ``latency.json`` records which weights ran.
+Weights: where the training stage distilled GELU sites into ReLU, the float and int8 GELU
+models run the run's own (GELU-trained) weights and the ReLU models the stage's float ReLU model
+(``relu_float.safetensors``), so each variant's top-1 is that of a model trained for it; otherwise
+every variant runs the training stage's weights when there are some, else the run's.
+``latency.json`` records which weights ran (``weights``, ``relu_weights``). The ReLU models' top-1
+means something only for weights trained without GELU.
+
+``RUN`` may also be the output folder of a standalone ``policysearch finetune --policy FILE``
+(``finetune.json``): then ``latency.json`` goes there and ``finetune.json`` and ``policy.json``
+gain its summary.
 
 :func:`update_table` keeps ``results/latency.md``: rows are kept in a JSON block inside the file
 and re-rendered, so each command that measures a model replaces only that model's rows.
@@ -198,48 +206,142 @@ def _relu_sites(policy: Any) -> list[str]:
     return [site.name for site, choice in policy.items() if site.kind == "gelu" and choice.method == "relu"]
 
 
+def _stage_file(record: Any, name: str | None) -> str | None:
+    if not name:
+        return None
+    path = Path(name)
+    return str(path if path.is_absolute() or path.exists() else record.run_dir / path)
+
+
 def _finetuned_checkpoint(record: Any) -> str | None:
     """The training stage's weights, when the run record names them (``stages.finetune.checkpoint``)."""
-    ckpt = record.data.get("stages", {}).get("finetune", {}).get("checkpoint")
-    if not ckpt:
-        return None
-    path = Path(ckpt)
-    return str(path if path.is_absolute() or path.exists() else record.run_dir / path)
+    return _stage_file(record, record.data.get("stages", {}).get("finetune", {}).get("checkpoint"))
+
+
+def _variant_weights(record: Any, checkpoint: str | None, relu_checkpoint: str | None) -> tuple[str | None, str | None]:
+    """``(GELU weights, ReLU weights)``: see the module docstring; None = the run's own weights."""
+    stage = record.data.get("stages", {}).get("finetune", {})
+    relu_float = _stage_file(record, stage.get("relu_float"))
+    if checkpoint is None and not relu_float:
+        checkpoint = _finetuned_checkpoint(record)
+    return checkpoint, relu_checkpoint or relu_float or checkpoint
+
+
+def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu: list[str],
+                   all_gelu: list[str]) -> str:
+    stage = record.data.get("stages", {}).get("finetune", {})
+    run_weights = f"run {record.name} ({str(record.data.get('fingerprint', {}).get('weights'))[:20]})"
+    gelu_label = (run_weights if gelu is None else
+                  f"fine-tuned (training stage): {Path(gelu).name}" if gelu == _finetuned_checkpoint(record)
+                  else f"checkpoint {Path(gelu).name}")
+    if relu == gelu or not all_gelu:
+        return gelu_label
+    if relu == _stage_file(record, stage.get("relu_float")):
+        kind = ("GELU-less distilled" if set(policy_relu) == set(all_gelu)
+                else f"partly GELU-less ({len(policy_relu)}/{len(all_gelu)} ReLU)")
+        return f"{kind} (training stage): {Path(relu).name}; GELU: {gelu_label}"
+    return f"ReLU: checkpoint {Path(relu).name}; GELU: {gelu_label}"
+
+
+def _finetune_folder_record(folder: Path) -> Any:
+    """A standalone ``policysearch finetune --policy`` output folder, read as a finished run record."""
+    from policysearch.policy import read_policy
+    from policysearch.run import RunRecord, weights_identity
+
+    try:
+        rec = json.loads((folder / "finetune.json").read_text())
+        doc = read_policy(folder / "policy.json")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder} is not a readable fine-tuning folder ({exc}); run `policysearch finetune` "
+                          "again to finish it") from None
+    checkpoint = doc.model.get("checkpoint")
+    settings = rec.get("settings", {})
+    return RunRecord(folder, {
+        "name": folder.name, "status": "finished",
+        "config": {"model": rec["model"], "checkpoint": checkpoint, "data": rec["data"], "seed": settings.get("seed", 0),
+                   "calib_size": rec.get("calib_size"), "eval_size": rec.get("eval_size"), "batch_size": 256},
+        "fingerprint": {"wiring": rec.get("wiring"), "model_args": dict(doc.model.get("args") or {}),
+                        "weights": weights_identity(rec["model"], checkpoint)},
+        "answer": {"policy": doc.policy.to_dict(), "metrics": {"top1": rec.get("top1_after")}, "values": []},
+        "float_metrics": {"top1": rec.get("float_top1")},
+        "stages": {"finetune": {"checkpoint": rec.get("checkpoint"), "relu_float": rec.get("relu_float"),
+                                "weights": rec.get("weights")}},
+    })
+
+
+def _latency_record(run: str, results_dir: str | Path) -> tuple[Any, bool]:
+    """``(record, standalone)``: a run's record, or that of a standalone fine-tuning folder."""
+    from policysearch.run import RUN_FILE, RunRecord, resolve_run_dir
+
+    path = Path(run)
+    if (path / "finetune.json").is_file() and not (path / RUN_FILE).is_file():
+        return _finetune_folder_record(path), True
+    return RunRecord.load(resolve_run_dir(run, results_dir)), False
+
+
+def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any], policy: Any) -> None:
+    """``latency.json``, then its summary in the run record and policy JSON (or ``finetune.json``)."""
+    import dataclasses
+
+    from policysearch.policy import read_policy, write_policy
+    from policysearch.run import RunRecord, lock_run, policy_document
+
+    run_dir = record.run_dir
+    with lock_run(run_dir):
+        (run_dir / LATENCY_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+        if standalone:
+            rec_path = run_dir / "finetune.json"
+            rec = json.loads(rec_path.read_text())
+            rec["latency"] = {"file": LATENCY_FILE, **summary(doc)}
+            rec_path.write_text(json.dumps(rec, indent=1, default=str) + "\n")
+            pdoc = read_policy(run_dir / "policy.json")
+            metrics = {**dict(pdoc.metrics), "latency": rec["latency"]}
+            write_policy(run_dir / "policy.json", dataclasses.replace(pdoc, metrics=metrics))
+            return
+        record = RunRecord.load(run_dir)
+        record.set_stage("latency", {"file": LATENCY_FILE, **summary(doc)})
+        outputs = record.data.setdefault("outputs", {})
+        outputs["latency"] = LATENCY_FILE
+        record.save()
+        write_policy(run_dir / outputs.get("policy", "policy.json"), policy_document(record))
 
 
 def run_latency(run: str, *, results_dir: str | Path = "results", batches: Sequence[int] = (1, 8),
                 repeats: int = MIN_REPEATS, warmup: int = 3, threads: int = 2, provider: str = "auto",
-                fmt: str = "u8s8", checkpoint: str | None = None, keep_onnx: bool = True,
-                table: str | Path | None = None, command: str | None = None,
+                fmt: str = "u8s8", checkpoint: str | None = None, relu_checkpoint: str | None = None,
+                keep_onnx: bool = True, table: str | Path | None = None, command: str | None = None,
                 reuse: bool = False) -> dict[str, Any]:
-    """The int8 latency check of a finished run; returns the ``latency.json`` document.
+    """The int8 latency check of a finished run (or fine-tuning folder); returns the ``latency.json`` document.
 
     ``reuse``: return the run's existing ``latency.json`` instead of measuring again when it was
     measured on the same weights, batches, provider request, int8 format and threads (the
     ``run --latency`` chain resumes this way).
 
-    ``checkpoint``: weights to use instead of the run's (default: the training stage's, when the run
-    record names them, else the run's own). ``keep_onnx``: keep the ONNX files in
-    ``results/<run>/onnx/``. ``table``: also update that latency table (``results/latency.md``).
+    ``checkpoint`` / ``relu_checkpoint``: the weights of the GELU variants (float, int8 GELU) and of
+    the variants with ReLU sites, instead of the defaults of the module docstring (``relu_checkpoint``
+    defaults to the training stage's float ReLU model, else ``checkpoint``). ``keep_onnx``: keep the
+    ONNX files in ``<run>/onnx/``. ``table``: also update that latency table (``results/latency.md``).
     """
     from policysearch.deploy import require_onnx
     from policysearch.deploy.onnx_export import export_float, gelu_paths, load_run_model, onnx_logits
     from policysearch.deploy.ort_int8 import quantize_int8
-    from policysearch.policy import Policy, write_policy
-    from policysearch.run import RunRecord, lock_run, policy_document, resolve_run_dir
+    from policysearch.policy import Policy
+    from policysearch.run import policy_document
 
     require_onnx()
-    run_dir = resolve_run_dir(run, results_dir)
-    record = RunRecord.load(run_dir)
+    record, standalone = _latency_record(run, results_dir)
+    run_dir = record.run_dir
     policy_document(record)  # refuses an unfinished run
     policy = Policy.from_dict(record.data["answer"]["policy"])
-    checkpoint = checkpoint or _finetuned_checkpoint(record)
-    if reuse and (done := _previous(run_dir, checkpoint or record.data.get("fingerprint", {}).get("weights"),
-                                    batches, provider, fmt, threads)) is not None:
+    gelu_ckpt, relu_ckpt = _variant_weights(record, checkpoint, relu_checkpoint)
+    own = record.data.get("fingerprint", {}).get("weights")
+    weights, relu_weights = gelu_ckpt or own, relu_ckpt or own
+    if reuse and (done := _previous(run_dir, weights, relu_weights, batches, provider, fmt, threads)) is not None:
         log.info("%s: int8 latency already measured on these weights and settings (%s); reusing it",
                  record.name, LATENCY_FILE)
         return done
-    model, data = load_run_model(record, integer=False, checkpoint=checkpoint)
+    model, data = load_run_model(record, integer=False, checkpoint=gelu_ckpt)
+    relu_model = model if relu_ckpt == gelu_ckpt else load_run_model(record, integer=False, checkpoint=relu_ckpt)[0]
     calib = data.calib_images()
     images, labels = data.eval_tensors()
     all_gelu = gelu_paths(model)
@@ -260,7 +362,8 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
             key = tuple(relu or ())
             if key not in float_paths:
                 stem = "float" if not key else ("float_relu" if name == "int8_relu" else "float_policy_relu")
-                float_paths[key] = export_float(model, folder / f"{stem}.onnx", relu=list(key) or None, example=example)
+                float_paths[key] = export_float(relu_model if key else model, folder / f"{stem}.onnx",
+                                                relu=list(key) or None, example=example)
             if name == "float":
                 paths[name] = float_paths[key]
             else:
@@ -279,22 +382,10 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
                 r[f"{name}/int8_gelu"] = paired_ratio(measured, name, "int8_gelu", b)
         ratios[str(b)] = r
     measured.pop("_rounds")
-    weights = checkpoint or record.data.get("fingerprint", {}).get("weights")
-    if checkpoint and checkpoint == _finetuned_checkpoint(record):
-        if all_gelu and set(policy_relu) == set(all_gelu):
-            kind = "GELU-less distilled"
-        elif policy_relu:
-            kind = f"partly GELU-less ({len(policy_relu)}/{len(all_gelu)} ReLU)"
-        else:
-            kind = "fine-tuned"
-        weights_label = f"{kind} (training stage): {Path(checkpoint).name}"
-    elif checkpoint:
-        weights_label = f"checkpoint {Path(checkpoint).name}"
-    else:
-        weights_label = f"run {record.name} ({str(weights)[:20]})"
     doc = {
         "format": LATENCY_FORMAT, "run": record.name, "model": record.data.get("config", {}).get("model"),
-        "weights": weights, "weights_label": weights_label, "command": command,
+        "weights": weights, "relu_weights": relu_weights,
+        "weights_label": _weights_label(record, gelu_ckpt, relu_ckpt, policy_relu, all_gelu), "command": command,
         "int8": {"format": fmt, "quantization": "static QDQ, min/max calibration", "calibration_images": len(calib)},
         "variants": {name: {"relu_sites": list(variants[name] or ()), "file": str(paths[name].name) if keep_onnx else None}
                      for name in paths},
@@ -304,23 +395,16 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
                  "torch_policy": record.data.get("answer", {}).get("metrics", {}).get("top1")},
         "eval_images": len(images), "machine": machine_info(), "export_quantize_s": round(t_export, 2),
         "provider_requested": provider, "versions": _versions(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "note": ("ReLU variants use these weights with GELU replaced; their top-1 is meaningful only for "
-                 "weights trained GELU-less (the training stage's distillation)"),
+        "note": ("float and int8_gelu run `weights`, the ReLU variants `relu_weights`; a ReLU variant's top-1 "
+                 "is meaningful only for weights trained GELU-less (the training stage's distillation)"),
     }
-    with lock_run(run_dir):
-        (run_dir / LATENCY_FILE).write_text(json.dumps(doc, indent=1) + "\n")
-        record = RunRecord.load(run_dir)
-        record.set_stage("latency", {"file": LATENCY_FILE, **summary(doc)})
-        outputs = record.data.setdefault("outputs", {})
-        outputs["latency"] = LATENCY_FILE
-        record.save()
-        write_policy(run_dir / outputs.get("policy", "policy.json"), policy_document(record))
+    _write_back(record, standalone, doc, policy)
     if table is not None:
         update_table(table, rows_from_latency(doc), command=command)
     return doc
 
 
-def _previous(run_dir: Path, weights: Any, batches: Sequence[int], provider: str, fmt: str,
+def _previous(run_dir: Path, weights: Any, relu_weights: Any, batches: Sequence[int], provider: str, fmt: str,
               threads: int) -> dict[str, Any] | None:
     """The run's ``latency.json`` when it was measured with these settings, else None."""
     path = run_dir / LATENCY_FILE
@@ -328,7 +412,8 @@ def _previous(run_dir: Path, weights: Any, batches: Sequence[int], provider: str
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    same = (doc.get("weights") == weights and doc.get("int8", {}).get("format") == fmt
+    same = (doc.get("weights") == weights and doc.get("relu_weights", doc.get("weights")) == relu_weights
+            and doc.get("int8", {}).get("format") == fmt
             and doc.get("threads") == threads and doc.get("provider_requested") == provider
             and sorted(int(b) for b in doc.get("batches", ())) == sorted(int(b) for b in batches))
     return doc if same else None
@@ -337,7 +422,8 @@ def _previous(run_dir: Path, weights: Any, batches: Sequence[int], provider: str
 def summary(doc: Mapping[str, Any]) -> dict[str, Any]:
     """The short form of a ``latency.json`` document (the run record and the policy's metrics)."""
     out: dict[str, Any] = {"provider": doc.get("provider"), "threads": doc.get("threads"),
-                           "int8": doc.get("int8", {}).get("format"), "weights": doc.get("weights")}
+                           "int8": doc.get("int8", {}).get("format"), "weights": doc.get("weights"),
+                           "relu_weights": doc.get("relu_weights", doc.get("weights"))}
     out["median_ms"] = {name: {b: v["median_ms"] for b, v in per.items()} for name, per in doc["results"].items()}
     out["ratios"] = {b: {k: v["paired_median"] for k, v in r.items()} for b, r in doc.get("ratios", {}).items()}
     out["top1"] = {k: v for k, v in doc.get("top1", {}).items() if k in doc["results"]}
