@@ -65,7 +65,7 @@ def main() -> None:
     runs = {"float": run_float, "timm": run_plain, **{m: quant(p) for m, p in policies.items()}}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.inference_mode():
-        for name, fn in runs.items():  # warm-up (kernels built, weights quantized and cached)
+        for fn in runs.values():  # warm-up (kernels built, weights quantized and cached)
             if hasattr(fn, "policy"):
                 ps.apply_policy(model, fn.policy)
             fn()

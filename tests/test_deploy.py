@@ -434,7 +434,8 @@ def test_latency_of_a_geluless_finetune_folder_runs_each_variant_on_its_weights(
     assert loaded == [None, str(out / "relu_float.safetensors")]  # GELU: the zoo model's own weights
     assert doc["relu_weights"] == str(out / "relu_float.safetensors") and doc["weights"].startswith(("sha256:", "seeded:"))
     assert set(doc["results"]) == {"float", "int8_gelu", "int8_relu"} and doc["eval_images"] == 48
-    assert doc["weights_label"].startswith("GELU-less distilled (training stage): relu_float.safetensors")
+    assert doc["weights_label"].startswith("GELU-less distilled (training stage): relu_float.safetensors; "
+                                           "GELU: test_fmnist_vit's own (")
     assert doc["top1"]["torch_float"] == json.loads((out / "finetune.json").read_text())["float_top1"]
     assert json.loads((out / "latency.json").read_text())["results"] == doc["results"]
     assert json.loads((out / "finetune.json").read_text())["latency"]["relu_weights"] == doc["relu_weights"]

@@ -2,7 +2,6 @@
 resume, outputs and their reload. Tiny zoo test models on the shipped sample, a few steps each."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from policysearch.models.loading import load_model
 from policysearch.policy import Policy
 from policysearch.spaces.site import KIND_METHODS
 from policysearch.train import train
-
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -230,7 +230,9 @@ def _variant_weights(record: Any, checkpoint: str | None, relu_checkpoint: str |
 def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu: list[str],
                    all_gelu: list[str]) -> str:
     stage = record.data.get("stages", {}).get("finetune", {})
-    run_weights = f"run {record.name} ({str(record.data.get('fingerprint', {}).get('weights'))[:20]})"
+    own = str(record.data.get("fingerprint", {}).get("weights"))[:20]
+    run_weights = (f"{record.data.get('config', {}).get('model')}'s own ({own})" if record.data.get("standalone")
+                   else f"run {record.name} ({own})")
     gelu_label = (run_weights if gelu is None else
                   f"fine-tuned (training stage): {Path(gelu).name}" if gelu == _finetuned_checkpoint(record)
                   else f"checkpoint {Path(gelu).name}")
@@ -257,7 +259,7 @@ def _finetune_folder_record(folder: Path) -> Any:
     checkpoint = doc.model.get("checkpoint")
     settings = rec.get("settings", {})
     return RunRecord(folder, {
-        "name": folder.name, "status": "finished",
+        "name": folder.name, "status": "finished", "standalone": True,
         "config": {"model": rec["model"], "checkpoint": checkpoint, "data": rec["data"], "seed": settings.get("seed", 0),
                    "calib_size": rec.get("calib_size"), "eval_size": rec.get("eval_size"), "batch_size": 256},
         "fingerprint": {"wiring": rec.get("wiring"), "model_args": dict(doc.model.get("args") or {}),

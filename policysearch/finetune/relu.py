@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 __all__ = ["ORDERS", "gelu_paths", "relu_distill", "relu_plan", "swap_to_relu"]

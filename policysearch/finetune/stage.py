@@ -450,7 +450,9 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         np.savez_compressed(stage_dir / "predictions.npz", **{k: v.numpy() for k, v in predicted.items()})
     del ev
 
-    relpath = (lambda p: p.name if p is not None and p.parent == job.out_dir else (str(p) if p else None))
+    def relpath(p: Path | None) -> str | None:
+        return p.name if p is not None and p.parent == job.out_dir else (str(p) if p else None)
+
     record = {
         "format": FINETUNE_FORMAT, "model": job.model, "wiring": job.wiring, "data": job.data,
         "eval_size": job.eval_size, "calib_size": job.calib_size, "eval_images": eval_images,

@@ -111,7 +111,7 @@ def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) 
     """The markdown file: header naming every command whose rows it holds, the table, its state."""
     head = [*HEAD, f"logit SQNR (dB, {db}·log10)", f"mean beta - gamma (dB, {db}·log10)"]
     state = json.dumps({"commands": commands, "rows": rows, "n": n, "data": data, "db": db})
-    return (f"# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
+    return ("# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
             "Produced by " + ", then ".join(f"`{c}`" for c in commands) + f" (torch {torch.__version__}). "
             f"Top-1 (%) on the {n} evaluation images of `{data}`; space `paper` (softmax and LayerNorm from "
             "ibert/fqvit/ivit, GELU from ibert/ivit); per-site SQNR (eq. 10) measured on 64 calibration "
