@@ -517,6 +517,9 @@ def _render(rows: Sequence[Mapping[str, Any]]) -> str:
         "GELU-less Swin paper's 11 %). Load is the 1/5/15-minute load average when the measurement started. Top-1 only where the",
         "model has trained weights (ReLU columns: meaningful only for weights trained without GELU).",
         "Every row names the command that produced it; re-running that command replaces its rows.",
+        "Rows on `results/finetune/geluless/...` measure the GELU-less jobs of `results/finetune.md`",
+        "(`python -m policysearch.finetune.tables run geluless` first): float and int8 GELU on the model's",
+        "own GELU weights, int8 ReLU on the distilled float ReLU model; top-1 on all 10,000 test images.",
         "",
         "| model | weights | batch | float ms | int8 GELU ms | int8 ReLU ms | ReLU/GELU | int8 GELU/float "
         "| top-1 float / int8 GELU / int8 ReLU | int8 | threads | load | date | by |",
