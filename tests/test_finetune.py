@@ -465,6 +465,10 @@ def test_paired_interval_and_the_table_lists_missing_rows_with_their_commands(tm
     sd = np.std(np.r_[np.ones(10), np.zeros(90)], ddof=1)
     assert hi - d == pytest.approx(100 * 1.96 * sd / 10)
     assert paired_interval(a, a, labels) == (0.0, 0.0, 0.0)
+    from policysearch.finetune.tables import _verdict
+
+    assert _verdict(paired_interval(a, b, labels)) == "better" and _verdict(paired_interval(b, a, labels)) == "worse"
+    assert _verdict(paired_interval(a, a, labels)) == "no measurable difference"
     out = render(tmp_path, tmp_path / "finetune.md", models=["fmnist_swin"], bits=[8], epochs=[1])
     text = out.read_text()
     for job in jobs("geluless", models=["fmnist_swin"]) + jobs("table5", models=["fmnist_swin"], bits=[8]):

@@ -161,6 +161,11 @@ def _ci(d: tuple[float, float, float]) -> str:
     return f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
 
 
+def _verdict(d: tuple[float, float, float]) -> str:
+    """Better / worse when the paired interval excludes 0, else no difference measurable."""
+    return "better" if d[1] > 0 else "worse" if d[2] < 0 else "no measurable difference"
+
+
 def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -> list[str]:
     lines = ["## GELU-less: GELU -> ReLU by iterative distillation, then the 8-bit integer policy", ""]
     cmd = f"`{MODULE} run geluless --models {','.join(models)} --epochs {','.join(map(str, epochs))}`"
@@ -222,9 +227,10 @@ def _render_table5(root: Path, models: Sequence[str], bits: Sequence[int], epoch
                          if p in UNIFORM and d is not None and (ee == e or e is None)]
                 return max(cands, key=lambda t: t[0])[1]["pred"][key] if cands else None
 
+            verdicts: dict[str, list[str]] = {c: [] for c, _ in cols}
             for p in [*UNIFORM, *RULES, STRATEGY]:
                 cells = []
-                for _, e in cols:
+                for col, e in cols:
                     d = loaded.get((p, e if e is not None else epochs[0]))
                     key = "before" if e is None else "after"
                     if d is None:
@@ -234,10 +240,16 @@ def _render_table5(root: Path, models: Sequence[str], bits: Sequence[int], epoch
                     ref = best(e, key)
                     cell = f"{_top1(d['pred'][key], y):.2f}"
                     if ref is not None and p not in UNIFORM:
-                        cell += f" ({_ci(paired_interval(d['pred'][key], ref, y))})"
+                        diff = paired_interval(d['pred'][key], ref, y)
+                        cell += f" ({_ci(diff)})"
+                        verdicts[col].append(f"{p} {_verdict(diff)}")
                     cells.append(cell)
                 lines.append(f"| {p} | " + " | ".join(cells) + " |")
             lines.append("")
+            said = [f"{col}: " + ", ".join(v) for col, v in verdicts.items() if v]
+            if said:
+                lines += ["Against the best uniform method (the paper's claim: the mixed policy is better): "
+                          + "; ".join(said) + ".", ""]
     if missing:
         lines += ["Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
     return lines
