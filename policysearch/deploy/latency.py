@@ -281,7 +281,7 @@ def _latency_record(run: str, results_dir: str | Path) -> tuple[Any, bool]:
     return RunRecord.load(resolve_run_dir(run, results_dir)), False
 
 
-def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any], policy: Any) -> None:
+def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any]) -> None:
     """``latency.json``, then its summary in the run record and policy JSON (or ``finetune.json``)."""
     import dataclasses
 
@@ -400,7 +400,7 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
         "note": ("float and int8_gelu run `weights`, the ReLU variants `relu_weights`; a ReLU variant's top-1 "
                  "is meaningful only for weights trained GELU-less (the training stage's distillation)"),
     }
-    _write_back(record, standalone, doc, policy)
+    _write_back(record, standalone, doc)
     if table is not None:
         update_table(table, rows_from_latency(doc), command=command)
     return doc
