@@ -476,6 +476,38 @@ def test_paired_interval_and_the_table_lists_missing_rows_with_their_commands(tm
     assert "not run" in text
 
 
+def test_render_keeps_the_figures_of_tables_whose_jobs_are_not_in_this_checkout(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from policysearch.finetune.tables import Job, render
+
+    labels = np.array([0, 1, 2, 3] * 25)
+    job = Job(part="table5", model="fmnist_swin", bits=8, policy="ibert", epochs=1)
+    rec = job.folder(tmp_path)
+    (rec / "finetune").mkdir(parents=True)
+    (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
+    after = labels.copy()
+    after[:3] = 9
+    np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=labels, after=after)
+    out = tmp_path / "finetune.md"
+    render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1])
+    first = out.read_text()
+    assert "| ibert | 100.00 | 97.00 |" in first
+    # a checkout without the job folders: the table that had figures keeps them, the rest re-renders
+    render(tmp_path / "elsewhere", out, models=["fmnist_swin"], bits=[8], epochs=[1])
+    again = out.read_text()
+    assert "| ibert | 100.00 | 97.00 |" in again
+    assert again.count("<!-- section: table5 fmnist_swin w8 -->") == 1
+    assert "run geluless --models fmnist_swin --epochs 1" in again  # never had figures: rendered afresh
+    # a job that is there replaces what the file says
+    after[:3] = labels[:3]
+    np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=labels, after=after)
+    render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1])
+    assert "| ibert | 100.00 | 100.00 |" in out.read_text()
+
+
 def test_students_train_without_stochastic_depth() -> None:
     from policysearch.finetune import without_dropout
 

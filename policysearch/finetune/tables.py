@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import shlex
 import time
 from collections.abc import Sequence
@@ -166,7 +167,7 @@ def _verdict(d: tuple[float, float, float]) -> str:
     return "better" if d[1] > 0 else "worse" if d[2] < 0 else "no measurable difference"
 
 
-def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -> list[str]:
+def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -> tuple[list[str], bool]:
     lines = ["## GELU-less: GELU -> ReLU by iterative distillation, then the 8-bit integer policy", ""]
     cmd = f"`{MODULE} run geluless --models {','.join(models)} --epochs {','.join(map(str, epochs))}`"
     lines += [f"Command: {cmd}, then `{MODULE} render`.", "",
@@ -179,8 +180,10 @@ def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -
               "integer policy after | after - float GELU | within 0.5? | CPU/GPU time |",
               "|---|---|---|---|---|---|---|---|---|"]
     missing = []
+    found = False
     for job in jobs("geluless", models=models, epochs=epochs):
         d = _load(job.folder(root))
+        found |= d is not None
         if d is None:
             lines.append(f"| {job.model} | {job.epochs} | not run | | | | | | |")
             missing.append(job.command(root))
@@ -193,66 +196,64 @@ def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -
                      f"{_top1(p['before'], y):.2f} | {_top1(p['after'], y):.2f} | {_ci(diff)} | {ok} | {hours} |")
     if missing:
         lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
-    return lines
+    return lines, found
 
 
-def _render_table5(root: Path, models: Sequence[str], bits: Sequence[int], epochs: Sequence[int]) -> list[str]:
+def _table5_intro(models: Sequence[str], bits: Sequence[int], epochs: Sequence[int]) -> list[str]:
     lines = ["## The paper's Tables 4 and 5 (and Table 2: the SQNR rules after QAT)", ""]
     cmd = (f"`{MODULE} run table5 --models {','.join(models)} --bits {','.join(map(str, bits))} "
            f"--epochs {','.join(map(str, epochs))}`")
-    lines += [f"Command: {cmd}, then `{MODULE} render`.", "",
-              "Top-1 (%) on the 10,000 Fashion-MNIST test images, `paper` wiring; differences against the best "
-              "uniform method of the same column with paired 95% intervals. Uniform fqvit runs I-BERT's GELU "
-              f"(FQ-ViT has none). Mixed policies: `policysearch run` with the SQNR rules and {STRATEGY} "
-              f"({STRATEGY_TRIALS} trials, KL objective), 1,000 evaluation images per trial.", ""]
-    missing = []
-    for model in models:
-        for b in bits:
-            cols = [("before QAT", None)] + [(f"after {e} epoch{'s' if e > 1 else ''}", e) for e in epochs]
-            lines += [f"### {model} W{b}A{b}", "", "| policy | " + " | ".join(c for c, _ in cols) + " |",
-                      "|---|" + "---|" * len(cols)]
-            loaded = {(p, e): _load(Job(part="table5", model=model, bits=b, policy=p, epochs=e).folder(root))
-                      for p in [*UNIFORM, *RULES, STRATEGY] for e in epochs}
-            for e in epochs:
-                for p in [*UNIFORM, *RULES, STRATEGY]:
-                    if loaded[(p, e)] is None:
-                        missing.append(Job(part="table5", model=model, bits=b, policy=p, epochs=e).command(root))
-            any_run = next((d for d in loaded.values() if d is not None), None)
-            if any_run is not None:
-                y, f = any_run["pred"]["labels"], any_run["pred"]["float"]
-                lines.append("| float | " + " | ".join(f"{_top1(f, y):.2f}" for _ in cols) + " |")
+    return lines + [f"Command: {cmd}, then `{MODULE} render`.", "",
+                    "Top-1 (%) on the 10,000 Fashion-MNIST test images, `paper` wiring; differences against the best "
+                    "uniform method of the same column with paired 95% intervals. Uniform fqvit runs I-BERT's GELU "
+                    f"(FQ-ViT has none). Mixed policies: `policysearch run` with the SQNR rules and {STRATEGY} "
+                    f"({STRATEGY_TRIALS} trials, KL objective), 1,000 evaluation images per trial."]
 
-            def best(e: int | None, key: str) -> Any:
-                cands = [(_top1(d["pred"][key], d["pred"]["labels"]), d) for (p, ee), d in loaded.items()
-                         if p in UNIFORM and d is not None and (ee == e or e is None)]
-                return max(cands, key=lambda t: t[0])[1]["pred"][key] if cands else None
 
-            verdicts: dict[str, list[str]] = {c: [] for c, _ in cols}
-            for p in [*UNIFORM, *RULES, STRATEGY]:
-                cells = []
-                for col, e in cols:
-                    d = loaded.get((p, e if e is not None else epochs[0]))
-                    key = "before" if e is None else "after"
-                    if d is None:
-                        cells.append("not run")
-                        continue
-                    y = d["pred"]["labels"]
-                    ref = best(e, key)
-                    cell = f"{_top1(d['pred'][key], y):.2f}"
-                    if ref is not None and p not in UNIFORM:
-                        diff = paired_interval(d['pred'][key], ref, y)
-                        cell += f" ({_ci(diff)})"
-                        verdicts[col].append(f"{p} {_verdict(diff)}")
-                    cells.append(cell)
-                lines.append(f"| {p} | " + " | ".join(cells) + " |")
-            lines.append("")
-            said = [f"{col}: " + ", ".join(v) for col, v in verdicts.items() if v]
-            if said:
-                lines += ["Against the best uniform method (the paper's claim: the mixed policy is better): "
-                          + "; ".join(said) + ".", ""]
+def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int]) -> tuple[list[str], bool]:
+    """One model at one bit width: every policy before QAT and after each number of epochs."""
+    cols = [("before QAT", None)] + [(f"after {e} epoch{'s' if e > 1 else ''}", e) for e in epochs]
+    lines = [f"### {model} W{b}A{b}", "", "| policy | " + " | ".join(c for c, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    names = [*UNIFORM, *RULES, STRATEGY]
+    job = {(p, e): Job(part="table5", model=model, bits=b, policy=p, epochs=e) for p in names for e in epochs}
+    loaded = {k: _load(j.folder(root)) for k, j in job.items()}
+    missing = [job[(p, e)].command(root) for e in epochs for p in names if loaded[(p, e)] is None]
+    any_run = next((d for d in loaded.values() if d is not None), None)
+    if any_run is not None:
+        y, f = any_run["pred"]["labels"], any_run["pred"]["float"]
+        lines.append("| float | " + " | ".join(f"{_top1(f, y):.2f}" for _ in cols) + " |")
+
+    def best(e: int | None, key: str) -> Any:
+        cands = [(_top1(d["pred"][key], d["pred"]["labels"]), d) for (p, ee), d in loaded.items()
+                 if p in UNIFORM and d is not None and (ee == e or e is None)]
+        return max(cands, key=lambda t: t[0])[1]["pred"][key] if cands else None
+
+    verdicts: dict[str, list[str]] = {c: [] for c, _ in cols}
+    for p in names:
+        cells = []
+        for col, e in cols:
+            d = loaded.get((p, e if e is not None else epochs[0]))
+            key = "before" if e is None else "after"
+            if d is None:
+                cells.append("not run")
+                continue
+            y = d["pred"]["labels"]
+            ref = best(e, key)
+            cell = f"{_top1(d['pred'][key], y):.2f}"
+            if ref is not None and p not in UNIFORM:
+                diff = paired_interval(d['pred'][key], ref, y)
+                cell += f" ({_ci(diff)})"
+                verdicts[col].append(f"{p} {_verdict(diff)}")
+            cells.append(cell)
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    said = [f"{col}: " + ", ".join(v) for col, v in verdicts.items() if v]
+    if said:
+        lines += ["", "Against the best uniform method (the paper's claim: the mixed policy is better): "
+                  + "; ".join(said) + "."]
     if missing:
-        lines += ["Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
-    return lines
+        lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
+    return lines, any_run is not None
 
 
 STE_POLICY = "fmnist_swin-ivit-w6a6.json"
@@ -260,7 +261,7 @@ STE_COMMAND = ("policysearch finetune --policy results/finetune/ste/{policy} --d
                "--steps 150 --batch-size 64 --ste {ste} --out results/finetune/ste/{ste}")
 
 
-def _render_ste(root: Path) -> list[str]:
+def _render_ste(root: Path) -> tuple[list[str], bool]:
     """The STE comparison (the issue: the references' STE against the alternative, on one case)."""
     lines = ["## Straight-through estimators: the references' against the float operator's gradient", "",
              "One case: fmnist_swin under uniform ivit at W6A6 (`paper` wiring), 150 QAT steps at batch 64 on the "
@@ -268,6 +269,7 @@ def _render_ste(root: Path) -> list[str]:
              "on 2,000 test images. The policy file is written by `python -m policysearch.finetune.tables "
              "ste-policy`; the commands:", ""]
     lines += [f"    {STE_COMMAND.format(policy=STE_POLICY, ste=ste)}" for ste in ("reference", "float")]
+    found = False
     lines += ["", "| STE | top-1 before | top-1 after | after - before | agreement with its float model | "
               "top-1 with the trained ranges | QAT seconds |", "|---|---|---|---|---|---|---|"]
     for ste in ("reference", "float"):
@@ -275,12 +277,13 @@ def _render_ste(root: Path) -> list[str]:
         if not rec.is_file():
             lines.append(f"| {ste} | not run | | | | | |")
             continue
+        found = True
         d = json.loads(rec.read_text())
         b, a = 100 * d["before"]["top1"], 100 * d["after"]["top1"]
         qat = (d.get("qat") or {}).get("wall_seconds")
         lines.append(f"| {ste} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {100 * d['after'].get('agreement', math.nan):.2f} | "
                      f"{100 * d['trained_ranges']['top1']:.2f} | {qat} |")
-    return lines
+    return lines, found
 
 
 def write_ste_policy(root: Path = ROOT) -> Path:
@@ -299,21 +302,52 @@ def write_ste_policy(root: Path = ROOT) -> Path:
     return path
 
 
+MARK = "<!-- section: {} -->"
+
+
+def _sections(text: str) -> dict[str, str]:
+    """The sections of a rendered file, by key (the text after each marker up to the next one)."""
+    out: dict[str, str] = {}
+    head, _, rest = MARK.partition("{}")
+    key = None
+    for line in text.splitlines():
+        if line.startswith(head) and line.endswith(rest):
+            key = line[len(head):len(line) - len(rest)]
+            out[key] = ""
+        elif key is not None:
+            out[key] += line + "\n"
+    return {k: v.strip("\n") for k, v in out.items()}
+
+
 def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models: Sequence[str] = MODELS,
            bits: Sequence[int] = (8, 6), epochs: Sequence[int] = (1,), notes: Sequence[str] = ()) -> Path:
+    """Write ``out`` from the finished jobs under ``root``.
+
+    Each table (GELU-less, each model and bit width of Table 5, the STE case) is a marked section.
+    A section none of whose jobs is under ``root`` keeps what ``out`` already says when that has figures: rendering in a
+    checkout that lacks some job folders never wipes figures measured elsewhere."""
     import platform
 
     import torch
 
+    kept = _sections(out.read_text()) if out.is_file() else {}
+    parts: list[tuple[str, tuple[list[str], bool]]] = [("geluless", _render_geluless(root, models, epochs)),
+                                                         ("table5", (_table5_intro(models, bits, epochs), True))]
+    parts += [(f"table5 {m} w{b}", _render_table5_column(root, m, b, epochs)) for m in models for b in bits]
+    parts.append(("ste", _render_ste(root)))
+    parts.append(("notes", (["## Notes", ""] + [f"- {n}" for n in notes], bool(notes))))
     lines = ["# Fine-tuning: QAT with distillation and GELU-less distillation on the zoo", "",
              f"Rendered by `{MODULE} render` from the jobs under `{root}/` (torch {torch.__version__}, "
              f"Python {platform.python_version()}). Each table names the command that produces it; a job "
-             "that is not there is listed with its command.", ""]
-    lines += _render_geluless(root, models, epochs) + [""]
-    lines += _render_table5(root, models, bits, epochs) + [""]
-    lines += _render_ste(root)
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+             "that is not there is listed with its command. A table whose jobs are all absent from this "
+             "checkout keeps the figures of the last render that had them.", ""]
+    for key, (body, found) in parts:
+        if not found and re.search(r"\| \d+\.\d\d", kept.get(key, "")):
+            log.info("%s: no job here, kept what %s already says", key, out)
+            body = kept[key].splitlines()
+        elif not found and key == "notes":
+            continue
+        lines += [MARK.format(key), *body, ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return out
