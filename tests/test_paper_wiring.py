@@ -156,7 +156,7 @@ def test_the_handed_tensor_is_the_same_for_every_method():
                 continue
             ps.apply_policy(model, base.replace({target.name: method}))
             got = {}
-            with torch.no_grad(), ps.record_sites(model, lambda n, xi, y: got.__setitem__(n, xi)):
+            with torch.no_grad(), ps.record_sites(model, lambda n, xi, y, got=got: got.__setitem__(n, xi)):
                 model(x)
             recorded[(method, target.name)] = got[target.name]
     for (method, name), t in recorded.items():
