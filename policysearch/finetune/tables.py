@@ -180,10 +180,9 @@ def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -
               "integer policy after | after - float GELU | within 0.5? | CPU/GPU time |",
               "|---|---|---|---|---|---|---|---|---|"]
     missing = []
-    found = False
-    for job in jobs("geluless", models=models, epochs=epochs):
+    todo = jobs("geluless", models=models, epochs=epochs)
+    for job in todo:
         d = _load(job.folder(root))
-        found |= d is not None
         if d is None:
             lines.append(f"| {job.model} | {job.epochs} | not run | | | | | | |")
             missing.append(job.command(root))
@@ -196,7 +195,7 @@ def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -
                      f"{_top1(p['before'], y):.2f} | {_top1(p['after'], y):.2f} | {_ci(diff)} | {ok} | {hours} |")
     if missing:
         lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
-    return lines, found
+    return lines, len(missing) < len(todo)
 
 
 def _table5_intro(models: Sequence[str], bits: Sequence[int], epochs: Sequence[int]) -> list[str]:
@@ -324,8 +323,8 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
     """Write ``out`` from the finished jobs under ``root``.
 
     Each table (GELU-less, each model and bit width of Table 5, the STE case) is a marked section.
-    A section none of whose jobs is under ``root`` keeps what ``out`` already says when that has figures: rendering in a
-    checkout that lacks some job folders never wipes figures measured elsewhere."""
+    A section none of whose jobs is under ``root`` keeps what ``out`` already says when that has
+    figures: rendering in a checkout that lacks some job folders never wipes figures measured elsewhere."""
     import platform
 
     import torch
