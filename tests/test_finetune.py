@@ -508,6 +508,53 @@ def test_render_keeps_the_figures_of_tables_whose_jobs_are_not_in_this_checkout(
     assert "| ibert | 100.00 | 100.00 |" in out.read_text()
 
 
+def test_render_keeps_rows_whose_jobs_are_gone_and_drops_their_intervals_when_the_reference_changes(
+        tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import numpy as np
+
+    from policysearch.finetune.tables import Job, render
+
+    labels = np.array([0, 1, 2, 3] * 25)
+
+    def put(policy: str, wrong: int) -> Path:
+        rec = Job(part="table5", model="fmnist_swin", bits=8, policy=policy, epochs=1).folder(tmp_path)
+        (rec / "finetune").mkdir(parents=True, exist_ok=True)
+        (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
+        pred = labels.copy()
+        pred[:wrong] = 9
+        np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=pred,
+                            after=pred)
+        return rec
+
+    for policy, wrong in [("ibert", 2), ("fqvit", 4), ("sqnr_diff", 12), ("tpe", 3)]:
+        put(policy, wrong)
+    out = tmp_path / "finetune.md"
+    args = dict(models=["fmnist_swin"], bits=[8], epochs=[1])
+    render(tmp_path, out, **args)
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| sqnr_diff |"))
+    interval = row.split("|")[2].strip()
+    assert interval.startswith("88.00 (-10.00 [")
+    # sqnr_diff's and fqvit's folders are gone; ibert (the reference) is unchanged: rows and intervals kept
+    for policy in ("sqnr_diff", "fqvit"):
+        shutil.rmtree(Job(part="table5", model="fmnist_swin", bits=8, policy=policy, epochs=1).folder(tmp_path))
+    render(tmp_path, out, **args)
+    text = out.read_text()
+    assert f"| sqnr_diff* | {interval} | {interval} |" in text and "| fqvit* | 96.00 | 96.00 |" in text
+    assert "sqnr_diff worse" in text and "tpe no measurable difference" in text
+    assert "--only sqnr_diff" in text and "intervals dropped" not in text
+    render(tmp_path, out, **args)
+    assert out.read_text() == text  # kept rows stay kept
+    # the reference changes: the kept row keeps its top-1 only
+    put("ibert", 0)
+    render(tmp_path, out, **args)
+    text = out.read_text()
+    assert "| sqnr_diff* | 88.00 | 88.00 |" in text and "intervals dropped" in text
+    assert "sqnr_diff worse" not in text and "| tpe | 97.00 (-3.00 [" in text
+
+
 def test_students_train_without_stochastic_depth() -> None:
     from policysearch.finetune import without_dropout
 

@@ -209,47 +209,99 @@ def _table5_intro(models: Sequence[str], bits: Sequence[int], epochs: Sequence[i
                     f"({STRATEGY_TRIALS} trials, KL objective), 1,000 evaluation images per trial."]
 
 
-def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int]) -> tuple[list[str], bool]:
-    """One model at one bit width: every policy before QAT and after each number of epochs."""
+FIGURE = re.compile(r"^(\d+\.\d\d)(?: \(([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]\))?$")
+KEPT_MARK = "*"
+
+
+def _table_rows(text: str) -> dict[str, dict[str, str]]:
+    """The rows of the first table in ``text``: policy -> {column header: cell}."""
+    rows: dict[str, dict[str, str]] = {}
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("| "):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(cells[0]) <= set("-"):
+            rows[cells[0].rstrip(KEPT_MARK)] = dict(zip(header[1:], cells[1:], strict=False))
+    return rows
+
+
+def _has_figure(row: dict[str, str]) -> bool:
+    return any(FIGURE.match(c) for c in row.values())
+
+
+def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
+                          kept: str = "") -> tuple[list[str], bool]:
+    """One model at one bit width: every policy before QAT and after each number of epochs.
+
+    A policy none of whose jobs is under ``root`` keeps its row from ``kept`` (the section as the
+    file says it), marked ``*``. Its intervals stay only in a column whose reference (the best
+    uniform method: name and top-1) is the same as when they were computed; elsewhere only its
+    top-1 is kept, because its predictions are not here to pair with the new reference."""
     cols = [("before QAT", None)] + [(f"after {e} epoch{'s' if e > 1 else ''}", e) for e in epochs]
     lines = [f"### {model} W{b}A{b}", "", "| policy | " + " | ".join(c for c, _ in cols) + " |",
              "|---|" + "---|" * len(cols)]
     names = [*UNIFORM, *RULES, STRATEGY]
     job = {(p, e): Job(part="table5", model=model, bits=b, policy=p, epochs=e) for p in names for e in epochs}
     loaded = {k: _load(j.folder(root)) for k, j in job.items()}
-    missing = [job[(p, e)].command(root) for e in epochs for p in names if loaded[(p, e)] is None]
     any_run = next((d for d in loaded.values() if d is not None), None)
+    old = _table_rows(kept) if any_run is not None else {}
+    keep = {p for p in names if all(loaded[(p, e)] is None for e in epochs) and _has_figure(old.get(p, {}))}
+    missing = [job[(p, e)].command(root) for e in epochs for p in names if loaded[(p, e)] is None and p not in keep]
     if any_run is not None:
         y, f = any_run["pred"]["labels"], any_run["pred"]["float"]
         lines.append("| float | " + " | ".join(f"{_top1(f, y):.2f}" for _ in cols) + " |")
 
-    def best(e: int | None, key: str) -> Any:
-        cands = [(_top1(d["pred"][key], d["pred"]["labels"]), d) for (p, ee), d in loaded.items()
+    def best(e: int | None, key: str) -> tuple[str, float, Any] | None:
+        cands = [(p, _top1(d["pred"][key], d["pred"]["labels"]), d["pred"][key]) for (p, ee), d in loaded.items()
                  if p in UNIFORM and d is not None and (ee == e or e is None)]
-        return max(cands, key=lambda t: t[0])[1]["pred"][key] if cands else None
+        return max(cands, key=lambda t: t[1]) if cands else None
+
+    def old_best(col: str) -> tuple[str, str] | None:
+        cands = [(float(m.group(1)), p, m.group(1)) for p in UNIFORM
+                 if (m := FIGURE.match(old.get(p, {}).get(col, "")))]
+        return max(cands)[1:] if cands else None
 
     verdicts: dict[str, list[str]] = {c: [] for c, _ in cols}
+    stripped = False
     for p in names:
         cells = []
         for col, e in cols:
-            d = loaded.get((p, e if e is not None else epochs[0]))
             key = "before" if e is None else "after"
+            ref = best(e, key)
+            if p in keep:
+                cell = old[p].get(col, "not run")
+                m = FIGURE.match(cell)
+                if m and m.group(2) is not None:
+                    if ref is not None and old_best(col) == (ref[0], f"{ref[1]:.2f}"):
+                        verdicts[col].append(f"{p} {_verdict(tuple(float(g) for g in m.groups()[1:]))}")
+                    else:
+                        cell, stripped = m.group(1), True
+                cells.append(cell)
+                continue
+            d = loaded.get((p, e if e is not None else epochs[0]))
             if d is None:
                 cells.append("not run")
                 continue
             y = d["pred"]["labels"]
-            ref = best(e, key)
             cell = f"{_top1(d['pred'][key], y):.2f}"
             if ref is not None and p not in UNIFORM:
-                diff = paired_interval(d['pred'][key], ref, y)
+                diff = paired_interval(d['pred'][key], ref[2], y)
                 cell += f" ({_ci(diff)})"
                 verdicts[col].append(f"{p} {_verdict(diff)}")
             cells.append(cell)
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        lines.append(f"| {p}{KEPT_MARK if p in keep else ''} | " + " | ".join(cells) + " |")
     said = [f"{col}: " + ", ".join(v) for col, v in verdicts.items() if v]
     if said:
         lines += ["", "Against the best uniform method (the paper's claim: the mixed policy is better): "
                   + "; ".join(said) + "."]
+    if keep:
+        lines += ["", f"{KEPT_MARK} Kept from an earlier render: the job folder is not in this checkout"
+                  + (" (intervals dropped where the reference changed since)." if stripped else ".")
+                  + " Re-run to restore it:", ""] + [f"    {job[(p, e)].command(root)}" for p in names if p in keep
+                                                     for e in epochs]
     if missing:
         lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
     return lines, any_run is not None
@@ -332,7 +384,8 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
     kept = _sections(out.read_text()) if out.is_file() else {}
     parts: list[tuple[str, tuple[list[str], bool]]] = [("geluless", _render_geluless(root, models, epochs)),
                                                          ("table5", (_table5_intro(models, bits, epochs), True))]
-    parts += [(f"table5 {m} w{b}", _render_table5_column(root, m, b, epochs)) for m in models for b in bits]
+    parts += [(f"table5 {m} w{b}", _render_table5_column(root, m, b, epochs, kept.get(f"table5 {m} w{b}", "")))
+              for m in models for b in bits]
     parts.append(("ste", _render_ste(root)))
     parts.append(("notes", (["## Notes", ""] + [f"- {n}" for n in notes], bool(notes))))
     lines = ["# Fine-tuning: QAT with distillation and GELU-less distillation on the zoo", "",
