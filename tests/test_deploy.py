@@ -430,8 +430,14 @@ def test_latency_of_a_geluless_finetune_folder_runs_each_variant_on_its_weights(
 
     original = ox.load_run_model
     monkeypatch.setattr(ox, "load_run_model", lambda rec, **k: loaded.append(k.get("checkpoint")) or original(rec, **k))
+    import policysearch.data as pdata
+
+    loads = []
+    load_data = pdata.load_data
+    monkeypatch.setattr(pdata, "load_data", lambda *a, **k: loads.append(a) or load_data(*a, **k))
     doc = lat.run_latency(str(out), batches=(1,), repeats=20, threads=1, command="cmd")
     assert loaded == [None, str(out / "relu_float.safetensors")]  # GELU: the zoo model's own weights
+    assert len(loads) == 1  # the ReLU model reuses the GELU model's data
     assert doc["relu_weights"] == str(out / "relu_float.safetensors") and doc["weights"].startswith(("sha256:", "seeded:"))
     assert set(doc["results"]) == {"float", "int8_gelu", "int8_relu"} and doc["eval_images"] == 48
     assert doc["weights_label"].startswith("GELU-less distilled (training stage): relu_float.safetensors; "

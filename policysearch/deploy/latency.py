@@ -343,7 +343,8 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
                  record.name, LATENCY_FILE)
         return done
     model, data = load_run_model(record, integer=False, checkpoint=gelu_ckpt)
-    relu_model = model if relu_ckpt == gelu_ckpt else load_run_model(record, integer=False, checkpoint=relu_ckpt)[0]
+    relu_model = (model if relu_ckpt == gelu_ckpt
+                  else load_run_model(record, integer=False, checkpoint=relu_ckpt, data=data)[0])
     calib = data.calib_images()
     images, labels = data.eval_tensors()
     all_gelu = gelu_paths(model)

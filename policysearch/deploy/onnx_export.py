@@ -328,13 +328,15 @@ def _run_model_args(record: Any) -> dict[str, Any]:
     return args
 
 
-def load_run_model(record: Any, *, integer: bool, checkpoint: str | None = None) -> tuple[nn.Module, Any]:
+def load_run_model(record: Any, *, integer: bool, checkpoint: str | None = None,
+                   data: Any = None) -> tuple[nn.Module, Any]:
     """``(model, data)`` of a finished run: the model as the run built it, and the run's data.
 
     ``integer=True``: prepared with the run's wiring, calibrated on the run's calibration images
     (in the run's batches) and under the run's answer policy, as the evaluator scored it;
     ``integer=False``: the float model. ``checkpoint`` replaces the run's weights (e.g. a
-    fine-tuned file); the weights are seeded as the run seeded them.
+    fine-tuned file); the weights are seeded as the run seeded them. ``data``: the run's data when
+    the caller has already loaded it (a second model of the same run), else it is loaded here.
     """
     from policysearch.data import load_data
     from policysearch.models import apply_policy, calibrate, prepare
@@ -349,8 +351,9 @@ def load_run_model(record: Any, *, integer: bool, checkpoint: str | None = None)
     wiring = record.data.get("fingerprint", {}).get("wiring") or config.get("wiring") or "native"
     if integer:
         prepare(model, wiring=wiring)
-    data = load_data(config.get("data", "fmnist-sample"), model=model, calib_size=config.get("calib_size"),
-                     eval_size=config.get("eval_size"))
+    if data is None:
+        data = load_data(config.get("data", "fmnist-sample"), model=model, calib_size=config.get("calib_size"),
+                         eval_size=config.get("eval_size"))
     check_compatible(model, data)
     if integer:
         calibrate(model, data.calib_images().split(int(config.get("batch_size") or 256)))
