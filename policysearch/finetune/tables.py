@@ -376,7 +376,9 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
 
     Each table (GELU-less, each model and bit width of Table 5, the STE case) is a marked section.
     A section none of whose jobs is under ``root`` keeps what ``out`` already says when that has
-    figures: rendering in a checkout that lacks some job folders never wipes figures measured elsewhere."""
+    figures, and within a Table 5 section a row whose jobs are absent keeps its row (see
+    :func:`_render_table5_column`): rendering in a checkout that lacks some job folders never wipes
+    figures measured elsewhere."""
     import platform
 
     import torch
@@ -392,7 +394,7 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
              f"Rendered by `{MODULE} render` from the jobs under `{root}/` (torch {torch.__version__}, "
              f"Python {platform.python_version()}). Each table names the command that produces it; a job "
              "that is not there is listed with its command. A table whose jobs are all absent from this "
-             "checkout keeps the figures of the last render that had them.", ""]
+             "checkout keeps the figures of the last render that had them; so does a Table 5 row (marked *).", ""]
     for key, (body, found) in parts:
         if not found and re.search(r"\| \d+\.\d\d", kept.get(key, "")):
             log.info("%s: no job here, kept what %s already says", key, out)
