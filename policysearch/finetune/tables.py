@@ -297,6 +297,13 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
     if said:
         lines += ["", "Against the best uniform method (the paper's claim: the mixed policy is better): "
                   + "; ".join(said) + "."]
+    above = sorted({q for col, e in cols if (ref := best(e, "before" if e is None else "after")) is not None
+                    for q in keep & set(UNIFORM) if (m := FIGURE.match(old[q].get(col, ""))) and
+                    float(m.group(1)) > round(ref[1], 2)})
+    if above:  # the intervals pair with the best uniform method whose predictions are here
+        lines += ["", f"Note: the intervals are against the best uniform method whose job is here; kept "
+                  f"{', '.join(above)} scored higher, so re-run {'them' if len(above) > 1 else 'it'} to compare "
+                  "against the best."]
     if keep:
         lines += ["", f"{KEPT_MARK} Kept from an earlier render: the job folder is not in this checkout"
                   + (" (intervals dropped where the reference changed since)." if stripped else ".")
