@@ -552,6 +552,8 @@ def test_render_keeps_rows_whose_jobs_are_gone_and_drops_their_intervals_when_th
     render(tmp_path, out, **args)
     text = out.read_text()
     assert "| sqnr_diff* | 88.00 | 88.00 |" in text and "intervals dropped" in text
+    render(tmp_path, out, **args)
+    assert out.read_text() == text  # still said on the next render
     assert "sqnr_diff worse" not in text and "| tpe | 97.00 (-3.00 [" in text
     assert "kept fqvit scored higher" not in text
     put("ibert", 6)  # now below the kept fqvit (96.00)

@@ -279,6 +279,8 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
                         verdicts[col].append(f"{p} {_verdict(tuple(float(g) for g in m.groups()[1:]))}")
                     else:
                         cell, stripped = m.group(1), True
+                elif m and p not in UNIFORM:
+                    stripped = True  # dropped by an earlier render
                 cells.append(cell)
                 continue
             d = loaded.get((p, e if e is not None else epochs[0]))
