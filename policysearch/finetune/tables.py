@@ -264,18 +264,20 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
                  if (m := FIGURE.match(old.get(p, {}).get(col, "")))]
         return max(cands)[1:] if cands else None
 
+    refs = {col: best(e, "before" if e is None else "after") for col, e in cols}
+    # a kept row's intervals hold where the reference is the one they were computed against
+    same_ref = {col: ref is not None and old_best(col) == (ref[0], f"{ref[1]:.2f}") for col, ref in refs.items()}
     verdicts: dict[str, list[str]] = {c: [] for c, _ in cols}
     stripped = False
     for p in names:
         cells = []
         for col, e in cols:
-            key = "before" if e is None else "after"
-            ref = best(e, key)
+            key, ref = "before" if e is None else "after", refs[col]
             if p in keep:
                 cell = old[p].get(col, "not run")
                 m = FIGURE.match(cell)
                 if m and m.group(2) is not None:
-                    if ref is not None and old_best(col) == (ref[0], f"{ref[1]:.2f}"):
+                    if same_ref[col]:
                         verdicts[col].append(f"{p} {_verdict(tuple(float(g) for g in m.groups()[1:]))}")
                     else:
                         cell, stripped = m.group(1), True
@@ -299,9 +301,8 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
     if said:
         lines += ["", "Against the best uniform method (the paper's claim: the mixed policy is better): "
                   + "; ".join(said) + "."]
-    above = sorted({q for col, e in cols if (ref := best(e, "before" if e is None else "after")) is not None
-                    for q in keep & set(UNIFORM) if (m := FIGURE.match(old[q].get(col, ""))) and
-                    float(m.group(1)) > round(ref[1], 2)})
+    above = sorted({q for col, ref in refs.items() if ref is not None for q in keep & set(UNIFORM)
+                    if (m := FIGURE.match(old[q].get(col, ""))) and float(m.group(1)) > round(ref[1], 2)})
     if above:  # the intervals pair with the best uniform method whose predictions are here
         lines += ["", f"Note: the intervals are against the best uniform method whose job is here; kept "
                   f"{', '.join(above)} scored higher, so re-run {'them' if len(above) > 1 else 'it'} to compare "
