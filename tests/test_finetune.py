@@ -578,3 +578,47 @@ def test_students_train_without_stochastic_depth() -> None:
                                calib_images=x, device=torch.device("cpu"))
     with torch.no_grad():
         assert torch.equal(student.train()(x), student.eval()(x))
+
+
+def test_render_shows_a_longer_training_column_only_where_its_jobs_were_run(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from policysearch.finetune.tables import Job, render
+
+    labels = np.array([0, 1, 2, 3] * 25)
+
+    def put(model: str, policy: str, epochs: int, wrong: int) -> None:
+        rec = Job(part="table5", model=model, bits=8, policy=policy, epochs=epochs).folder(tmp_path)
+        (rec / "finetune").mkdir(parents=True, exist_ok=True)
+        (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
+        pred = labels.copy()
+        pred[:wrong] = 9
+        np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=labels,
+                            after=pred)
+
+    for model in ("fmnist_vit", "fmnist_swin"):
+        put(model, "ibert", 1, 4)
+        put(model, "sqnr_diff", 1, 6)
+    put("fmnist_vit", "ibert", 2, 2)
+    put("fmnist_vit", "sqnr_diff", 2, 1)
+    unfinished = Job(part="table5", model="fmnist_swin", bits=8, policy="ibert", epochs=5).folder(tmp_path)
+    (unfinished / "finetune").mkdir(parents=True)  # interrupted: no record, so no column
+    out = tmp_path / "finetune.md"
+    args = dict(models=["fmnist_vit", "fmnist_swin"], bits=[8])
+    render(tmp_path, out, **args)
+    text = out.read_text()
+    vit, swin = text.split("### fmnist_vit W8A8")[1].split("### fmnist_swin W8A8")
+    assert "| policy | before QAT | after 1 epoch | after 2 epochs |" in vit
+    assert "| ibert | 100.00 | 96.00 | 98.00 |" in vit and "| sqnr_diff | 100.00 (+0.00 [+0.00, +0.00]) | 94.00 (" in vit
+    assert "| 99.00 (+1.00 [" in vit  # after 2 epochs, against ibert after 2 epochs
+    assert "--models fmnist_vit --bits 8 --epochs 2`" in vit and "--epochs 2 --only fqvit" in vit
+    assert "after 2 epochs (fqvit, ivit not run)" in vit
+    assert "after 2 epochs" not in swin.split("## Straight")[0] and "epochs 5" not in text
+    assert "| policy | before QAT | after 1 epoch |" in swin
+    render(tmp_path, out, **args)
+    assert out.read_text() == text
+    # an explicit --epochs shows exactly those columns
+    render(tmp_path, out, **args, epochs=[1])
+    assert "after 2 epochs" not in out.read_text()

@@ -2,7 +2,7 @@
 
     python -m policysearch.finetune.tables run geluless [--models fmnist_vit,fmnist_swin]
     python -m policysearch.finetune.tables run table5   [--models ...] [--bits 8,6] [--epochs 1]
-    python -m policysearch.finetune.tables render       [--out results/finetune.md]
+    python -m policysearch.finetune.tables render       [--out results/finetune.md] [--epochs 1,N]
 
 Every job is one ``policysearch finetune`` (:func:`policysearch.finetune.finetune`) on the full
 Fashion-MNIST (``--data fmnist``: 60,000 training images, evaluation on all 10,000 test images),
@@ -167,6 +167,24 @@ def _verdict(d: tuple[float, float, float]) -> str:
     return "better" if d[1] > 0 else "worse" if d[2] < 0 else "no measurable difference"
 
 
+EPOCHS_DIR = re.compile(r"-e(\d+)$")
+EPOCHS_COL = re.compile(r"\| after (\d+) epochs? ")
+
+
+def _found_epochs(root: Path, part: str, prefix: str, kept: str = "") -> list[int]:
+    """1 and every number of epochs with a finished job of ``part`` named ``prefix-...``, or a column in
+    ``kept`` (the section as the file says it): the columns a render without ``--epochs`` shows."""
+    found = {1}
+    folder = root / part
+    if folder.is_dir():
+        for d in folder.glob(f"{prefix}*-e*"):
+            m = EPOCHS_DIR.search(d.name)
+            if m and (d / "finetune.json").is_file() and (d / "finetune" / "predictions.npz").is_file():
+                found.add(int(m.group(1)))
+    found.update(int(e) for e in EPOCHS_COL.findall(kept))
+    return sorted(found)
+
+
 def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -> tuple[list[str], bool]:
     lines = ["## GELU-less: GELU -> ReLU by iterative distillation, then the 8-bit integer policy", ""]
     cmd = f"`{MODULE} run geluless --models {','.join(models)} --epochs {','.join(map(str, epochs))}`"
@@ -228,21 +246,31 @@ def _table_rows(text: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+def _after(epochs: int) -> str:
+    return f"after {epochs} epoch{'s' if epochs > 1 else ''}"
+
+
 def _has_figure(row: dict[str, str]) -> bool:
     return any(FIGURE.match(c) for c in row.values())
 
 
 def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
-                          kept: str = "") -> tuple[list[str], bool]:
+                          kept: str = "", *, per_column: bool = False) -> tuple[list[str], bool]:
     """One model at one bit width: every policy before QAT and after each number of epochs.
+
+    ``per_column``: the numbers of epochs other than 1 were found for this column only, so its
+    section names the command that runs them.
 
     A policy none of whose jobs is under ``root`` keeps its row from ``kept`` (the section as the
     file says it), marked ``*``. Its intervals stay only in a column whose reference (the best
     uniform method: name and top-1) is the same as when they were computed; elsewhere only its
     top-1 is kept, because its predictions are not here to pair with the new reference."""
-    cols = [("before QAT", None)] + [(f"after {e} epoch{'s' if e > 1 else ''}", e) for e in epochs]
-    lines = [f"### {model} W{b}A{b}", "", "| policy | " + " | ".join(c for c, _ in cols) + " |",
-             "|---|" + "---|" * len(cols)]
+    cols = [("before QAT", None)] + [(_after(e), e) for e in epochs]
+    lines = [f"### {model} W{b}A{b}", ""]
+    if per_column and (longer := [e for e in epochs if e != 1]):
+        lines += [f"Also after {', '.join(map(str, longer))} epochs in this column only (as time allowed): `{MODULE} "
+                  f"run table5 --models {model} --bits {b} --epochs {','.join(map(str, longer))}`.", ""]
+    lines += ["| policy | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     names = [*UNIFORM, *RULES, STRATEGY]
     job = {(p, e): Job(part="table5", model=model, bits=b, policy=p, epochs=e) for p in names for e in epochs}
     loaded = {k: _load(j.folder(root)) for k, j in job.items()}
@@ -307,6 +335,11 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
         lines += ["", f"Note: the intervals are against the best uniform method whose job is here; kept "
                   f"{', '.join(above)} scored higher, so re-run {'them' if len(above) > 1 else 'it'} to compare "
                   "against the best."]
+    partial = [f"{_after(e)} ({', '.join(q for q in UNIFORM if loaded[(q, e)] is None)} not run)" for e in epochs
+               if refs[_after(e)] is not None and any(loaded[(q, e)] is None and q not in keep for q in UNIFORM)]
+    if partial:
+        lines += ["", "Note: where a uniform method is not run, the intervals are against the best one that is: "
+                  + "; ".join(partial) + "."]
     if keep:
         lines += ["", f"{KEPT_MARK} Kept from an earlier render: the job folder is not in this checkout"
                   + (" (intervals dropped where the reference changed since)." if stripped else ".")
@@ -381,8 +414,12 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models: Sequence[str] = MODELS,
-           bits: Sequence[int] = (8, 6), epochs: Sequence[int] = (1,), notes: Sequence[str] = ()) -> Path:
+           bits: Sequence[int] = (8, 6), epochs: Sequence[int] | None = None, notes: Sequence[str] = ()) -> Path:
     """Write ``out`` from the finished jobs under ``root``.
+
+    ``epochs``: the numbers of QAT epochs to show (a column each). Default: 1, and in each table
+    every other number that has a finished job under ``root`` or a column in ``out`` already, so the
+    longer runs that time allowed (``run ... --epochs N``) appear where they were run and nowhere else.
 
     Each table (GELU-less, each model and bit width of Table 5, the STE case) is a marked section.
     A section none of whose jobs is under ``root`` keeps what ``out`` already says when that has
@@ -394,10 +431,18 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
     import torch
 
     kept = _sections(out.read_text()) if out.is_file() else {}
-    parts: list[tuple[str, tuple[list[str], bool]]] = [("geluless", _render_geluless(root, models, epochs)),
-                                                         ("table5", (_table5_intro(models, bits, epochs), True))]
-    parts += [(f"table5 {m} w{b}", _render_table5_column(root, m, b, epochs, kept.get(f"table5 {m} w{b}", "")))
-              for m in models for b in bits]
+    def shown(part: str, prefix: str, key: str) -> list[int]:
+        return list(epochs) if epochs is not None else _found_epochs(root, part, prefix, kept.get(key, ""))
+
+    gelu_epochs = sorted({e for m in models for e in shown("geluless", f"{m}-w8a8-geluless", "geluless")})
+    parts: list[tuple[str, tuple[list[str], bool]]] = [
+        ("geluless", _render_geluless(root, models, gelu_epochs)),
+        ("table5", (_table5_intro(models, bits, [1] if epochs is None else epochs), True))]
+    for m in models:
+        for b in bits:
+            key = f"table5 {m} w{b}"
+            parts.append((key, _render_table5_column(root, m, b, shown("table5", f"{m}-w{b}a{b}-", key),
+                                                     kept.get(key, ""), per_column=epochs is None)))
     parts.append(("ste", _render_ste(root)))
     parts.append(("notes", (["## Notes", ""] + [f"- {n}" for n in notes], bool(notes))))
     lines = ["# Fine-tuning: QAT with distillation and GELU-less distillation on the zoo", "",
@@ -431,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--root", type=Path, default=ROOT)
         p.add_argument("--models", default=",".join(MODELS))
         p.add_argument("--bits", default="8,6")
-        p.add_argument("--epochs", default="1")
+        p.add_argument("--epochs", default=None, help="numbers of QAT epochs (default: run 1; render 1 and any found)")
     r.add_argument("--device", default="auto")
     r.add_argument("--no-progress", action="store_true")
     sub.choices["render"].add_argument("--out", type=Path, default=Path("results/finetune.md"))
@@ -445,11 +490,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     models = [m for m in args.models.split(",") if m]
     if args.cmd == "render":
-        print(render(args.root, args.out, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs),
+        print(render(args.root, args.out, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs) if args.epochs else None,
                      notes=args.note))
         return 0
     only = set(args.only.split(",")) if args.only else None
-    for job in jobs(args.part, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs)):
+    for job in jobs(args.part, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs or "1")):
         if only is not None and job.policy not in only:
             continue
         t0 = time.perf_counter()
