@@ -351,7 +351,8 @@ def test_finetuned_weights_reload_and_reproduce_their_metrics(tmp_path: Path, tr
     assert ft["before"]["top1"] == res.before["top1"] and ft["after"]["top1"] == res.after["top1"]
     assert doc["provenance"]["finetune"]["settings"]["steps"] == 4
     assert doc["provenance"]["finetune"]["settings"]["ste"] == "reference"
-    assert (tmp_path / "finetune.json").is_file()
+    rec = json.loads((tmp_path / "finetune.json").read_text())
+    assert rec["machine"]["cpu"] and rec["machine"]["torch"] == torch.__version__ and rec["machine"]["threads"] >= 1
     # `apply` / `eval` load the fine-tuned weights and reproduce the figures measured after training
     report, ok = check_policy_file(str(tmp_path / "policy.json"), model=None, checkpoint=None, data="fmnist-sample",
                                    device="cpu")

@@ -464,11 +464,21 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         "before": before, "after": after, "trained_ranges": trained_ranges,
         "settings": settings.to_dict(), "relu_sites": relu_sites, "relu_stages": relu_records,
         "qat": res.info(), "device": dev_name, "seconds": round(time.perf_counter() - t0, 1), "finished": _now(),
+        "machine": _machine(),
     }
     policy_file = _write_outputs(job, record)
     return FinetuneResult(out_dir=job.out_dir, policy=job.policy, weights=weights_path, relu_weights=relu_path,
                           before=before, after=after, float_top1=float_top1, relu_float_top1=relu_top1,
                           eval_images=eval_images, record=record, policy_file=policy_file)
+
+
+def _machine() -> dict[str, Any]:
+    """Where the job ran: float results can differ in a few images between CPUs and BLAS builds."""
+    from policysearch.deploy.latency import machine_info
+
+    info = machine_info()
+    info.pop("load", None)
+    return {**info, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def _write_outputs(job: _Job, record: dict[str, Any]) -> Path:
