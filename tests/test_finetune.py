@@ -452,6 +452,23 @@ def test_settings_are_checked_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "finetune").exists()
 
 
+def _table5_job(root: Path, labels: Any, *, policy: str, model: str = "fmnist_swin", epochs: int = 1,
+                before_wrong: int = 0, after_wrong: int = 0) -> Path:
+    """A finished Table 5 job folder whose policy misses the first images before / after QAT."""
+    import numpy as np
+
+    from policysearch.finetune.tables import Job
+
+    rec = Job(part="table5", model=model, bits=8, policy=policy, epochs=epochs).folder(root)
+    (rec / "finetune").mkdir(parents=True, exist_ok=True)
+    (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
+    before, after = labels.copy(), labels.copy()
+    before[:before_wrong] = 9
+    after[:after_wrong] = 9
+    np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=before, after=after)
+    return rec
+
+
 def test_paired_interval_and_the_table_lists_missing_rows_with_their_commands(tmp_path: Path) -> None:
     import numpy as np
 
@@ -478,20 +495,13 @@ def test_paired_interval_and_the_table_lists_missing_rows_with_their_commands(tm
 
 
 def test_render_keeps_the_figures_of_tables_whose_jobs_are_not_in_this_checkout(tmp_path: Path) -> None:
-    import json
 
     import numpy as np
 
-    from policysearch.finetune.tables import Job, render
+    from policysearch.finetune.tables import render
 
     labels = np.array([0, 1, 2, 3] * 25)
-    job = Job(part="table5", model="fmnist_swin", bits=8, policy="ibert", epochs=1)
-    rec = job.folder(tmp_path)
-    (rec / "finetune").mkdir(parents=True)
-    (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
-    after = labels.copy()
-    after[:3] = 9
-    np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=labels, after=after)
+    _table5_job(tmp_path, labels, policy="ibert", after_wrong=3)
     out = tmp_path / "finetune.md"
     render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1])
     first = out.read_text()
@@ -503,15 +513,13 @@ def test_render_keeps_the_figures_of_tables_whose_jobs_are_not_in_this_checkout(
     assert again.count("<!-- section: table5 fmnist_swin w8 -->") == 1
     assert "run geluless --models fmnist_swin --epochs 1" in again  # never had figures: rendered afresh
     # a job that is there replaces what the file says
-    after[:3] = labels[:3]
-    np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=labels, after=after)
+    _table5_job(tmp_path, labels, policy="ibert")
     render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1])
     assert "| ibert | 100.00 | 100.00 |" in out.read_text()
 
 
 def test_render_keeps_rows_whose_jobs_are_gone_and_drops_their_intervals_when_the_reference_changes(
         tmp_path: Path) -> None:
-    import json
     import shutil
 
     import numpy as np
@@ -520,15 +528,8 @@ def test_render_keeps_rows_whose_jobs_are_gone_and_drops_their_intervals_when_th
 
     labels = np.array([0, 1, 2, 3] * 25)
 
-    def put(policy: str, wrong: int) -> Path:
-        rec = Job(part="table5", model="fmnist_swin", bits=8, policy=policy, epochs=1).folder(tmp_path)
-        (rec / "finetune").mkdir(parents=True, exist_ok=True)
-        (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
-        pred = labels.copy()
-        pred[:wrong] = 9
-        np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=pred,
-                            after=pred)
-        return rec
+    def put(policy: str, wrong: int) -> None:
+        _table5_job(tmp_path, labels, policy=policy, before_wrong=wrong, after_wrong=wrong)
 
     for policy, wrong in [("ibert", 2), ("fqvit", 4), ("sqnr_diff", 12), ("tpe", 3)]:
         put(policy, wrong)
@@ -582,7 +583,6 @@ def test_students_train_without_stochastic_depth() -> None:
 
 
 def test_render_shows_a_longer_training_column_only_where_its_jobs_were_run(tmp_path: Path) -> None:
-    import json
 
     import numpy as np
 
@@ -591,13 +591,7 @@ def test_render_shows_a_longer_training_column_only_where_its_jobs_were_run(tmp_
     labels = np.array([0, 1, 2, 3] * 25)
 
     def put(model: str, policy: str, epochs: int, wrong: int) -> None:
-        rec = Job(part="table5", model=model, bits=8, policy=policy, epochs=epochs).folder(tmp_path)
-        (rec / "finetune").mkdir(parents=True, exist_ok=True)
-        (rec / "finetune.json").write_text(json.dumps({"device": "cpu", "seconds": 1.0}))
-        pred = labels.copy()
-        pred[:wrong] = 9
-        np.savez_compressed(rec / "finetune" / "predictions.npz", labels=labels, float=labels, before=labels,
-                            after=pred)
+        _table5_job(tmp_path, labels, model=model, policy=policy, epochs=epochs, after_wrong=wrong)
 
     for model in ("fmnist_vit", "fmnist_swin"):
         put(model, "ibert", 1, 4)

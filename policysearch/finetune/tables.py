@@ -126,7 +126,7 @@ def run_job(job: Job, root: Path, *, device: str = "auto", progress: bool = True
     from policysearch.finetune import finetune
 
     out = job.folder(root)
-    if (out / "finetune.json").is_file() and (out / "finetune" / "predictions.npz").is_file():
+    if _finished(out):
         log.info("%s: finished, skipped", job.name)
         return out
     policy = _policy(job, root, device, progress)
@@ -140,11 +140,16 @@ def run_job(job: Job, root: Path, *, device: str = "auto", progress: bool = True
 
 # -- rendering ---------------------------------------------------------------------------------
 
+def _finished(folder: Path) -> bool:
+    """A job folder with its record and per-image predictions: what ``run`` skips and ``render`` reads."""
+    return (folder / "finetune.json").is_file() and (folder / "finetune" / "predictions.npz").is_file()
+
+
 def _load(folder: Path) -> dict[str, Any] | None:
     import numpy as np
 
     rec, pred = folder / "finetune.json", folder / "finetune" / "predictions.npz"
-    if not (rec.is_file() and pred.is_file()):
+    if not _finished(folder):
         return None
     data = json.loads(rec.read_text())
     with np.load(pred) as z:
@@ -179,7 +184,7 @@ def _found_epochs(root: Path, part: str, prefix: str, kept: str = "") -> list[in
     if folder.is_dir():
         for d in folder.glob(f"{prefix}*-e*"):
             m = EPOCHS_DIR.search(d.name)
-            if m and (d / "finetune.json").is_file() and (d / "finetune" / "predictions.npz").is_file():
+            if m and _finished(d):
                 found.add(int(m.group(1)))
     found.update(int(e) for e in EPOCHS_COL.findall(kept))
     return sorted(found)
@@ -335,8 +340,9 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
         lines += ["", f"Note: the intervals are against the best uniform method whose job is here; kept "
                   f"{', '.join(above)} scored higher, so re-run {'them' if len(above) > 1 else 'it'} to compare "
                   "against the best."]
-    partial = [f"{_after(e)} ({', '.join(q for q in UNIFORM if loaded[(q, e)] is None)} not run)" for e in epochs
-               if refs[_after(e)] is not None and any(loaded[(q, e)] is None and q not in keep for q in UNIFORM)]
+    absent = {e: [q for q in UNIFORM if loaded[(q, e)] is None and q not in keep] for e in epochs}
+    partial = [f"{_after(e)} ({', '.join(absent[e])} not run)" for e in epochs if refs[_after(e)] is not None
+               and absent[e]]
     if partial:
         lines += ["", "Note: where a uniform method is not run, the intervals are against the best one that is: "
                   + "; ".join(partial) + "."]
