@@ -31,15 +31,15 @@ def methods(space, site):
 # -- presets ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list_spaces())
 def test_preset_files_equal_builtins(name):
-    data = yaml.safe_load((ROOT / "spaces" / f"{name}.yaml").read_text())
+    data = yaml.safe_load((ROOT / "policysearch" / "presets" / "spaces" / f"{name}.yaml").read_text())
     assert data.pop("name") == name
     assert data == SPACES.get(name)
 
 
 def test_every_preset_file_is_a_builtin():
-    assert sorted(p.stem for p in (ROOT / "spaces").glob("*.yaml")) == list_spaces()
+    assert sorted(p.stem for p in (ROOT / "policysearch" / "presets" / "spaces").glob("*.yaml")) == list_spaces()
     assert {"paper", "all", "gelu_less", "mixed_bits"} <= set(list_spaces())
-    assert not (ROOT / "spaces" / "__init__.py").exists()
+    assert not (ROOT / "policysearch" / "presets" / "spaces" / "__init__.py").exists()
 
 
 def test_paper_space():

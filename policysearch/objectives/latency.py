@@ -20,7 +20,7 @@ recomputes its objective values. Presets:
 * ``latency``: relative latency, minimised;
 * ``latency_weighted``: ``error + lambda * latency``, minimised; ``lambda`` =
   :data:`DEFAULT_LAMBDA` (0.1: 10% less latency is worth one point of top-1), the weight of
-  ``latency`` in the preset (copy ``objectives/latency_weighted.yaml`` to change it, or build one
+  ``latency`` in the preset (copy ``policysearch/presets/objectives/latency_weighted.yaml`` to change it, or build one
   with :func:`latency_weighted`);
 * ``accuracy_and_latency``: top-1 maximised and relative latency minimised (two objectives, for
   ``nsga2`` / ``tpe``: their Pareto front is in the study).
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
-from policysearch.objectives.objective import METRICS, OBJECTIVES, Objective
+from policysearch.objectives.objective import METRICS, Objective
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 
@@ -73,11 +73,6 @@ DERIVED_METRICS = ("latency", "error")
 METRICS.setdefault("latency", "predicted latency relative to the float model, from the cost profile "
                               "(policysearch profile); derived by the driver")
 METRICS.setdefault("error", "top-1 error, 1 - top1; derived by the driver")
-OBJECTIVES.register("latency", {"directions": ["minimize"], "values": [{"latency": 1.0}]})
-OBJECTIVES.register("latency_weighted",
-                    {"directions": ["minimize"], "values": [{"error": 1.0, "latency": DEFAULT_LAMBDA}]})
-OBJECTIVES.register("accuracy_and_latency",
-                    {"directions": ["maximize", "minimize"], "values": [{"top1": 1.0}, {"latency": 1.0}]})
 
 
 def _profile_hint(model: str | None) -> str:

@@ -1,7 +1,7 @@
 """Objectives: named linear combinations of metrics, one per objective value, with directions.
 
-Presets resolve as: an explicit YAML path, then ``./objectives/<name>.yaml``, then the built-ins
-below (the package runs with no preset file). A preset file looks like::
+Presets resolve as: an explicit YAML path, then ``./objectives/<name>.yaml``, then the package's
+built-in ``policysearch/presets/objectives/<name>.yaml``. A preset file looks like::
 
     name: accuracy_kl
     directions: [maximize]
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.presets import builtin_presets, resolve_preset
 from policysearch.registry import Registry
 
 __all__ = ["METRICS", "OBJECTIVES", "Objective", "list_objectives", "load_objective"]
@@ -75,15 +76,8 @@ class Objective:
         }
 
 
-OBJECTIVES: Registry[dict[str, Any]] = Registry("objective")
-OBJECTIVES.register("sqnr_diff", {"directions": ["minimize"], "values": [{"mean_sqnr_diff": 1.0}]})
-OBJECTIVES.register("sqnr_output", {"directions": ["maximize"], "values": [{"logit_sqnr": 1.0}]})
-OBJECTIVES.register("kl", {"directions": ["minimize"], "values": [{"kl": 1.0}]})
-OBJECTIVES.register("accuracy", {"directions": ["maximize"], "values": [{"top1": 1.0}]})
-OBJECTIVES.register("accuracy_kl", {"directions": ["maximize"], "values": [{"top1": 1.0, "kl": -0.1}]})
-OBJECTIVES.register(
-    "accuracy_and_kl", {"directions": ["maximize", "minimize"], "values": [{"top1": 1.0}, {"kl": 1.0}]}
-)
+#: Built-in presets: the package's ``presets/objectives/*.yaml`` (``./objectives/<name>.yaml`` wins).
+OBJECTIVES: Registry[dict[str, Any]] = builtin_presets("objectives")
 
 
 def list_objectives() -> list[str]:
@@ -94,7 +88,5 @@ def load_objective(name_or_path: str | Objective) -> Objective:
     """Resolve an objective: explicit path, ``./objectives/<name>.yaml``, then built-ins."""
     if isinstance(name_or_path, Objective):
         return name_or_path
-    from policysearch.presets import resolve_preset
-
     data, name = resolve_preset("objectives", name_or_path, OBJECTIVES)
     return Objective.from_dict(data, name=name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from policysearch.presets import builtin_presets, resolve_preset
 from policysearch.registry import Registry
 from policysearch.runners.base import Runner
 from policysearch.runners.local import LocalRunner
@@ -19,17 +20,8 @@ RUNNERS.register("local", LocalRunner)
 #: Imported on first use; without Ray installed, selecting it says which extra to install.
 RUNNERS.register_lazy("ray", "policysearch.runners.ray:RayRunner", extra="ray")
 
-#: Built-in presets (``runners/<name>.yaml`` in the working directory wins over these).
-PRESETS: Registry[dict[str, Any]] = Registry("runner preset")
-PRESETS.register("local", {"type": "local"})
-PRESETS.register("ray", {"type": "ray"})
-#: a private Ray instance on this machine: one actor per GPU, else one per CPU core (1 torch thread)
-PRESETS.register("ray_local", {"type": "ray", "address": "local", "workers": "auto", "cpus_per_worker": 1,
-                               "gpus_per_worker": "auto", "max_retries": 2})
-#: join a running Ray cluster (`ray start --head`; --address HOST:PORT names another head): one actor
-#: per GPU, else one per group of 4 CPU cores
-PRESETS.register("ray_cluster", {"type": "ray", "address": "auto", "workers": "auto", "cpus_per_worker": 4,
-                                 "gpus_per_worker": "auto", "max_retries": 2})
+#: Built-in presets: the package's ``presets/runners/*.yaml`` (``./runners/<name>.yaml`` wins).
+PRESETS: Registry[dict[str, Any]] = builtin_presets("runners")
 
 
 def create_runner(name: str = "local", **options: Any) -> Runner:
@@ -37,7 +29,6 @@ def create_runner(name: str = "local", **options: Any) -> Runner:
     import inspect
 
     from policysearch.errors import ConfigError
-    from policysearch.presets import resolve_preset
 
     data, _ = resolve_preset("runners", name, PRESETS)
     data = {k: v for k, v in data.items() if k != "name"}

@@ -33,6 +33,7 @@ from typing import Any
 
 from policysearch.errors import ConfigError
 from policysearch.policy import BITS_RANGE, Choice, Policy
+from policysearch.presets import builtin_presets, resolve_preset
 from policysearch.registry import Registry
 from policysearch.spaces.site import KIND_METHODS, Site, check_method
 
@@ -45,32 +46,8 @@ METHOD_ORDER: tuple[str, ...] = ("ibert", "fqvit", "ivit", "relu", "fp32")
 #: Where a uniform policy's method is not allowed at a site, the site takes the first of these.
 FALLBACK_ORDER: tuple[str, ...] = ("ibert", "ivit", "fqvit", "relu", "fp32")
 
-_PAPER = {"softmax": ["ibert", "fqvit", "ivit"], "gelu": ["ibert", "ivit"], "layernorm": ["ibert", "fqvit", "ivit"]}
-
-#: Built-in presets; ``spaces/<name>.yaml`` holds the same data (a test checks they are equal).
-SPACES: Registry[dict[str, Any]] = Registry("space")
-SPACES.register("paper", {
-    "description": "Kim et al. 2024: softmax and layernorm from ibert/fqvit/ivit, gelu from ibert/ivit",
-    "methods": {k: list(v) for k, v in _PAPER.items()},
-})
-SPACES.register("all", {
-    "description": "every method of every kind, float included",
-    "methods": {k: list(v) for k, v in KIND_METHODS.items()},
-})
-SPACES.register("gelu_less", {
-    "description": "the paper's space with ReLU as the only choice for GELU sites (Tayaranian et al. 2024)",
-    "methods": {**{k: list(v) for k, v in _PAPER.items()}, "gelu": ["relu"]},
-})
-SPACES.register("paper_relu", {
-    "description": "the paper's space with ReLU as a further choice for GELU sites: integer-only, for "
-                   "accuracy-latency search",
-    "methods": {**{k: list(v) for k, v in _PAPER.items()}, "gelu": [*_PAPER["gelu"], "relu"]},
-})
-SPACES.register("mixed_bits", {
-    "description": "the paper's space with 6- or 8-bit inputs at softmax and GELU sites",
-    "methods": {k: list(v) for k, v in _PAPER.items()},
-    "bits": {"softmax": [6, 8], "gelu": [6, 8]},
-})
+#: Built-in presets: the package's ``presets/spaces/*.yaml`` (``./spaces/<name>.yaml`` wins over them).
+SPACES: Registry[dict[str, Any]] = builtin_presets("spaces")
 
 _PRESET_KEYS = {"name", "description", "methods", "bits", "overrides"}
 _RULE_KEYS = {"match", "regex", "kind", "methods", "bits"}
@@ -302,7 +279,5 @@ def load_space(name_or_path: str, sites: Sequence[Site], *, weight_bits: int = 8
     relative to the working directory, then the built-in defaults; an unknown name is a
     :class:`ConfigError` listing the available ones.
     """
-    from policysearch.presets import resolve_preset
-
     data, name = resolve_preset("spaces", name_or_path, SPACES)
     return SearchSpace.from_preset(data, sites, name=name, weight_bits=weight_bits, act_bits=act_bits)
