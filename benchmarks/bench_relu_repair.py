@@ -8,7 +8,7 @@ Top-1 and KL to float on the data's evaluation images of: the float model; the u
 swapped) and repaired (``policysearch.objectives.repair``, default settings, memory cache only so
 every repair is computed here). Paper wiring, W8A8.
 
-``--against DIR``: a GELU-less job of the training stage (``python -m policysearch.finetune.tables
+``--against DIR``: a GELU-less job of the training stage (``python reproduce/finetune_tables.py
 run geluless``, same model and data, ``--method ibert``) whose per-image predictions are compared
 with the repaired ones on the same images, with paired 95% intervals: the repair against the full
 iterative distillation (the float ReLU model, and the integer policy after QAT). The job's

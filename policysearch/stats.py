@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["format_interval", "paired_interval", "top1_percent"]
+__all__ = ["best_of", "cell", "format_interval", "paired_interval", "top1_percent"]
 
 
 def paired_interval(a: Any, b: Any, labels: Any) -> tuple[float, float, float]:
@@ -38,3 +38,20 @@ def format_interval(d: tuple[float, float, float]) -> str:
     """``+0.12 [-0.05, +0.29]``; a ``*`` marks an interval that excludes 0 (a real difference)."""
     real = d[1] > 0 or d[2] < 0
     return f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]" + ("*" if real else "")
+
+
+def best_of(preds: dict[str, Any], labels: Any) -> str | None:
+    """The key of the highest top-1 among ``preds`` (None values: failed runs; None: every one failed)."""
+    ok = [k for k, p in preds.items() if p is not None]
+    return max(ok, key=lambda k: top1_percent(preds[k], labels)) if ok else None
+
+
+def cell(pred: Any, best: Any, labels: Any, *, is_best: bool = False) -> str:
+    """A results table's cell: ``top-1 (difference from best [paired 95% interval])``; the best in bold."""
+    if pred is None:
+        return "failed"
+    if is_best:
+        return f"**{top1_percent(pred, labels):.2f}** (best)"
+    if best is None:
+        return f"{top1_percent(pred, labels):.2f}"
+    return f"{top1_percent(pred, labels):.2f} ({format_interval(paired_interval(pred, best, labels))})"

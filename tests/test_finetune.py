@@ -33,6 +33,9 @@ from policysearch.models.loading import load_model
 from policysearch.policy import Policy
 from policysearch.spaces.site import KIND_METHODS
 from policysearch.train import train
+from scripts import load_script
+
+tables = load_script("finetune_tables")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -457,7 +460,7 @@ def _table5_job(root: Path, labels: Any, *, policy: str, model: str = "fmnist_sw
     """A finished Table 5 job folder whose policy misses the first images before / after QAT."""
     import numpy as np
 
-    from policysearch.finetune.tables import Job
+    Job = tables.Job
 
     rec = Job(part="table5", model=model, bits=8, policy=policy, epochs=epochs).folder(root)
     (rec / "finetune").mkdir(parents=True, exist_ok=True)
@@ -472,7 +475,7 @@ def _table5_job(root: Path, labels: Any, *, policy: str, model: str = "fmnist_sw
 def test_paired_interval_and_the_table_lists_missing_rows_with_their_commands(tmp_path: Path) -> None:
     import numpy as np
 
-    from policysearch.finetune.tables import jobs, paired_interval, render
+    jobs, paired_interval, render = tables.jobs, tables.paired_interval, tables.render
 
     labels = np.array([0, 1, 2, 3] * 25)
     a = labels.copy()
@@ -483,7 +486,7 @@ def test_paired_interval_and_the_table_lists_missing_rows_with_their_commands(tm
     sd = np.std(np.r_[np.ones(10), np.zeros(90)], ddof=1)
     assert hi - d == pytest.approx(100 * 1.96 * sd / 10)
     assert paired_interval(a, a, labels) == (0.0, 0.0, 0.0)
-    from policysearch.finetune.tables import _verdict
+    _verdict = tables._verdict
 
     assert _verdict(paired_interval(a, b, labels)) == "better" and _verdict(paired_interval(b, a, labels)) == "worse"
     assert _verdict(paired_interval(a, a, labels)) == "no measurable difference"
@@ -498,7 +501,7 @@ def test_render_keeps_the_figures_of_tables_whose_jobs_are_not_in_this_checkout(
 
     import numpy as np
 
-    from policysearch.finetune.tables import render
+    render = tables.render
 
     labels = np.array([0, 1, 2, 3] * 25)
     _table5_job(tmp_path, labels, policy="ibert", after_wrong=3)
@@ -524,7 +527,7 @@ def test_render_keeps_rows_whose_jobs_are_gone_and_drops_their_intervals_when_th
 
     import numpy as np
 
-    from policysearch.finetune.tables import Job, render
+    Job, render = tables.Job, tables.render
 
     labels = np.array([0, 1, 2, 3] * 25)
 
@@ -586,7 +589,7 @@ def test_render_shows_a_longer_training_column_only_where_its_jobs_were_run(tmp_
 
     import numpy as np
 
-    from policysearch.finetune.tables import Job, render
+    Job, render = tables.Job, tables.render
 
     labels = np.array([0, 1, 2, 3] * 25)
 

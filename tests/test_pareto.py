@@ -1,10 +1,13 @@
-"""The Pareto-front table of a run (policysearch.report.pareto)."""
+"""The Pareto-front table of a run (reproduce/pareto.py)."""
 import json
 
 import pytest
 
 from policysearch.errors import ConfigError
-from policysearch.report.pareto import main, pareto_rows
+from scripts import load_script
+
+_pareto = load_script("pareto")
+main, pareto_rows = _pareto.main, _pareto.pareto_rows
 
 
 def _record(evals):
@@ -33,6 +36,6 @@ def test_table_file_and_errors(tmp_path, capsys):
     assert main(["r", "--results-dir", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| 1.500 | 91.00 |" in text and "(answer)" in text and "| 2.000 |" not in text
-    assert "python -m policysearch.report.pareto r" in text
+    assert "python reproduce/pareto.py r" in text
     with pytest.raises(ConfigError, match="no evaluation with a latency"):
         pareto_rows(_record([{"policy": "a", "top1": 0.9, "error": None}]))

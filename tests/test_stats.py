@@ -1,12 +1,11 @@
-"""Paired intervals and the results tables' cells (policysearch.stats, report.zoo_table)."""
+"""Paired intervals and the results tables' cells (policysearch.stats)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from policysearch.report.zoo_table import best_of, cell
-from policysearch.stats import format_interval, paired_interval, top1_percent
+from policysearch.stats import best_of, cell, format_interval, paired_interval, top1_percent
 
 
 def test_paired_interval_matches_the_formula():

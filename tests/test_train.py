@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from policysearch.models.zoo import train as zoo_train
 from policysearch.train import CHECKPOINT_FILE, Schedule, TrainError, param_groups, train
+from scripts import load_script
+
+zoo_train = load_script("train_zoo")
 
 # ---------------------------------------------------------------------------------------- helpers
 

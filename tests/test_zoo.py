@@ -14,8 +14,10 @@ import torch
 from policysearch.data import load_data
 from policysearch.models import zoo
 from policysearch.models.loading import check_compatible, load_model, model_data_config
-from policysearch.models.zoo import train as zoo_train
 from policysearch.registry import UnknownNameError
+from scripts import load_script
+
+zoo_train = load_script("train_zoo")
 
 NAMES = ["fmnist_swin", "fmnist_vit"]
 

@@ -38,7 +38,7 @@ def read_sample(path: Path | None = None) -> dict[str, np.ndarray]:
 
     path = path or sample_path()
     fix = ("reinstall policysearch, or regenerate it with "
-           "`python -m policysearch.models.zoo.make_sample` (needs dataset-fashion-mnist)")
+           "`python reproduce/make_sample.py` (needs dataset-fashion-mnist)")
     if not path.is_file():
         raise DataError(f"the shipped Fashion-MNIST sample {path} is missing; {fix}")
     try:

@@ -519,7 +519,7 @@ def _render(rows: Sequence[Mapping[str, Any]]) -> str:
         "model has trained weights (ReLU columns: meaningful only for weights trained without GELU).",
         "Every row names the command that produced it; re-running that command replaces its rows.",
         "Rows on `results/finetune/geluless/...` measure the GELU-less jobs of `results/finetune.md`",
-        "(`python -m policysearch.finetune.tables run geluless` first): float and int8 GELU on the model's",
+        "(`python reproduce/finetune_tables.py run geluless` first): float and int8 GELU on the model's",
         "own GELU weights, int8 ReLU on the distilled float ReLU model; top-1 on all 10,000 test images.",
         "",
         "| model | weights | batch | float ms | int8 GELU ms | int8 ReLU ms | ReLU/GELU | int8 GELU/float "

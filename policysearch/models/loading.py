@@ -120,7 +120,7 @@ def _build_zoo(entry: Any, overrides: dict[str, Any], checkpoint: str | Path | N
         path = weights_path(entry.name)
         if not path.is_file():
             raise ModelError(f"the weights of zoo model {entry.name} ({path}) are not in the package; "
-                             f"reinstall policysearch or run `python -m policysearch.models.zoo.train {entry.name}`")
+                             f"reinstall policysearch or run `python reproduce/train_zoo.py {entry.name}`")
         load_checkpoint(model, path)
     return model
 

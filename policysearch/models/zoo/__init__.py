@@ -2,7 +2,7 @@
 
 Each entry records the timm class and constructor kwargs (so the model is rebuilt with
 ``pretrained=False`` semantics), the preprocessing the data loader applies, and the training recipe
-that ``python -m policysearch.models.zoo.train NAME`` runs. Weights and model cards live next to this
+that ``python reproduce/train_zoo.py NAME`` runs. Weights and model cards live next to this
 file: ``NAME.safetensors``, ``NAME.json`` (machine-readable card), ``NAME.md`` (the same, for people).
 """
 from __future__ import annotations
@@ -183,7 +183,7 @@ def read_card(name: str, root: Path | None = None) -> dict[str, Any]:
     path = card_path(name, root)
     if not path.is_file():
         raise FileNotFoundError(
-            f"model card {path} is missing; run `python -m policysearch.models.zoo.train {name}`"
+            f"model card {path} is missing; run `python reproduce/train_zoo.py {name}`"
         )
     return json.loads(path.read_text())
 

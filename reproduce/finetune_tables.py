@@ -1,8 +1,8 @@
 """The fine-tuning tables of ``results/finetune.md``: the jobs that produce them, and the rendering.
 
-    python -m policysearch.finetune.tables run geluless [--models fmnist_vit,fmnist_swin]
-    python -m policysearch.finetune.tables run table5   [--models ...] [--bits 8,6] [--epochs 1]
-    python -m policysearch.finetune.tables render       [--out results/finetune.md] [--epochs 1,N]
+    python reproduce/finetune_tables.py run geluless [--models fmnist_vit,fmnist_swin]
+    python reproduce/finetune_tables.py run table5   [--models ...] [--bits 8,6] [--epochs 1]
+    python reproduce/finetune_tables.py render       [--out results/finetune.md] [--epochs 1,N]
 
 Every job is one ``policysearch finetune`` (:func:`policysearch.finetune.finetune`) on the full
 Fashion-MNIST (``--data fmnist``: 60,000 training images, evaluation on all 10,000 test images),
@@ -52,7 +52,7 @@ UNIFORM = ("ibert", "fqvit", "ivit")
 RULES = ("sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output")
 STRATEGY = "tpe"
 STRATEGY_TRIALS = 40
-MODULE = "python -m policysearch.finetune.tables"
+MODULE = "python reproduce/finetune_tables.py"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,7 +366,7 @@ def _render_ste(root: Path) -> tuple[list[str], bool]:
     lines = ["## Straight-through estimators: the references' against the float operator's gradient", "",
              "One case: fmnist_swin under uniform ivit at W6A6 (`paper` wiring), 150 QAT steps at batch 64 on the "
              "Fashion-MNIST training set, lr 1e-4, distillation from the float model, ranges tracked (EMA); top-1 "
-             "on 2,000 test images. The policy file is written by `python -m policysearch.finetune.tables "
+             "on 2,000 test images. The policy file is written by `python reproduce/finetune_tables.py "
              "ste-policy`; the commands:", ""]
     lines += [f"    {STE_COMMAND.format(policy=STE_POLICY, ste=ste)}" for ste in ("reference", "float")]
     found = False

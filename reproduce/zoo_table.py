@@ -1,6 +1,6 @@
 """Baseline table of the zoo models: float and uniform-method top-1 at 8 and 6 bits, per wiring.
 
-    python -m policysearch.report.zoo_table --data fmnist --out results/zoo.md
+    python reproduce/zoo_table.py --data fmnist --out results/zoo.md
 
 Uniform policies as the paper's baselines: all sites ``ibert``; all ``ivit``; all ``fqvit`` with
 GELU from I-BERT, and with GELU from I-ViT (FQ-ViT has no integer GELU). Weights and activations
@@ -22,7 +22,7 @@ import torch
 
 from policysearch.policy import Policy
 from policysearch.spec import EvaluatorSpec, get_evaluator, resolve_device
-from policysearch.stats import format_interval, paired_interval, top1_percent
+from policysearch.stats import best_of, cell
 
 POLICIES = {
     "ibert": ("ibert", {}),
@@ -31,23 +31,6 @@ POLICIES = {
     "fqvit + I-ViT GELU": ("fqvit", {"gelu": "ivit"}),
 }
 log = logging.getLogger(__name__)
-
-
-def best_of(preds: dict[str, torch.Tensor | None], labels: torch.Tensor) -> str | None:
-    """The key of the highest top-1 among ``preds`` (None: every one failed)."""
-    ok = [k for k, p in preds.items() if p is not None]
-    return max(ok, key=lambda k: top1_percent(preds[k], labels)) if ok else None
-
-
-def cell(pred: torch.Tensor | None, best: torch.Tensor | None, labels: torch.Tensor, *, is_best: bool = False) -> str:
-    """``top-1 (difference from best [paired 95% interval])``; the best itself in bold."""
-    if pred is None:
-        return "failed"
-    if is_best:
-        return f"**{top1_percent(pred, labels):.2f}** (best)"
-    if best is None:
-        return f"{top1_percent(pred, labels):.2f}"
-    return f"{top1_percent(pred, labels):.2f} ({format_interval(paired_interval(pred, best, labels))})"
 
 
 def build_table(models: list[str], data: str, bits: list[int], device: str,
@@ -89,7 +72,7 @@ def main() -> None:
     t0 = time.time()
     device = resolve_device(args.device)
     table, n = build_table(args.models, args.data, args.bits, device, args.wirings)
-    cmd = f"python -m policysearch.report.zoo_table --data {args.data} --out {args.out}"
+    cmd = f"python reproduce/zoo_table.py --data {args.data} --out {args.out}"
     cmd += f" --wirings {' '.join(args.wirings)}" if list(args.wirings) != ["paper", "native"] else ""
     text = (f"# Zoo baselines: top-1 (%) in float and under uniform integer-only policies\n\n"
             f"Produced by `{cmd}` ({n} evaluation images of `{args.data}`, calibration on the data's "

@@ -1,6 +1,6 @@
 """The accuracy-latency Pareto front of a finished run, as a markdown table.
 
-    python -m policysearch.report.pareto RUN [--results-dir results] [--out results/pareto.md]
+    python reproduce/pareto.py RUN [--results-dir results] [--out results/pareto.md]
 
 Reads every evaluation of ``results/RUN/run.json`` (each carries ``top1`` and, under a latency
 objective or constraint, ``latency``: the policy's latency relative to the float model as the
@@ -50,7 +50,7 @@ def pareto_table(run: str, *, results_dir: str | Path = "results", command: str 
     answer = record.get("answer", {}).get("policy")
     answer_key = answer if isinstance(answer, str) else None
     lines = [f"### Pareto front of run `{record.get('name')}`", "",
-             f"Produced by `{command or f'python -m policysearch.report.pareto {run}'}`: model {cfg.get('model')}, "
+             f"Produced by `{command or f'python reproduce/pareto.py {run}'}`: model {cfg.get('model')}, "
              f"strategy {cfg.get('strategy')}, objective {record.get('objective', {}).get('name')}, space "
              f"{cfg.get('space')}, data {cfg.get('data')} ({cfg.get('eval_size')} evaluation images per policy). "
              f"{len(front)} of {n} evaluated policies are non-dominated. Latency: relative to the float model, "
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the table to this file (default: print it)")
     ap.add_argument("--run-command", default=None, help="the command that made the run, quoted in the table")
     args = ap.parse_args(argv)
-    command = "python -m policysearch.report.pareto " + " ".join(map(shlex.quote, argv if argv is not None
+    command = "python reproduce/pareto.py " + " ".join(map(shlex.quote, argv if argv is not None
                                                                        else sys.argv[1:]))
     try:
         text = pareto_table(args.run, results_dir=args.results_dir, command=command, run_command=args.run_command)

@@ -1,4 +1,4 @@
-"""Train a zoo model on Fashion-MNIST: ``python -m policysearch.models.zoo.train fmnist_vit``.
+"""Train a zoo model on Fashion-MNIST: ``python reproduce/train_zoo.py fmnist_vit``.
 
 Fixed seed, class-agnostic recipe from the zoo entry (AdamW, linear warm-up + cosine, label
 smoothing, random crop with padding + horizontal flip, drop path), CUDA when present. Writes
@@ -52,7 +52,7 @@ from policysearch.train import train as run_trainer
 
 __all__ = ["Batches", "evaluate", "main", "param_groups", "train", "write_card"]
 
-log = logging.getLogger("policysearch.models.zoo.train")
+log = logging.getLogger("reproduce.train_zoo")
 
 CARD_FORMAT = "policysearch.zoo-card/v1"
 CPU_THREADS = 2
@@ -322,7 +322,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += [f"- **Verified**: {v['device']}: test {v['float_top1_test']:.4f}, sample "
               f"{v['float_top1_sample']:.4f} (torch {v['torch']}, timm {v['timm']})" for v in card["verified"]]
     lines += [f"- **Note**: {note}" for note in card.get("notes", [])]
-    return "\n".join(lines) + "\n\nRegenerate: `python -m policysearch.models.zoo.train " + card["name"] + "`\n"
+    return "\n".join(lines) + "\n\nRegenerate: `python reproduce/train_zoo.py " + card["name"] + "`\n"
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -411,7 +411,7 @@ def run_verify(entry: ZooEntry, args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m policysearch.models.zoo.train",
+    p = argparse.ArgumentParser(prog="python reproduce/train_zoo.py",
                                 description="Train a zoo model on Fashion-MNIST.")
     p.add_argument("name", choices=list_zoo())
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epoch count")

@@ -1,4 +1,4 @@
-"""Generate the shipped Fashion-MNIST sample: ``python -m policysearch.models.zoo.make_sample``.
+"""Generate the shipped Fashion-MNIST sample: ``python reproduce/make_sample.py``.
 
 Calibration images come from the training set, evaluation images from the test set; both are
 seeded, class-balanced, and stored in round-robin class order so that every prefix is balanced.

@@ -1,6 +1,6 @@
 """Reproduction of the paper's Table 2: the readings of the SQNR rule on both zoo models.
 
-    python -m policysearch.report.table2 --data fmnist --out results/table2.md [--bits 8] [--append]
+    python reproduce/table2.py --data fmnist --out results/table2.md [--bits 8] [--append]
 
 For each model and bit width, the uniform policies are evaluated once and shared; each rule
 (``sqnr_diff``: lowest beta - gamma, eq. 11 read literally; ``sqnr_drop``: lowest gamma - beta;
@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from policysearch.objectives.sqnr import convert_db
-from policysearch.report.zoo_table import best_of, cell
 from policysearch.result import EvalResult
 from policysearch.spaces import load_space
 from policysearch.spec import EvaluatorSpec, get_evaluator, resolve_device
+from policysearch.stats import best_of, cell
 from policysearch.strategies import create_strategy
 
 RULES = ("sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output")
@@ -151,7 +151,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     device = resolve_device(args.device)
-    cmd = "python -m policysearch.report.table2 " + " ".join(map(shlex.quote, sys.argv[1:]))
+    cmd = "python reproduce/table2.py " + " ".join(map(shlex.quote, sys.argv[1:]))
     out = Path(args.out)
     prev = _previous(out) if args.append else None
     if prev is not None and (prev["data"], prev["db"]) != (args.data, args.db):
