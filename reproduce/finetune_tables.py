@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policysearch.errors import PolicySearchError
+from policysearch.numerics import NUMERICS_VERSION
 from policysearch.stats import paired_interval
 
-__all__ = ["Job", "jobs", "main", "paired_interval", "render"]
+__all__ = ["Job", "Kept", "jobs", "main", "paired_interval", "read_kept", "render", "write_kept"]
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +175,64 @@ def _verdict(d: tuple[float, float, float]) -> str:
 
 
 EPOCHS_DIR = re.compile(r"-e(\d+)$")
-EPOCHS_COL = re.compile(r"\| after (\d+) epochs? ")
+KEPT_MARK = "*"
+KEPT_FORMAT = "policysearch.finetune-kept/v1"
+
+Interval = tuple[float, float, float]
 
 
-def _found_epochs(root: Path, part: str, prefix: str, kept: str = "") -> list[int]:
-    """1 and every number of epochs with a finished job of ``part`` named ``prefix-...``, or a column in
-    ``kept`` (the section as the file says it): the columns a render without ``--epochs`` shows."""
+# -- kept records: figures whose job folder is not in this checkout --------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Kept:
+    """The figures of one job, recorded in ``kept.json`` so that a checkout without its folder renders them.
+
+    ``figures`` by part: ``geluless``: float, relu_float, before, after (top-1 %), after_minus_float
+    (a paired interval), hours, device; ``table5``: float and, per column (``before``, ``after``),
+    ``top1``, ``interval`` and ``reference`` (the best uniform method and its top-1 the interval was
+    paired with; None for a uniform method); ``ste``: before, after, agreement, trained_ranges (top-1 %),
+    qat_seconds."""
+
+    part: str
+    job: str
+    command: str
+    numerics: str
+    figures: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"part": self.part, "job": self.job, "command": self.command, "numerics": self.numerics,
+                "figures": self.figures}
+
+
+def read_kept(path: Path) -> dict[tuple[str, str], Kept]:
+    """The kept records of ``path`` by (part, job name); none when the file is not there."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("format") != KEPT_FORMAT:
+        raise PolicySearchError(f"{path}: not a kept-figures file (format {data.get('format')!r}, "
+                                f"expected {KEPT_FORMAT!r})")
+    records = [Kept(**r) for r in data["records"]]
+    return {(r.part, r.job): r for r in records}
+
+
+def write_kept(path: Path, records: dict[tuple[str, str], Kept]) -> None:
+    body = {"format": KEPT_FORMAT,
+            "about": "figures of fine-tuning jobs whose folders are not committed; each names the command that "
+                     f"produced it and the numerics version it was made with (`{MODULE} render --record` adds "
+                     "the jobs it renders from their folders)",
+            "records": [r.to_dict() for _, r in sorted(records.items())]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body, indent=1) + "\n")
+
+
+def _record(job: Job, root: Path, figures: dict[str, Any]) -> Kept:
+    return Kept(part=job.part, job=job.name, command=job.command(root), numerics=NUMERICS_VERSION, figures=figures)
+
+
+def _found_epochs(root: Path, part: str, prefix: str, kept: dict[tuple[str, str], Kept]) -> list[int]:
+    """1 and every number of epochs with a finished or kept job of ``part`` named ``prefix-...``: the
+    columns a render without ``--epochs`` shows."""
     found = {1}
     folder = root / part
     if folder.is_dir():
@@ -186,11 +240,22 @@ def _found_epochs(root: Path, part: str, prefix: str, kept: str = "") -> list[in
             m = EPOCHS_DIR.search(d.name)
             if m and _finished(d):
                 found.add(int(m.group(1)))
-    found.update(int(e) for e in EPOCHS_COL.findall(kept))
+    for p, name in kept:
+        m = EPOCHS_DIR.search(name)
+        if p == part and name.startswith(prefix) and m:
+            found.add(int(m.group(1)))
     return sorted(found)
 
 
-def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -> tuple[list[str], bool]:
+def _geluless_figures(d: dict[str, Any]) -> dict[str, Any]:
+    p, y = d["pred"], d["pred"]["labels"]
+    return {"float": _top1(p["float"], y), "relu_float": _top1(p["relu_float"], y), "before": _top1(p["before"], y),
+            "after": _top1(p["after"], y), "after_minus_float": list(paired_interval(p["after"], p["float"], y)),
+            "hours": d.get("seconds", 0) / 3600, "device": d.get("device")}
+
+
+def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int],
+                     kept: dict[tuple[str, str], Kept], recorded: dict[tuple[str, str], Kept]) -> list[str]:
     lines = ["## GELU-less: GELU -> ReLU by iterative distillation, then the 8-bit integer policy", ""]
     cmd = f"`{MODULE} run geluless --models {','.join(models)} --epochs {','.join(map(str, epochs))}`"
     lines += [f"Command: {cmd}, then `{MODULE} render`.", "",
@@ -203,22 +268,24 @@ def _render_geluless(root: Path, models: Sequence[str], epochs: Sequence[int]) -
               "integer policy after | after - float GELU | within 0.5? | CPU/GPU time |",
               "|---|---|---|---|---|---|---|---|---|"]
     missing = []
-    todo = jobs("geluless", models=models, epochs=epochs)
-    for job in todo:
+    for job in jobs("geluless", models=models, epochs=epochs):
         d = _load(job.folder(root))
-        if d is None:
+        if d is not None:
+            f = _geluless_figures(d)
+            recorded[(job.part, job.name)] = _record(job, root, f)
+        elif (job.part, job.name) in kept:
+            f = kept[(job.part, job.name)].figures
+        else:
             lines.append(f"| {job.model} | {job.epochs} | not run | | | | | | |")
             missing.append(job.command(root))
             continue
-        p, y = d["pred"], d["pred"]["labels"]
-        diff = paired_interval(p["after"], p["float"], y)
+        diff = tuple(f["after_minus_float"])
         ok = "yes" if diff[0] >= -0.5 else "no"
-        hours = f"{d.get('seconds', 0) / 3600:.1f} h on {d.get('device')}"
-        lines.append(f"| {job.model} | {job.epochs} | {_top1(p['float'], y):.2f} | {_top1(p['relu_float'], y):.2f} | "
-                     f"{_top1(p['before'], y):.2f} | {_top1(p['after'], y):.2f} | {_ci(diff)} | {ok} | {hours} |")
+        lines.append(f"| {job.model} | {job.epochs} | {f['float']:.2f} | {f['relu_float']:.2f} | {f['before']:.2f} | "
+                     f"{f['after']:.2f} | {_ci(diff)} | {ok} | {f['hours']:.1f} h on {f['device']} |")
     if missing:
         lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
-    return lines, len(missing) < len(todo)
+    return lines
 
 
 def _table5_intro(models: Sequence[str], bits: Sequence[int], epochs: Sequence[int]) -> list[str]:
@@ -232,44 +299,29 @@ def _table5_intro(models: Sequence[str], bits: Sequence[int], epochs: Sequence[i
                     f"({STRATEGY_TRIALS} trials, KL objective), 1,000 evaluation images per trial."]
 
 
-FIGURE = re.compile(r"^(\d+\.\d\d)(?: \(([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]\))?$")
-KEPT_MARK = "*"
-
-
-def _table_rows(text: str) -> dict[str, dict[str, str]]:
-    """The rows of the first table in ``text``: policy -> {column header: cell}."""
-    rows: dict[str, dict[str, str]] = {}
-    header: list[str] | None = None
-    for line in text.splitlines():
-        if not line.startswith("| "):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if header is None:
-            header = cells
-        elif not set(cells[0]) <= set("-"):
-            rows[cells[0].rstrip(KEPT_MARK)] = dict(zip(header[1:], cells[1:], strict=False))
-    return rows
-
-
 def _after(epochs: int) -> str:
     return f"after {epochs} epoch{'s' if epochs > 1 else ''}"
 
 
-def _has_figure(row: dict[str, str]) -> bool:
-    return any(FIGURE.match(c) for c in row.values())
+def _figure(f: dict[str, Any] | None) -> str:
+    """A kept column's cell: its top-1 and, where it has one, its interval."""
+    if f is None:
+        return "not run"
+    return f"{f['top1']:.2f}" + (f" ({_ci(tuple(f['interval']))})" if f.get("interval") is not None else "")
 
 
 def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
-                          kept: str = "", *, per_column: bool = False) -> tuple[list[str], bool]:
+                          kept: dict[tuple[str, str], Kept], recorded: dict[tuple[str, str], Kept], *,
+                          per_column: bool = False) -> list[str]:
     """One model at one bit width: every policy before QAT and after each number of epochs.
 
     ``per_column``: the numbers of epochs other than 1 were found for this column only, so its
     section names the command that runs them.
 
-    A policy none of whose jobs is under ``root`` keeps its row from ``kept`` (the section as the
-    file says it), marked ``*``. Its intervals stay only in a column whose reference (the best
-    uniform method: name and top-1) is the same as when they were computed; elsewhere only its
-    top-1 is kept, because its predictions are not here to pair with the new reference."""
+    A policy none of whose jobs is under ``root`` shows its kept records (``kept.json``), marked ``*``.
+    A kept interval stays only in a column whose reference (the best uniform method: name and top-1)
+    is the one it was computed against; elsewhere only its top-1 is shown, because its predictions
+    are not here to pair with the new reference."""
     cols = [("before QAT", None)] + [(_after(e), e) for e in epochs]
     lines = [f"### {model} W{b}A{b}", ""]
     if per_column and (longer := [e for e in epochs if e != 1]):
@@ -279,63 +331,74 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
     names = [*UNIFORM, *RULES, STRATEGY]
     job = {(p, e): Job(part="table5", model=model, bits=b, policy=p, epochs=e) for p in names for e in epochs}
     loaded = {k: _load(j.folder(root)) for k, j in job.items()}
-    any_run = next((d for d in loaded.values() if d is not None), None)
-    old = _table_rows(kept) if any_run is not None else {}
-    keep = {p for p in names if all(loaded[(p, e)] is None for e in epochs) and _has_figure(old.get(p, {}))}
+    old = {k: kept[("table5", j.name)].figures for k, j in job.items() if ("table5", j.name) in kept}
+    keep = {p for p in names if all(loaded[(p, e)] is None for e in epochs) and any((p, e) in old for e in epochs)}
     missing = [job[(p, e)].command(root) for e in epochs for p in names if loaded[(p, e)] is None and p not in keep]
-    if any_run is not None:
-        y, f = any_run["pred"]["labels"], any_run["pred"]["float"]
-        lines.append("| float | " + " | ".join(f"{_top1(f, y):.2f}" for _ in cols) + " |")
+    any_run = next((d for d in loaded.values() if d is not None), None)
+    float_top1 = (_top1(any_run["pred"]["float"], any_run["pred"]["labels"]) if any_run is not None
+                  else next((f["float"] for f in old.values()), None))
+    if float_top1 is not None:
+        lines.append("| float | " + " | ".join(f"{float_top1:.2f}" for _ in cols) + " |")
 
     def best(e: int | None, key: str) -> tuple[str, float, Any] | None:
         cands = [(p, _top1(d["pred"][key], d["pred"]["labels"]), d["pred"][key]) for (p, ee), d in loaded.items()
                  if p in UNIFORM and d is not None and (ee == e or e is None)]
         return max(cands, key=lambda t: t[1]) if cands else None
 
-    def old_best(col: str) -> tuple[str, str] | None:
-        cands = [(float(m.group(1)), p, m.group(1)) for p in UNIFORM
-                 if (m := FIGURE.match(old.get(p, {}).get(col, "")))]
-        return max(cands)[1:] if cands else None
+    def kept_col(p: str, e: int | None) -> dict[str, Any] | None:
+        """A kept policy's figures in a column (before QAT: from its first kept job)."""
+        if e is not None:
+            f = old.get((p, e))
+            return f["after"] if f is not None else None
+        f = next((old[(p, ee)] for ee in epochs if (p, ee) in old), None)
+        return f["before"] if f is not None else None
 
     refs = {col: best(e, "before" if e is None else "after") for col, e in cols}
-    # a kept row's intervals hold where the reference is the one they were computed against
-    same_ref = {col: ref is not None and old_best(col) == (ref[0], f"{ref[1]:.2f}") for col, ref in refs.items()}
+    ref_key: dict[str, tuple[str, str] | None] = {}
+    for col, e in cols:  # the reference a kept interval must have been paired with to stay
+        if refs[col] is not None:
+            ref_key[col] = (refs[col][0], f"{refs[col][1]:.2f}")
+        else:
+            cands = [(f["top1"], q) for q in UNIFORM if q in keep and (f := kept_col(q, e)) is not None]
+            ref_key[col] = (max(cands)[1], f"{max(cands)[0]:.2f}") if cands else None
     verdicts: dict[str, list[str]] = {c: [] for c, _ in cols}
     stripped = False
+    figures: dict[tuple[str, int], dict[str, Any]] = {}
     for p in names:
         cells = []
         for col, e in cols:
             key, ref = "before" if e is None else "after", refs[col]
             if p in keep:
-                cell = old[p].get(col, "not run")
-                m = FIGURE.match(cell)
-                if m and m.group(2) is not None:
-                    if same_ref[col]:
-                        verdicts[col].append(f"{p} {_verdict(tuple(float(g) for g in m.groups()[1:]))}")
+                f = kept_col(p, e)
+                if f is not None and f.get("interval") is not None:
+                    if f.get("reference") is not None and tuple(f["reference"]) == ref_key[col]:
+                        verdicts[col].append(f"{p} {_verdict(tuple(f['interval']))}")
                     else:
-                        cell, stripped = m.group(1), True
-                elif m and p not in UNIFORM:
-                    stripped = True  # dropped by an earlier render
-                cells.append(cell)
+                        f, stripped = {"top1": f["top1"]}, True
+                cells.append(_figure(f))
                 continue
             d = loaded.get((p, e if e is not None else epochs[0]))
             if d is None:
                 cells.append("not run")
                 continue
             y = d["pred"]["labels"]
-            cell = f"{_top1(d['pred'][key], y):.2f}"
+            fig: dict[str, Any] = {"top1": _top1(d["pred"][key], y), "interval": None, "reference": None}
             if ref is not None and p not in UNIFORM:
-                diff = paired_interval(d['pred'][key], ref[2], y)
-                cell += f" ({_ci(diff)})"
-                verdicts[col].append(f"{p} {_verdict(diff)}")
-            cells.append(cell)
+                fig["interval"] = list(paired_interval(d["pred"][key], ref[2], y))
+                fig["reference"] = [ref[0], f"{ref[1]:.2f}"]
+                verdicts[col].append(f"{p} {_verdict(tuple(fig['interval']))}")
+            cells.append(_figure(fig))
         lines.append(f"| {p}{KEPT_MARK if p in keep else ''} | " + " | ".join(cells) + " |")
+    for (p, e), d in loaded.items():  # every finished job's own figures, for `render --record`
+        if d is not None:
+            figures[(p, e)] = _table5_figures(d, p, refs["before QAT"], refs[_after(e)])
+            recorded[("table5", job[(p, e)].name)] = _record(job[(p, e)], root, figures[(p, e)])
     said = [f"{col}: " + ", ".join(v) for col, v in verdicts.items() if v]
     if said:
         lines += ["", "Against the best uniform method (the paper's claim: the mixed policy is better): "
                   + "; ".join(said) + "."]
-    above = sorted({q for col, ref in refs.items() if ref is not None for q in keep & set(UNIFORM)
-                    if (m := FIGURE.match(old[q].get(col, ""))) and float(m.group(1)) > round(ref[1], 2)})
+    above = sorted({q for col, e in cols if refs[col] is not None for q in keep & set(UNIFORM)
+                    if (f := kept_col(q, e)) is not None and f["top1"] > round(refs[col][1], 2)})
     if above:  # the intervals pair with the best uniform method whose predictions are here
         lines += ["", f"Note: the intervals are against the best uniform method whose job is here; kept "
                   f"{', '.join(above)} scored higher, so re-run {'them' if len(above) > 1 else 'it'} to compare "
@@ -347,13 +410,27 @@ def _render_table5_column(root: Path, model: str, b: int, epochs: Sequence[int],
         lines += ["", "Note: where a uniform method is not run, the intervals are against the best one that is: "
                   + "; ".join(partial) + "."]
     if keep:
-        lines += ["", f"{KEPT_MARK} Kept from an earlier render: the job folder is not in this checkout"
+        lines += ["", f"{KEPT_MARK} Kept: the job folder is not in this checkout, its figures are in the kept records"
                   + (" (intervals dropped where the reference changed since)." if stripped else ".")
                   + " Re-run to restore it:", ""] + [f"    {job[(p, e)].command(root)}" for p in names if p in keep
                                                      for e in epochs]
     if missing:
         lines += ["", "Missing rows; fill them with:", ""] + [f"    {c}" for c in missing]
-    return lines, any_run is not None
+    return lines
+
+
+def _table5_figures(d: dict[str, Any], policy: str, ref_before: tuple[str, float, Any] | None,
+                    ref_after: tuple[str, float, Any] | None) -> dict[str, Any]:
+    """A finished Table 5 job's figures as a kept record holds them."""
+    y = d["pred"]["labels"]
+    out: dict[str, Any] = {"float": _top1(d["pred"]["float"], y)}
+    for key, ref in (("before", ref_before), ("after", ref_after)):
+        fig: dict[str, Any] = {"top1": _top1(d["pred"][key], y), "interval": None, "reference": None}
+        if ref is not None and policy not in UNIFORM:
+            fig["interval"] = list(paired_interval(d["pred"][key], ref[2], y))
+            fig["reference"] = [ref[0], f"{ref[1]:.2f}"]
+        out[key] = fig
+    return out
 
 
 STE_POLICY = "fmnist_swin-ivit-w6a6.json"
@@ -361,29 +438,33 @@ STE_COMMAND = ("policysearch finetune --policy results/finetune/ste/{policy} --d
                "--steps 150 --batch-size 64 --ste {ste} --out results/finetune/ste/{ste}")
 
 
-def _render_ste(root: Path) -> tuple[list[str], bool]:
+def _render_ste(root: Path, kept: dict[tuple[str, str], Kept], recorded: dict[tuple[str, str], Kept]) -> list[str]:
     """The STE comparison (the issue: the references' STE against the alternative, on one case)."""
     lines = ["## Straight-through estimators: the references' against the float operator's gradient", "",
              "One case: fmnist_swin under uniform ivit at W6A6 (`paper` wiring), 150 QAT steps at batch 64 on the "
              "Fashion-MNIST training set, lr 1e-4, distillation from the float model, ranges tracked (EMA); top-1 "
-             "on 2,000 test images. The policy file is written by `python reproduce/finetune_tables.py "
+             f"on 2,000 test images. The policy file is written by `{MODULE} "
              "ste-policy`; the commands:", ""]
     lines += [f"    {STE_COMMAND.format(policy=STE_POLICY, ste=ste)}" for ste in ("reference", "float")]
-    found = False
     lines += ["", "| STE | top-1 before | top-1 after | after - before | agreement with its float model | "
               "top-1 with the trained ranges | QAT seconds |", "|---|---|---|---|---|---|---|"]
     for ste in ("reference", "float"):
         rec = root / "ste" / ste / "finetune.json"
-        if not rec.is_file():
+        if rec.is_file():
+            d = json.loads(rec.read_text())
+            f = {"before": 100 * d["before"]["top1"], "after": 100 * d["after"]["top1"],
+                 "agreement": 100 * d["after"].get("agreement", math.nan),
+                 "trained_ranges": 100 * d["trained_ranges"]["top1"], "qat_seconds": (d.get("qat") or {}).get("wall_seconds")}
+            recorded[("ste", ste)] = Kept(part="ste", job=ste, command=STE_COMMAND.format(policy=STE_POLICY, ste=ste),
+                                          numerics=NUMERICS_VERSION, figures=f)
+        elif ("ste", ste) in kept:
+            f = kept[("ste", ste)].figures
+        else:
             lines.append(f"| {ste} | not run | | | | | |")
             continue
-        found = True
-        d = json.loads(rec.read_text())
-        b, a = 100 * d["before"]["top1"], 100 * d["after"]["top1"]
-        qat = (d.get("qat") or {}).get("wall_seconds")
-        lines.append(f"| {ste} | {b:.2f} | {a:.2f} | {a - b:+.2f} | {100 * d['after'].get('agreement', math.nan):.2f} | "
-                     f"{100 * d['trained_ranges']['top1']:.2f} | {qat} |")
-    return lines, found
+        lines.append(f"| {ste} | {f['before']:.2f} | {f['after']:.2f} | {f['after'] - f['before']:+.2f} | "
+                     f"{f['agreement']:.2f} | {f['trained_ranges']:.2f} | {f['qat_seconds']} |")
+    return lines
 
 
 def write_ste_policy(root: Path = ROOT) -> Path:
@@ -405,66 +486,51 @@ def write_ste_policy(root: Path = ROOT) -> Path:
 MARK = "<!-- section: {} -->"
 
 
-def _sections(text: str) -> dict[str, str]:
-    """The sections of a rendered file, by key (the text after each marker up to the next one)."""
-    out: dict[str, str] = {}
-    head, _, rest = MARK.partition("{}")
-    key = None
-    for line in text.splitlines():
-        if line.startswith(head) and line.endswith(rest):
-            key = line[len(head):len(line) - len(rest)]
-            out[key] = ""
-        elif key is not None:
-            out[key] += line + "\n"
-    return {k: v.strip("\n") for k, v in out.items()}
-
-
 def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models: Sequence[str] = MODELS,
-           bits: Sequence[int] = (8, 6), epochs: Sequence[int] | None = None, notes: Sequence[str] = ()) -> Path:
-    """Write ``out`` from the finished jobs under ``root``.
+           bits: Sequence[int] = (8, 6), epochs: Sequence[int] | None = None, notes: Sequence[str] = (),
+           kept: Path | None = None, record: bool = False) -> Path:
+    """Write ``out`` from the finished jobs under ``root`` and the kept records ``kept``
+    (default ``root/kept.json``): a job whose folder is not here shows its kept figures.
 
     ``epochs``: the numbers of QAT epochs to show (a column each). Default: 1, and in each table
-    every other number that has a finished job under ``root`` or a column in ``out`` already, so the
-    longer runs that time allowed (``run ... --epochs N``) appear where they were run and nowhere else.
+    every other number that has a finished or kept job, so the longer runs that time allowed
+    (``run ... --epochs N``) appear where they were run and nowhere else.
 
-    Each table (GELU-less, each model and bit width of Table 5, the STE case) is a marked section.
-    A section none of whose jobs is under ``root`` keeps what ``out`` already says when that has
-    figures, and within a Table 5 section a row whose jobs are absent keeps its row (see
-    :func:`_render_table5_column`): rendering in a checkout that lacks some job folders never wipes
-    figures measured elsewhere."""
+    ``record``: also write the figures of every job rendered from its folder into ``kept``, so that
+    a checkout without those folders renders them too."""
     import platform
 
     import torch
 
-    kept = _sections(out.read_text()) if out.is_file() else {}
-    def shown(part: str, prefix: str, key: str) -> list[int]:
-        return list(epochs) if epochs is not None else _found_epochs(root, part, prefix, kept.get(key, ""))
+    kept_path = kept if kept is not None else root / "kept.json"
+    records = read_kept(kept_path)
+    recorded: dict[tuple[str, str], Kept] = {}
 
-    gelu_epochs = sorted({e for m in models for e in shown("geluless", f"{m}-w8a8-geluless", "geluless")})
-    parts: list[tuple[str, tuple[list[str], bool]]] = [
-        ("geluless", _render_geluless(root, models, gelu_epochs)),
-        ("table5", (_table5_intro(models, bits, [1] if epochs is None else epochs), True))]
+    def shown(part: str, prefix: str) -> list[int]:
+        return list(epochs) if epochs is not None else _found_epochs(root, part, prefix, records)
+
+    gelu_epochs = sorted({e for m in models for e in shown("geluless", f"{m}-w8a8-geluless")})
+    parts: list[tuple[str, list[str]]] = [
+        ("geluless", _render_geluless(root, models, gelu_epochs, records, recorded)),
+        ("table5", _table5_intro(models, bits, [1] if epochs is None else epochs))]
     for m in models:
         for b in bits:
-            key = f"table5 {m} w{b}"
-            parts.append((key, _render_table5_column(root, m, b, shown("table5", f"{m}-w{b}a{b}-", key),
-                                                     kept.get(key, ""), per_column=epochs is None)))
-    parts.append(("ste", _render_ste(root)))
-    parts.append(("notes", (["## Notes", ""] + [f"- {n}" for n in notes], bool(notes))))
+            parts.append((f"table5 {m} w{b}", _render_table5_column(
+                root, m, b, shown("table5", f"{m}-w{b}a{b}-"), records, recorded, per_column=epochs is None)))
+    parts.append(("ste", _render_ste(root, records, recorded)))
+    if notes:
+        parts.append(("notes", ["## Notes", ""] + [f"- {n}" for n in notes]))
     lines = ["# Fine-tuning: QAT with distillation and GELU-less distillation on the zoo", "",
              f"Rendered by `{MODULE} render` from the jobs under `{root}/` (torch {torch.__version__}, "
              f"Python {platform.python_version()}). Each table names the command that produces it; a job "
-             "that is not there is listed with its command. A table whose jobs are all absent from this "
-             "checkout keeps the figures of the last render that had them; so does a Table 5 row (marked *).", ""]
-    for key, (body, found) in parts:
-        if not found and re.search(r"\| \d+\.\d\d", kept.get(key, "")):
-            log.info("%s: no job here, kept what %s already says", key, out)
-            body = kept[key].splitlines()
-        elif not found and key == "notes":
-            continue
+             "that is not there is listed with its command. A job whose folder is not in this checkout shows "
+             f"the figures recorded in `{kept_path}` (a Table 5 row marked *).", ""]
+    for key, body in parts:
         lines += [MARK.format(key), *body, ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
+    if record and recorded:
+        write_kept(kept_path, {**records, **recorded})
     return out
 
 
@@ -487,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--no-progress", action="store_true")
     sub.choices["render"].add_argument("--out", type=Path, default=Path("results/finetune.md"))
     sub.choices["render"].add_argument("--note", action="append", default=[], help="a note line (repeat)")
+    sub.choices["render"].add_argument("--kept", type=Path, default=None, help="kept records (default ROOT/kept.json)")
+    sub.choices["render"].add_argument("--record", action="store_true",
+                                       help="also record the figures of the jobs found here into the kept records")
     sub.add_parser("ste-policy", help="write the policy file of the STE comparison case").add_argument(
         "--root", type=Path, default=ROOT)
     args = ap.parse_args(argv)
@@ -497,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = [m for m in args.models.split(",") if m]
     if args.cmd == "render":
         print(render(args.root, args.out, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs) if args.epochs else None,
-                     notes=args.note))
+                     notes=args.note, kept=args.kept, record=args.record))
         return 0
     only = set(args.only.split(",")) if args.only else None
     for job in jobs(args.part, models=models, bits=_ints(args.bits), epochs=_ints(args.epochs or "1")):

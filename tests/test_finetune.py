@@ -30,6 +30,7 @@ from policysearch.finetune import (
 from policysearch.finetune.batches import TrainBatches
 from policysearch.kernels._common import current_ste, ste_gradients
 from policysearch.models.loading import load_model
+from policysearch.numerics import NUMERICS_VERSION
 from policysearch.policy import Policy
 from policysearch.spaces.site import KIND_METHODS
 from policysearch.train import train
@@ -506,16 +507,21 @@ def test_render_keeps_the_figures_of_tables_whose_jobs_are_not_in_this_checkout(
     labels = np.array([0, 1, 2, 3] * 25)
     _table5_job(tmp_path, labels, policy="ibert", after_wrong=3)
     out = tmp_path / "finetune.md"
-    render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1])
+    kept = tmp_path / "kept.json"
+    render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1], record=True)
     first = out.read_text()
     assert "| ibert | 100.00 | 97.00 |" in first
-    # a checkout without the job folders: the table that had figures keeps them, the rest re-renders
-    render(tmp_path / "elsewhere", out, models=["fmnist_swin"], bits=[8], epochs=[1])
+    assert tables.read_kept(kept)[("table5", "fmnist_swin-w8a8-ibert-e1")].numerics == NUMERICS_VERSION
+    # a checkout without the job folders: the recorded job keeps its figures, the rest re-renders
+    render(tmp_path / "elsewhere", out, models=["fmnist_swin"], bits=[8], epochs=[1], kept=kept)
     again = out.read_text()
-    assert "| ibert | 100.00 | 97.00 |" in again
+    assert "| ibert* | 100.00 | 97.00 |" in again
     assert again.count("<!-- section: table5 fmnist_swin w8 -->") == 1
     assert "run geluless --models fmnist_swin --epochs 1" in again  # never had figures: rendered afresh
-    # a job that is there replaces what the file says
+    # the figures come from the JSON records, never from the Markdown the last render wrote
+    render(tmp_path / "elsewhere", out, models=["fmnist_swin"], bits=[8], epochs=[1])
+    assert "100.00 | 97.00" not in out.read_text() and "| ibert | not run | not run |" in out.read_text()
+    # a job that is there replaces what the records say
     _table5_job(tmp_path, labels, policy="ibert")
     render(tmp_path, out, models=["fmnist_swin"], bits=[8], epochs=[1])
     assert "| ibert | 100.00 | 100.00 |" in out.read_text()
@@ -538,7 +544,7 @@ def test_render_keeps_rows_whose_jobs_are_gone_and_drops_their_intervals_when_th
         put(policy, wrong)
     out = tmp_path / "finetune.md"
     args = dict(models=["fmnist_swin"], bits=[8], epochs=[1])
-    render(tmp_path, out, **args)
+    render(tmp_path, out, **args, record=True)
     row = next(line for line in out.read_text().splitlines() if line.startswith("| sqnr_diff |"))
     interval = row.split("|")[2].strip()
     assert interval.startswith("88.00 (-10.00 [")
