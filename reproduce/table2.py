@@ -1,6 +1,7 @@
 """Reproduction of the paper's Table 2: the readings of the SQNR rule on both zoo models.
 
     python reproduce/table2.py --data fmnist --out results/table2.md [--bits 8] [--append]
+    python reproduce/table2.py --render   # results/table2.md from its record, results/table2.json
 
 For each model and bit width, the uniform policies are evaluated once and shared; each rule
 (``sqnr_diff``: lowest beta - gamma, eq. 11 read literally; ``sqnr_drop``: lowest gamma - beta;
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shlex
 import sys
 import time
@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from policysearch.errors import PolicySearchError
+from policysearch.numerics import NUMERICS_VERSION
 from policysearch.objectives.sqnr import convert_db
 from policysearch.result import EvalResult
 from policysearch.spaces import load_space
@@ -107,10 +109,12 @@ def run(models: list[str], data: str, bits: list[int], device: str, eval_size: i
     return rows, n
 
 
+STATE_FORMAT = "policysearch.table2/v1"
+
+
 def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) -> str:
-    """The markdown file: header naming every command whose rows it holds, the table, its state."""
+    """The markdown file: header naming every command whose rows it holds, and the table."""
     head = [*HEAD, f"logit SQNR (dB, {db}·log10)", f"mean beta - gamma (dB, {db}·log10)"]
-    state = json.dumps({"commands": commands, "rows": rows, "n": n, "data": data, "db": db})
     return ("# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
             "Produced by " + ", then ".join(f"`{c}`" for c in commands) + f" (torch {torch.__version__}). "
             f"Top-1 (%) on the {n} evaluation images of `{data}`; space `paper` (softmax and LayerNorm from "
@@ -122,16 +126,33 @@ def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) 
             "Table 3 (counts per kind).\n\n"
             + "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
             + "\n\nThe earlier `native`-wiring table (the shipped sample, no intervals) is kept in "
-            "`results/table2-native.md`.\n"
-            + f"\n<!-- table2-state {state} -->\n")
+            "`results/table2-native.md`.\n")
 
 
-def _previous(path: Path) -> dict[str, Any] | None:
-    try:
-        m = re.search(r"<!-- table2-state (.*) -->", path.read_text())
-        return json.loads(m.group(1)) if m else None
-    except (OSError, ValueError):
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The rows and commands a previous run recorded in ``path`` (JSON), or None."""
+    if not path.is_file():
         return None
+    state = json.loads(path.read_text())
+    if state.get("format") != STATE_FORMAT:
+        raise PolicySearchError(f"{path}: not a Table 2 record (format {state.get('format')!r})")
+    return state
+
+
+def write_state(path: Path, *, rows: list[str], commands: list[str], n: int, data: str, db: int) -> None:
+    state = {"format": STATE_FORMAT, "commands": commands, "numerics": NUMERICS_VERSION, "data": data, "db": db,
+             "n": n, "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(state, indent=1, ensure_ascii=False) + "\n")
+
+
+def render_file(state_path: Path, out: Path) -> None:
+    """Write ``out`` from the recorded rows of ``state_path``."""
+    state = read_state(state_path)
+    if state is None:
+        raise PolicySearchError(f"{state_path} does not exist: run this script first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(state["rows"], commands=state["commands"], n=state["n"], data=state["data"], db=state["db"]))
 
 
 def main() -> None:
@@ -143,24 +164,32 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--wirings", nargs="+", choices=["paper", "native"], default=["paper", "native"])
     ap.add_argument("--out", default="results/table2.md")
+    ap.add_argument("--record", default=None,
+                    help="the JSON record of the rows (default: --out with .json): what --append and --render read")
     ap.add_argument("--append", action="store_true",
-                    help="keep the rows already in --out (written by this script) and add these")
+                    help="keep the rows already recorded (by this script) and add these")
+    ap.add_argument("--render", action="store_true", help="only write --out from the JSON record")
     ap.add_argument("--db", type=int, choices=(20, 10), default=20,
                     help="print SQNR in 20·log10 (the paper's eq. 10, as stored) or 10·log10 dB")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    record = Path(args.record) if args.record else out.with_suffix(".json")
+    if args.render:
+        render_file(record, out)
+        print(out.read_text())
+        return
     t0 = time.time()
     device = resolve_device(args.device)
     cmd = "python reproduce/table2.py " + " ".join(map(shlex.quote, sys.argv[1:]))
-    out = Path(args.out)
-    prev = _previous(out) if args.append else None
+    prev = read_state(record) if args.append else None
     if prev is not None and (prev["data"], prev["db"]) != (args.data, args.db):
-        raise SystemExit(f"error: {out} holds rows of --data {prev['data']} --db {prev['db']}; --append needs the same")
+        raise SystemExit(f"error: {record} holds rows of --data {prev['data']} --db {prev['db']}; --append needs the same")
     old_rows, commands = (prev["rows"], [*prev["commands"], cmd]) if prev else ([], [cmd])
 
     def write(rows: list[str], n: int) -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render([*old_rows, *rows], commands=commands, n=n, data=args.data, db=args.db))
+        write_state(record, rows=[*old_rows, *rows], commands=commands, n=n, data=args.data, db=args.db)
+        render_file(record, out)
 
     rows, n = run(args.models, args.data, args.bits, device, args.eval_size, db=args.db,
                   wirings=tuple(args.wirings), on_block=write)
