@@ -72,6 +72,12 @@ SPACES.register("mixed_bits", {
     "bits": {"softmax": [6, 8], "gelu": [6, 8]},
 })
 
+SPACES.register("data_aware", {
+    "description": "the paper's space plus the data-aware methods of IPTQ-ViT (fit_exp, poly_gelu, poly_gelu_fixed)",
+    "methods": {"softmax": [*_PAPER["softmax"], "fit_exp"], "gelu": [*_PAPER["gelu"], "poly_gelu", "poly_gelu_fixed"],
+                "layernorm": list(_PAPER["layernorm"])},
+})
+
 _PRESET_KEYS = {"name", "description", "methods", "bits", "overrides"}
 _RULE_KEYS = {"match", "regex", "kind", "methods", "bits"}
 
@@ -139,9 +145,11 @@ class SearchSpace:
                       weight_bits=self.weight_bits, act_bits=self.act_bits)
 
     def methods(self) -> list[str]:
-        """The methods that appear anywhere in the space, in :data:`METHOD_ORDER`."""
+        """The methods that appear anywhere in the space, in :data:`METHOD_ORDER`, then any other
+        catalogue method (the data-aware ones) in catalogue order."""
         present = {c.method for opts in self.options for c in opts}
-        return [m for m in METHOD_ORDER if m in present]
+        order = dict.fromkeys([*METHOD_ORDER, *(m for ms in KIND_METHODS.values() for m in ms)])
+        return [m for m in order if m in present]
 
     def uniform_policies(self) -> dict[str, Policy]:
         """``{method: policy}``: each method of the space at every site that allows it.
