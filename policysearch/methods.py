@@ -207,3 +207,12 @@ register_method("layernorm", "fqvit", expects="ptf",
                 summary="FQ-ViT Power-of-Two-Factor LayerNorm")
 register_method("layernorm", "ivit", expects="requant",
                 summary="I-ViT I-LayerNorm: integer std by shift Newton, 16-bit input")
+
+# Data-aware methods (IPTQ-ViT, policysearch.kernels.data_aware): constants fitted per site to the
+# range the site sees on the calibration images. LayerNorm has none (docs/architecture.md).
+register_method("softmax", "fit_exp", expects="accumulator", out_bits=(8, 16), default_bits=8,
+                summary="I-BERT softmax with the i-exp polynomial fitted to the site's shifted inputs")
+register_method("gelu", "poly_gelu", expects="requant",
+                summary="IPTQ-ViT Data-aware Poly-GELU: 4th-order erf term, (a, b) fitted per site")
+register_method("gelu", "poly_gelu_fixed", expects="requant",
+                summary="Poly-GELU with the published pair a = -0.019913, b = -2.698088")

@@ -31,14 +31,16 @@ EXPECTS = {
     ("gelu", "relu"): "requant",
     ("layernorm", "fp32"): "float", ("layernorm", "ibert"): "requant", ("layernorm", "fqvit"): "ptf",
     ("layernorm", "ivit"): "requant",
+    # data-aware (IPTQ-ViT): fit_exp is I-BERT's softmax form, poly_gelu is fed as I-ViT's GELU
+    ("softmax", "fit_exp"): "accumulator", ("gelu", "poly_gelu"): "requant", ("gelu", "poly_gelu_fixed"): "requant",
 }
 
 
 def test_catalogue_declares_the_design_table():
     assert methods.kinds() == ["softmax", "gelu", "layernorm"]
     assert {k: methods.methods(k) for k in methods.kinds()} == {
-        "softmax": ["fp32", "ibert", "fqvit", "ivit"],
-        "gelu": ["fp32", "ibert", "ivit", "relu"],
+        "softmax": ["fp32", "ibert", "fqvit", "ivit", "fit_exp"],
+        "gelu": ["fp32", "ibert", "ivit", "relu", "poly_gelu", "poly_gelu_fixed"],
         "layernorm": ["fp32", "ibert", "fqvit", "ivit"],
     }
     assert {(s.kind, s.name): s.expects for s in catalogue()} == EXPECTS
@@ -47,7 +49,8 @@ def test_catalogue_declares_the_design_table():
         assert get_method(spec.kind, spec.name) is spec and spec.key == f"{spec.kind}/{spec.name}"
     bits = {(s.kind, s.name): (s.out_bits, s.default_bits) for s in catalogue() if s.out_bits}
     assert bits == {("softmax", "ibert"): ((8, 16), 8), ("softmax", "fqvit"): ((4,), 4),
-                    ("softmax", "ivit"): ((8, 16), 8), ("gelu", "ivit"): ((8,), 8)}
+                    ("softmax", "ivit"): ((8, 16), 8), ("gelu", "ivit"): ((8,), 8),
+                    ("softmax", "fit_exp"): ((8, 16), 8)}
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_method("gelu", "relu").cost = 1.0  # type: ignore[misc]
 
@@ -164,7 +167,8 @@ def test_schema_regeneration(tmp_path, capsys, extra_method):
     assert "differ from the method catalogue" in capsys.readouterr().err
     assert schema_main(["--path", str(path)]) == 0
     regenerated = json.loads(path.read_text())
-    assert schema_enums(regenerated)["gelu"] == ["fp32", "ibert", "ivit", "relu", "poly"]
+    assert schema_enums(regenerated)["gelu"] == ["fp32", "ibert", "ivit", "relu", "poly_gelu", "poly_gelu_fixed",
+                                                 "poly"]
     assert schema_main(["--check", "--path", str(path)]) == 0
     # everything outside the enums is kept
     original = load_policy_schema()

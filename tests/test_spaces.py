@@ -60,7 +60,7 @@ def test_all_and_gelu_less_spaces():
     for site in SITES:
         assert methods(space, site.name) == list(KIND_METHODS[site.kind])
     uniform = space.uniform_policies()
-    assert list(uniform) == ["ibert", "fqvit", "ivit", "relu", "fp32"]
+    assert list(uniform) == ["ibert", "fqvit", "ivit", "relu", "fp32", "fit_exp", "poly_gelu", "poly_gelu_fixed"]
     assert all(c.method == "fp32" for c in uniform["fp32"].choices)
     assert uniform["relu"][GELU].method == "relu" and uniform["relu"][SOFTMAX].method == "ibert"
     gelu_less = load_space("gelu_less", SITES)
@@ -93,7 +93,7 @@ def test_local_preset_file_wins_then_builtin(tmp_path, monkeypatch, caplog):
 
 def test_unknown_space_lists_available(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="unknown space 'nope'; available: all, gelu_less, mixed_bits, paper"):
+    with pytest.raises(ConfigError, match="unknown space 'nope'; available: all, data_aware, gelu_less, mixed_bits, paper"):
         load_space("nope", SITES)
     with pytest.raises(ConfigError, match="does not exist"):
         load_space("missing.yaml", SITES)

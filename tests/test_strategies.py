@@ -58,7 +58,7 @@ def keys(policies):
 # -- conformance -----------------------------------------------------------------------------------
 def test_registered_names_and_unknown_name():
     assert set(ALL) == {"uniform", "sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output", "exhaustive", "ilp",
-                        "tpe", "nsga2", "random"}
+                        "tpe", "nsga2", "random", "unified"}
     with pytest.raises(UnknownNameError, match="valid: exhaustive, ilp, nsga2, random, sqnr_absdiff, sqnr_diff"):
         create_strategy("bogus", small_space())
 
@@ -172,7 +172,7 @@ def test_minimize_and_results_told_without_asking(name):
     best = s.best()
     assert best is not None and best[0] != outside
     ok = [r.value for p, r in s.results.values() if r.ok and small_space().contains(p)]
-    if name not in ("sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output"):  # their best is the rule's pick
+    if name not in ("sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output", "unified"):  # best: the rule's pick
         assert best[1].value == min(ok)
 
 
@@ -436,3 +436,27 @@ def test_strategies_and_spaces_are_torch_free():
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("torch", "timm") or n.startswith("policysearch.models")
                            for n in names), f"{path.name} imports {names}"
+
+
+def test_unified_harmonic_score_and_pick():
+    from policysearch.strategies import harmonic_score
+
+    w = {"sensitivity": 1.0, "perturbation": 1.0, "cost": 0.0}
+    assert harmonic_score({"sensitivity": 1.0, "perturbation": 1.0}, w, 0.0) == 1.0
+    assert harmonic_score({"sensitivity": 1.0, "perturbation": 0.5}, w, 0.0) == pytest.approx(2 / 3)
+    assert harmonic_score({"sensitivity": 1.0, "perturbation": 0.0}, w, 0.0) == 0.0
+    s = make("unified")
+    drive(s)
+    base = s.base()
+    scores = s.scores(base)
+    chosen = s.best()[0]
+    for i, site in enumerate(small_space().sites):
+        rows = [r for r in scores if r.site == site.name]
+        top = max(r.score for r in rows)
+        assert chosen.choices[i] == next(r.choice for r in rows if r.score == top)
+        assert all(0 <= q <= 1 for r in rows for q in r.quality.values())
+    # perturbation: the single-site change's objective loss against the base (maximize: base - change)
+    r = next(r for r in scores if r.choice != base[r.site])
+    change = s.result_of(base.replace({r.site: r.choice}))
+    assert r.raw["perturbation"] == pytest.approx(s.result_of(base).value - change.value)
+    assert r.raw["sensitivity"] == change.sites[r.site].beta

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 import policysearch.methods as _catalogue
-from policysearch.kernels import fqvit, ibert, ivit, reference, relu  # noqa: F401  (registration)
+from policysearch.kernels import data_aware, fqvit, ibert, ivit, reference, relu  # noqa: F401  (registration)
 from policysearch.kernels._common import KERNELS, KernelEntry, register_kernel
 
 __all__ = ["KERNELS", "create", "default_bits", "kinds", "methods", "register_kernel"]

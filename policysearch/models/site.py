@@ -75,6 +75,9 @@ class QuantSite(nn.Module):
         self._kernels: dict[str, nn.Module] = {}
         self.last_out_scale: torch.Tensor | None = None  # grid of the last output (None: float)
         self._widened: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: (min, max) of the input (softmax: of ``x - rowmax`` on unmasked entries) over the
+        #: calibration batches: data-aware kernels (``kernels.data_aware``) fit their constants to it
+        self.fit_range: tuple[float, float] | None = None
 
     def extra_repr(self) -> str:
         return f"{self.site_name!r}, kind={self.kind}, choice={self.choice}, enabled={self.enabled}, wiring={self.wiring}"
@@ -93,7 +96,30 @@ class QuantSite(nn.Module):
             norm = self.float_op if self.kind == "layernorm" else None
             k = kernels.create(self.kind, method, bits=bits, norm=norm)
             self._kernels[method] = k
+        if hasattr(k, "fit") and self.fit_range is not None and k.fitted_range != self.fit_range:
+            k.fit(*self.fit_range)  # deterministic in the calibration data (already fingerprinted)
         return k
+
+    def fitted_constants(self) -> dict[str, float]:
+        """The constants the current method fitted here (data-aware methods; else empty)."""
+        if not self.enabled or self.choice.method == "fp32":
+            return {}
+        k = self.kernel(self.choice.method)
+        return dict(k.constants()) if hasattr(k, "constants") else {}
+
+    def _observe_fit_range(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.kind == "layernorm":
+            return
+        if self.kind == "softmax":
+            xm = x if mask is None else x + mask
+            x = xm - xm.amax(dim=-1, keepdim=True)
+            if mask is not None:
+                x = x[(mask == 0).expand_as(x)]
+        x = x[torch.isfinite(x)]
+        if x.numel():
+            lo, hi = float(x.min()), float(x.max())
+            old = self.fit_range
+            self.fit_range = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
     def _record(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> None:
         if self.recorder is not None:
@@ -129,6 +155,7 @@ class QuantSite(nn.Module):
         self, x: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         if self.calibrating:
+            self._observe_fit_range(x, mask)
             self.act.observer.update(x)
             if self.ptf is not None:
                 self.ptf.observer.update(x)
@@ -166,6 +193,7 @@ class QuantSite(nn.Module):
         self, x: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.calibrating:
+            self._observe_fit_range(x, mask)
             if self.ptf is not None:
                 self.ptf.observer.update(x)
             if self.in_act is not None:

@@ -47,6 +47,7 @@ __all__ = [
     "apply_policy",
     "calibrate",
     "find_sites",
+    "fitted_constants",
     "float_mode",
     "model_family",
     "prepare",
@@ -420,6 +421,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bo
     for m in model.modules():
         if hasattr(m, "observer"):
             m.observer.reset()
+        if isinstance(m, QuantSite):
+            m.fit_range = None  # the data-aware kernels' range is observed afresh
     if progress:
         from tqdm.auto import tqdm
 
@@ -438,6 +441,13 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bo
     model.train(was_training)
     info.calibrated = True
     return model
+
+
+def fitted_constants(model: nn.Module) -> dict[str, float]:
+    """``{"fit:<site>:<name>": value}``: the constants each data-aware method of the applied
+    policy fitted at its site (``kernels.data_aware``), for the result's metrics."""
+    return {f"fit:{name}:{k}": v for name, site in sites_of(model).items()
+            for k, v in site.fitted_constants().items()}
 
 
 def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from policysearch.models.segments import Segment, segments
-from policysearch.models.wiring import apply_policy, calibrate, find_sites, float_mode, record_sites
+from policysearch.models.wiring import apply_policy, calibrate, find_sites, fitted_constants, float_mode, record_sites
 from policysearch.objectives.objective import Objective, load_objective
 from policysearch.objectives.repair import ReluRepair, RepairSettings
 from policysearch.objectives.sqnr import asqnr, logit_metrics
@@ -182,7 +182,10 @@ class Evaluator:
         run = _Run(policy=policy, inputs=inputs, logits=logits, sites=site_metrics)
         self._remember(run)
         self.evaluations += 1
-        return self._result(run)
+        result = self._result(run)
+        # data-aware methods: the constants fitted per site (the policy JSON's metrics carry them)
+        fitted = fitted_constants(self.model)
+        return replace(result, metrics={**result.metrics, **fitted}) if fitted else result
 
     def _remember(self, run: _Run) -> None:
         if not self.reuse:

@@ -116,9 +116,11 @@ class SearchSpace:
                       weight_bits=self.weight_bits, act_bits=self.act_bits)
 
     def methods(self) -> list[str]:
-        """The methods that appear anywhere in the space, in :data:`METHOD_ORDER`."""
+        """The methods that appear anywhere in the space, in :data:`METHOD_ORDER`, then any other
+        catalogue method (the data-aware ones) in catalogue order."""
         present = {c.method for opts in self.options for c in opts}
-        return [m for m in METHOD_ORDER if m in present]
+        order = dict.fromkeys([*METHOD_ORDER, *(m for ms in KIND_METHODS.values() for m in ms)])
+        return [m for m in order if m in present]
 
     def uniform_policies(self) -> dict[str, Policy]:
         """``{method: policy}``: each method of the space at every site that allows it.

@@ -35,6 +35,7 @@ from policysearch.strategies.sqnr import (
     rule_sqnr_drop,
     rule_sqnr_output,
 )
+from policysearch.strategies.unified import Unified, UnifiedOptions, UnifiedScore, harmonic_score
 from policysearch.strategies.uniform import Uniform
 
 __all__ = [
@@ -58,9 +59,13 @@ __all__ = [
     "SiteSelection",
     "Strategy",
     "TPEOptions",
+    "Unified",
+    "UnifiedOptions",
+    "UnifiedScore",
     "Uniform",
     "create_strategy",
     "dominates",
+    "harmonic_score",
     "list_strategies",
     "rank_key",
     "register",
