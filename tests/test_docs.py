@@ -2,7 +2,9 @@
 they show parses (`policysearch ...` with the real argument parser, `python -m MODULE` names a module
 that exists, `python SCRIPT.py --flag` a script that exists and takes that flag), every link points
 at a file of the repository, and the README stays a README (short, linking every page of docs/)."""
+import contextlib
 import importlib.util
+import io
 import json
 import re
 import shlex
@@ -28,7 +30,9 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("docs")
     args = ["run", "--strategy", "sqnr_drop", "--model", "test_fmnist_vit", "--eval-size", "48",
             "--calib-size", "32", "--run-name", "doc", "--no-progress", "--results-dir", str(root / "results")]
-    assert main(args) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(args) == 0
+    (root / "run-output.txt").write_text(out.getvalue())
     assert main(["export", "doc", "--results-dir", str(root / "results"), "--out", str(root / "policy.json")]) == 0
     return root
 
@@ -89,6 +93,20 @@ def test_readme_setup_is_the_two_commands():
     setup = README.read_text().split("## Set-up", 1)[1]
     assert _blocks(setup, "bash")[0].splitlines() == [
         'pip install -e ".[dev]" && policysearch run --strategy sqnr_diff', "python -m pytest -q"]
+
+
+def test_readme_first_run_output_is_what_the_run_prints(exported):
+    """Every code span of the README's list "It ends by printing" is in a run's printed summary
+    (placeholders NAME, N, M, <run> stand for any value; options and the default name are skipped)."""
+    section = README.read_text().split("## The first run", 1)[1].split("\n## ", 1)[0]
+    bullets = section.split("It ends by printing", 1)[1].split("\n\n", 2)[1]
+    spans = [s for s in re.findall(r"`([^`]+)`", bullets) if not s.startswith("--") and "<time>" not in s]
+    assert len(spans) >= 10, spans
+    printed = (exported / "run-output.txt").read_text()
+    for span in spans:
+        pattern = re.escape(span).replace("NAME", r"\S+").replace("<run>", r"\S+").replace("results/", r"\S*results/")
+        pattern = re.sub(r"\b[NM]\b", r"\\d+", pattern)
+        assert re.search(pattern, printed), f"README's `{span}` is not in the run's output:\n{printed}"
 
 
 # ---- every command a page shows parses -----------------------------------------------------------------
