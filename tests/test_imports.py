@@ -6,11 +6,11 @@ extra is installed; without the extra, the tests that walk every module leave it
 """
 import ast
 import importlib.util
-import warnings
 import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
