@@ -244,9 +244,8 @@ def set_costs(costs: Mapping[tuple[str, str], float | None]) -> list[MethodDescr
 
     Entries are frozen: an entry with a cost is the registered one rebuilt with
     ``dataclasses.replace``, so read costs through :func:`get_method` / :func:`catalogue`, not from
-    an entry object kept from before. Clearing a
-    cost puts the registered object itself back. Every key is checked before any entry changes; a
-    cost must be a positive finite number.
+    an entry object kept from before. Clearing a cost puts the registered object itself back. Every
+    key is checked before any entry changes; a cost must be a positive finite number.
     """
     checked = []
     for (kind, name), cost in costs.items():

@@ -136,7 +136,7 @@ def test_orders_fallbacks_colours_and_widths():
 
 def test_every_catalogue_entry_names_a_kernel_factory_that_builds():
     for desc in catalogue():
-        assert desc.kernel is not None and desc.kernel.startswith(f"policysearch.kernels."), desc.key
+        assert desc.kernel is not None and desc.kernel.startswith("policysearch.kernels."), desc.key
         module = kernels.create(desc.kind, desc.name, norm=torch.nn.LayerNorm(8))
         assert isinstance(module, torch.nn.Module) and kernels.factory(desc.kind, desc.name) is kernels.factory(
             desc.kind, desc.name)
@@ -268,7 +268,6 @@ def dummy_method():
 
 def test_a_dummy_method_appears_everywhere(dummy_method, capsys):
     from fake_eval import SITES, fake_evaluate
-
     from policysearch.cli import main as cli_main
     from policysearch.models.precision import input_precision
     from policysearch.report.figures import method_colour

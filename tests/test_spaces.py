@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fake_eval import SITES, small_space
 import policysearch.methods as catalogue
+from fake_eval import SITES, small_space
 from policysearch.errors import ConfigError
 from policysearch.policy import Choice
 from policysearch.spaces import (

@@ -5,7 +5,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 __all__ = ["FloatGELU", "FloatLayerNorm", "FloatSoftmax", "gelu", "layernorm", "softmax"]
 
 
