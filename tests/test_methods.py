@@ -1,4 +1,5 @@
-"""The method catalogue: one declaration per method, read by kernels, spaces, policies and the schema."""
+"""The method catalogue: one descriptor per method, read by kernels, spaces, strategies, the schema,
+the report, the precision rules and the ONNX export."""
 import dataclasses
 import json
 import subprocess
@@ -9,8 +10,7 @@ import torch
 
 from policysearch import kernels, methods
 from policysearch.errors import PolicyError, PolicySearchError, UnknownNameError
-from policysearch.kernels import KERNELS, register_kernel
-from policysearch.methods import MethodSpec, catalogue, get_method, register_method
+from policysearch.methods import MethodDescriptor, catalogue, get_method, register_method, unregister_method
 from policysearch.policy import Policy
 from policysearch.schema import (
     build_policy_schema,
@@ -74,6 +74,10 @@ def test_unknown_names_list_the_valid_ones():
         get_method("softmax", ["not", "hashable"])  # type: ignore[arg-type]
 
 
+#: the per-name fields every descriptor needs (a name no other kind has)
+RANKS = dict(order=99, fallback=99, colour="#123456")
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(kind="conv", name="x", expects="float"), "unknown kind 'conv'"),
     (dict(kind="gelu", name="x", expects="int"), "expects='int'"),
@@ -81,33 +85,79 @@ def test_unknown_names_list_the_valid_ones():
     (dict(kind="gelu", name="x", expects="requant", out_bits=(8,)), "needs default_bits"),
     (dict(kind="gelu", name="x", expects="requant", out_bits=(8,), default_bits=4), "not one of out_bits"),
     (dict(kind="gelu", name="x", expects="requant", out_bits=(0,), default_bits=0), "positive integers"),
+    (dict(kind="gelu", name="x", expects="requant", out_bits=(8,), default_bits=8, family_out_bits=(("swin", 4),)),
+     "family_out_bits"),
     (dict(kind="gelu", name="x", expects="float"), "cannot be integer-only"),
     (dict(kind="gelu", name="relu", expects="requant"), "already in the catalogue"),
+    (dict(kind="gelu", name="x", expects="requant", colour="red"), "colour"),
+    (dict(kind="gelu", name="x", expects="requant", order=1.5), "order must be an integer"),
+    (dict(kind="gelu", name="x", expects="requant", kernel="no_colon"), "module.path:attr"),
+    (dict(kind="gelu", name="x", expects="requant", onnx_swaps=(("a:b",),)), "module.path:attr"),
+    (dict(kind="gelu", name="x", expects="requant", replaces_op="tanh"), "replaces_op='tanh'"),
+    (dict(kind="softmax", name="x", expects="requant", replaces_op="relu"), "replaces_op='relu'"),
+    (dict(kind="layernorm", name="x", expects="requant"), "native_in_bits"),
+    (dict(kind="gelu", name="x", expects="requant", native_in_bits=16), "native_in_bits"),
+    (dict(kind="layernorm", name="ibert2", expects="ptf"), None),  # a control: valid
 ])
 def test_register_method_rejects_bad_entries(kw, message):
     before = catalogue()
+    kw = {**RANKS, **kw}
+    if message is None:
+        MethodDescriptor(**kw)
+        return
     with pytest.raises(ValueError, match=message):
         register_method(**kw)
     assert catalogue() == before
 
 
-def test_every_catalogue_entry_has_exactly_one_kernel_and_vice_versa():
-    assert sorted(KERNELS.names()) == sorted(s.key for s in catalogue())
-    for spec in catalogue():
-        entry = KERNELS.get(spec.key)
-        assert entry.spec is spec and entry.bits == spec.out_bits and entry.default_bits == spec.default_bits
-        assert kernels.default_bits(spec.kind, spec.name) == spec.default_bits
-    with pytest.raises(ValueError, match="already registered"):
-        register_kernel("gelu", "relu", lambda **_: torch.nn.ReLU())
+def test_one_name_has_one_order_fallback_and_colour():
+    before = catalogue()
+    relu = get_method("gelu", "relu")
+    with pytest.raises(ValueError, match="colour differ from gelu/relu's"):
+        register_method("softmax", "relu", expects="requant", order=relu.order, fallback=relu.fallback,
+                        colour="#000000")
+    with pytest.raises(ValueError, match="order, fallback differ from gelu/relu's"):
+        register_method("softmax", "relu", expects="requant", order=1, fallback=1, colour=relu.colour)
+    assert catalogue() == before
+
+
+def test_orders_fallbacks_colours_and_widths():
+    data_aware = ["fit_exp", "poly_gelu", "poly_gelu_fixed"]
+    assert methods.ordered() == ["ibert", "fqvit", "ivit", "relu", "fp32", *data_aware]
+    assert methods.ordered("gelu") == ["ibert", "ivit", "relu", "fp32", "poly_gelu", "poly_gelu_fixed"]
+    assert methods.fallback() == ["ibert", "ivit", "fqvit", "relu", "fp32", *data_aware]
+    assert methods.colour("relu") == "#d62728" and methods.colour("nothing") is None
+    assert len({methods.colour(m) for m in methods.ordered()}) == len(methods.ordered())
+    ivit = get_method("softmax", "ivit")
+    assert (ivit.output_bits("swin"), ivit.output_bits("vit"), ivit.default_bits) == (8, 16, 8)
+    assert get_method("softmax", "fqvit").output_bits("swin") == 4
+    assert get_method("gelu", "ibert").output_bits("vit") is None
+    assert [d.key for d in catalogue() if d.float_reference] == ["softmax/fp32", "gelu/fp32", "layernorm/fp32"]
+    assert [d.key for d in catalogue() if d.replaces_op] == ["gelu/relu"]
+    assert {d.key: d.native_in_bits for d in catalogue() if d.native_in_bits} == {"layernorm/ibert": 22,
+                                                                                 "layernorm/ivit": 16}
+
+
+def test_every_catalogue_entry_names_a_kernel_factory_that_builds():
+    for desc in catalogue():
+        assert desc.kernel is not None and desc.kernel.startswith("policysearch.kernels."), desc.key
+        module = kernels.create(desc.kind, desc.name, norm=torch.nn.LayerNorm(8))
+        assert isinstance(module, torch.nn.Module) and kernels.factory(desc.kind, desc.name) is kernels.factory(
+            desc.kind, desc.name)
+        assert kernels.default_bits(desc.kind, desc.name) == desc.default_bits
     with pytest.raises(UnknownNameError, match="unknown gelu method 'poly'"):
-        register_kernel("gelu", "poly", lambda **_: torch.nn.ReLU())
-    with pytest.raises(UnknownNameError):
+        kernels.create("gelu", "poly")
 
-        @register_kernel("conv", "ibert")
-        def _factory(**_):
-            return torch.nn.Identity()
 
-    assert sorted(KERNELS.names()) == sorted(s.key for s in catalogue())
+def test_a_kernel_target_that_does_not_import_is_one_clear_error():
+    register_method("gelu", "broken", expects="requant", kernel="policysearch.kernels.relu:no_such_factory",
+                    **RANKS, summary="a test entry")
+    try:
+        with pytest.raises(PolicySearchError, match="'policysearch.kernels.relu:no_such_factory' cannot be imported"):
+            kernels.create("gelu", "broken")
+    finally:
+        unregister_method("gelu", "broken")
+    assert "broken" not in methods.methods("gelu")
 
 
 def test_create_takes_the_default_bits_from_the_catalogue():
@@ -127,11 +177,11 @@ def test_every_list_derives_from_the_catalogue():
 
 
 @pytest.fixture
-def extra_method(monkeypatch):
-    """A temporary catalogue entry ``gelu/poly`` (no kernel): the catalogue is restored after."""
-    monkeypatch.setitem(methods._CATALOGUE, "gelu", dict(methods._CATALOGUE["gelu"]))
-    return register_method("gelu", "poly", expects="requant", out_bits=(8,), default_bits=8,
-                           summary="a test entry")
+def extra_method():
+    """A temporary catalogue entry ``gelu/poly`` (no kernel), unregistered after the test."""
+    yield register_method("gelu", "poly", expects="requant", out_bits=(8,), default_bits=8, **RANKS,
+                          summary="a test entry")
+    unregister_method("gelu", "poly")
 
 
 def test_one_new_entry_reaches_every_reader(extra_method):
@@ -183,9 +233,101 @@ def test_python_dash_m_schema_check_passes_on_the_committed_file():
     assert "up to date" in res.stdout
 
 
-def test_methodspec_api():
-    spec = MethodSpec(kind="gelu", name="x", expects="requant", out_bits=[8, 4], default_bits=4, integer_only=True)
+def test_method_descriptor_api():
+    spec = MethodDescriptor(kind="gelu", name="x", expects="requant", out_bits=[8, 4], default_bits=4, integer_only=True,
+                            family_out_bits=[["swin", 8]], **RANKS)
+    assert spec.family_out_bits == (("swin", 8),) and spec.output_bits("swin") == 8 and spec.output_bits("vit") == 4
     assert spec.out_bits == (8, 4) and spec.summary == "" and spec.cost is None
     assert dataclasses.replace(spec, cost=0.5).cost == 0.5
     with pytest.raises(TypeError):
-        MethodSpec("gelu", "x", "requant", (), None, True)  # type: ignore[misc]  # keyword-only
+        MethodDescriptor("gelu", "x", "requant", (), None, True)  # type: ignore[misc]  # keyword-only
+
+
+# ---- a new method, registered once, appears everywhere -------------------------------------------
+class _GridGELU(torch.nn.Module):
+    """Float GELU rounded onto the input's integer grid: a tiny stand-in for an integer GELU."""
+
+    def forward(self, x, scale):
+        s = torch.as_tensor(scale, dtype=torch.float32)
+        return torch.round(torch.nn.functional.gelu(x) / s) * s, s
+
+
+def _grid_gelu(*, bits, norm):
+    return _GridGELU()
+
+
+DUMMY = dict(kind="gelu", name="gridgelu", expects="requant", order=35, fallback=35, colour="#9467bd",
+             kernel=f"{__name__}:_grid_gelu", summary="float GELU on the integer grid (a test method)")
+
+
+@pytest.fixture
+def dummy_method():
+    """``gelu/gridgelu`` in the catalogue for one test, then removed."""
+    desc = register_method(**DUMMY)
+    try:
+        yield desc
+    finally:
+        unregister_method("gelu", "gridgelu")
+    assert "gridgelu" not in methods.methods("gelu")
+
+
+def test_a_dummy_method_appears_everywhere(dummy_method, capsys):
+    from fake_eval import SITES, fake_evaluate
+    from policysearch.cli import main as cli_main
+    from policysearch.models.precision import input_precision
+    from policysearch.report.figures import method_colour
+    from policysearch.spaces import SPACES, SearchSpace, list_spaces, load_space
+    from policysearch.strategies import create_strategy
+
+    gelu = next(s.name for s in SITES if s.kind == "gelu")
+    # every built space whose preset leaves GELU to the catalogue allows it; curated lists do not
+    for name in list_spaces():
+        space = load_space(name, SITES)
+        curated = "gelu" in (SPACES.get(name).get("methods") or {})
+        assert ("gridgelu" in {c.method for c in space.choices(gelu)}) != curated, name
+    space = load_space("all", SITES)
+    assert [str(c) for c in space.choices(gelu)][-1] == "gridgelu"
+    assert "gridgelu@6" in {str(c) for c in SearchSpace.from_preset({"bits": {"gelu": [6]}}, SITES).choices(gelu)}
+    # a uniform baseline, between ivit and relu (its order); other kinds fall back by rank
+    uniform = space.uniform_policies()
+    assert list(uniform) == ["ibert", "fqvit", "ivit", "gridgelu", "relu", "fp32", "fit_exp", "poly_gelu",
+                            "poly_gelu_fixed"]
+    assert uniform["gridgelu"][gelu].method == "gridgelu"
+    assert {c.method for s, c in uniform["gridgelu"].items() if s.kind != "gelu"} == {"ibert"}
+    # ... so the strategies that start from the uniform runs see it: uniform, every rule, exhaustive
+    for strategy in ("uniform", "sqnr_diff", "sqnr_drop", "sqnr_absdiff", "sqnr_output", "exhaustive"):
+        s = create_strategy(strategy, space)
+        assert s.uniform["gridgelu"] == uniform["gridgelu"], strategy
+    rule = create_strategy("sqnr_diff", space)
+    for p in rule.uniform.values():
+        rule.tell(p, fake_evaluate(p))
+    assert "gridgelu" in rule.selection()[gelu].candidates
+    # the policy schema's enum and `policysearch list methods`
+    assert schema_enums(build_policy_schema())["gelu"][-1] == "gridgelu"
+    assert cli_main(["list", "methods"]) == 0
+    assert "gelu       fp32, ibert, ivit, relu, poly_gelu, poly_gelu_fixed, gridgelu" in capsys.readouterr().out
+    # the figures' colour, the precision rules
+    assert method_colour("gridgelu") == "#9467bd"
+    assert input_precision("gelu", "gridgelu", bits=None, act_bits=6).bits == 6
+    # the kernel factory builds it, and a model runs it
+    module = kernels.create("gelu", "gridgelu")
+    y, s = module(torch.tensor([-1.0, 0.0, 1.0]), torch.tensor(0.25))
+    assert torch.equal(y, torch.tensor([-0.25, 0.0, 0.75])) and float(s) == 0.25
+    _runs_in_a_model()
+
+
+def _runs_in_a_model():
+    import policysearch as ps
+    from policysearch.models.tiny import tiny_vit
+
+    torch.manual_seed(0)
+    model, x = tiny_vit(), torch.randn(4, 3, 32, 32)
+    ps.calibrate(ps.prepare(model), x.split(2))
+    with torch.no_grad(), ps.float_mode(model):
+        ref = model(x)
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), {"softmax": "fp32", "gelu": "gridgelu",
+                                                                  "layernorm": "fp32"}))
+    with torch.no_grad():
+        out = model(x)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert (out - ref).norm() / ref.norm() < 0.2

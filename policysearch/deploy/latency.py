@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from policysearch.errors import ConfigError
+from policysearch.methods import get_method
 
 __all__ = [
     "LATENCY_FILE",
@@ -203,7 +204,7 @@ def paired_ratio(measured: Mapping[str, Any], num: str, den: str, batch: int | s
 # -- the stage ------------------------------------------------------------------------------
 
 def _relu_sites(policy: Any) -> list[str]:
-    return [site.name for site, choice in policy.items() if site.kind == "gelu" and choice.method == "relu"]
+    return [site.name for site, choice in policy.items() if get_method(site.kind, choice.method).replaces_op]
 
 
 def _stage_file(record: Any, name: str | None) -> str | None:

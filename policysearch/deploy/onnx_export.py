@@ -10,14 +10,15 @@ swaps ``nn.GELU`` for ``nn.ReLU`` at chosen MLPs (``blocks.N.mlp.act`` in ViT/De
 **The integer model** (``policysearch export RUN --onnx FILE``, :func:`export_run_onnx`): the
 model policysearch evaluates (``load_model`` + ``prepare`` + ``calibrate`` + ``apply_policy``),
 traced. Its operators are floor / round / clamp and power-of-two scalings of integer-valued
-float32 tensors, which ONNX has; three kernel helpers do not trace and are replaced while exporting
+float32 tensors, which ONNX has; a few kernel helpers do not trace and are replaced while exporting
 only (:func:`export_friendly`, nothing in the kernel modules changes):
 
 * ``kernels._common.exp2_int`` builds ``2**k`` from float32 bits (``Tensor.view(torch.float32)``
-  on int32), which the tracer rejects; it is replaced by ``Pow(2, k)`` with the same
-  saturation (0 below ``k = -126``, ``inf`` above 127), equal for every ``k`` (tested);
-* ``kernels.fqvit.log_round_power`` (the Log-Int-Softmax code) also reads float32 bits; it is
-  replaced by the same power of two from ``frexp`` (equal for every ratio, tested);
+  on int32), which the tracer rejects; it is replaced by ``exp2_int_traceable``, ``Pow(2, k)``
+  with the same saturation (0 below ``k = -126``, ``inf`` above 127), equal for every ``k`` (tested);
+* each method's own untraceable functions, the catalogue's ``onnx_swaps`` (``policysearch.methods``):
+  FQ-ViT's ``log_round_power`` (the Log-Int-Softmax code) also reads float32 bits; it is replaced by
+  ``log_round_power_traceable``, the same power of two from ``frexp`` (equal for every ratio, tested);
 * ``torch.frexp`` (dyadic requantization, I-BERT's softmax requantization, FQ-ViT's exact
   ``floor(log2)``) has no ONNX symbolic; one is registered that computes the same mantissa and
   exponent with Log / Floor / Pow and a one-step correction either way (exact; tested).
@@ -35,6 +36,7 @@ model itself has.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 import warnings
@@ -46,7 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from policysearch import methods
 from policysearch.errors import ConfigError, PolicySearchError
+from policysearch.models.site import is_gelu
 
 __all__ = [
     "ExportError",
@@ -83,13 +87,10 @@ INTEGER_TOLERANCE = {"rel": 0.05, "top1": 0.99}
 
 # -- float models: GELU -> ReLU -------------------------------------------------------------
 
-def _is_gelu(m: nn.Module) -> bool:
-    return isinstance(m, nn.GELU) or (type(m).__name__ == "GELU" and "timm" in type(m).__module__)
-
 
 def gelu_paths(model: nn.Module) -> list[str]:
     """The module paths of every GELU in ``model`` (timm: each MLP's ``mlp.act``), in order."""
-    return [path for path, m in model.named_modules() if path and _is_gelu(m)]
+    return [path for path, m in model.named_modules() if path and is_gelu(m)]
 
 
 def replace_gelu(model: nn.Module, paths: Sequence[str] | None = None) -> list[str]:
@@ -112,21 +113,6 @@ def replace_gelu(model: nn.Module, paths: Sequence[str] | None = None) -> list[s
 
 
 # -- export ---------------------------------------------------------------------------------
-
-def _exp2_export(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """``kernels._common.exp2_int`` without the float32 bit cast: the same values, traceable."""
-    k = torch.clamp(k, -127.0, 128.0)
-    return torch.where(k <= -127.0, torch.zeros_like(k), torch.pow(torch.full_like(k, 2.0), k))
-
-
-def _log_round_power_export(ratio: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-    """``kernels.fqvit.log_round_power`` from ``frexp`` instead of the float32 bits: the same
-    values (``r = m * 2^e``: code ``e - 1``, plus 1 where ``m >= 0.75``). Ratios are capped at
-    ``2^100`` first (``inf`` has no exponent), which keeps every masked code masked."""
-    m, e = torch.frexp(torch.clamp(ratio, max=2.0**100))
-    code = (e.to(ratio.dtype) - 1) + (m >= 0.75).to(ratio.dtype)
-    return _exp2_export(code)
-
 
 def _frexp_symbolic(g: Any, x: Any) -> tuple[Any, Any]:
     """ONNX for ``torch.frexp``: ``x = m * 2**e``, ``0.5 <= |m| < 1`` (``frexp(0) = (0, 0)``)."""
@@ -152,25 +138,33 @@ def _frexp_symbolic(g: Any, x: Any) -> tuple[Any, Any]:
     return m, g.op("Cast", e, to_i=6)  # int32, as torch.frexp's exponent
 
 
+#: swaps every integer model needs (the kernels' shared ``exp2_int``); each method adds its own
+#: (the catalogue's ``onnx_swaps``)
+_COMMON_SWAPS = (("policysearch.kernels._common:exp2_int", "policysearch.kernels._common:exp2_int_traceable"),)
+
+
+def _resolve(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @contextlib.contextmanager
 def export_friendly() -> Iterator[None]:
-    """While exporting: traceable ``exp2_int`` and ``log_round_power``, an ONNX symbolic for ``aten::frexp``.
+    """While exporting: traceable twins of the kernel functions that do not trace (``exp2_int``,
+    and each catalogue method's ``onnx_swaps``), an ONNX symbolic for ``aten::frexp``.
 
-    Swaps the function object in every loaded ``policysearch`` module that imported it (the kernel
-    modules keep their code), and restores everything on exit.
+    Swaps the function object in every loaded ``policysearch`` module that holds it under its name
+    (the kernel modules keep their code), and restores everything on exit.
     """
-    from policysearch.kernels import _common, fqvit
-
-    original = getattr(_common, "exp2_int", None)
+    pairs = list(_COMMON_SWAPS) + [pair for desc in methods.catalogue() for pair in desc.onnx_swaps]
     swapped: list[tuple[object, str, object]] = []
-    if original is not None:
+    for target, twin in dict(pairs).items():
+        original, replacement, attr = _resolve(target), _resolve(twin), target.partition(":")[2]
         for name, module in list(sys.modules.items()):
             if (name == "policysearch" or name.startswith("policysearch.")) and \
-                    getattr(module, "exp2_int", None) is original:
-                swapped.append((module, "exp2_int", original))
-                module.exp2_int = _exp2_export
-    swapped.append((fqvit, "log_round_power", fqvit.log_round_power))
-    fqvit.log_round_power = _log_round_power_export
+                    getattr(module, attr, None) is original:
+                swapped.append((module, attr, original))
+                setattr(module, attr, replacement)
     torch.onnx.register_custom_op_symbolic("aten::frexp", _frexp_symbolic, OPSET)
     try:
         yield

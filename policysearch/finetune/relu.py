@@ -27,6 +27,8 @@ from typing import Any
 
 from torch import nn
 
+from policysearch.models.site import is_gelu
+
 __all__ = ["ORDERS", "gelu_paths", "relu_distill", "relu_plan", "swap_to_relu"]
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,11 @@ log = logging.getLogger(__name__)
 ORDERS = ("forward", "backward")
 
 
-def _is_gelu(m: nn.Module) -> bool:
-    return isinstance(m, nn.GELU) or type(m).__name__ == "GELU"
-
 
 def gelu_paths(model: nn.Module) -> list[str]:
     """The module paths of ``model``'s GELUs (in the order the forward pass reaches them for timm
     ViT/DeiT/Swin, whose modules are registered in that order)."""
-    return [p for p, m in model.named_modules() if _is_gelu(m)]
+    return [p for p, m in model.named_modules() if is_gelu(m)]
 
 
 def relu_plan(paths: Sequence[str], *, blocks_per_stage: int = 1, order: str = "forward") -> list[list[str]]:
@@ -59,7 +58,7 @@ def swap_to_relu(model: nn.Module, paths: Sequence[str]) -> nn.Module:
     for path in paths:
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        if not _is_gelu(getattr(parent, attr)):
+        if not is_gelu(getattr(parent, attr)):
             raise ValueError(f"{path} is {type(getattr(parent, attr)).__name__}, not a GELU")
         setattr(parent, attr, nn.ReLU())
     return model

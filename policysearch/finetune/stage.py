@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from policysearch.finetune.errors import FinetuneError, FinetuneStopped
+from policysearch.methods import get_method
 
 __all__ = ["FINETUNE_FORMAT", "FinetuneResult", "FinetuneSettings", "finetune", "float_weights"]
 
@@ -398,7 +399,7 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
     budget = stop_after
 
     # GELU -> ReLU distillation, where the policy chose relu
-    relu_sites = [s.name for s, c in job.policy.items() if s.kind == "gelu" and c.method == "relu"]
+    relu_sites = [s.name for s, c in job.policy.items() if get_method(s.kind, c.method).replaces_op]
     relu_path: Path | None = None
     relu_top1: float | None = None
     relu_records: list[dict[str, Any]] = []

@@ -5,20 +5,24 @@
 dequantized output ``q_out * out_scale`` (``out_scale`` is ``None`` for ``fp32``). Each method
 computes what its official reference computes; deviations are listed in each module's docstring.
 
-The methods, their order and their output bits come from the catalogue
-(:mod:`policysearch.methods`); each kernel module registers one factory per catalogue entry with
-``register_kernel(kind, method, factory)`` (``factory(*, bits, norm)``), and registering one for a
-method the catalogue does not declare is an error.
+The methods, their order, their output bits and their kernel factories come from the catalogue
+(:mod:`policysearch.methods`): a descriptor's ``kernel`` is a ``"module:attr"`` string naming
+``factory(*, bits, norm) -> nn.Module``, imported here on first use.
 """
 from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
 
 from torch import nn
 
 import policysearch.methods as _catalogue
-from policysearch.kernels import data_aware, fqvit, ibert, ivit, reference, relu  # noqa: F401  (registration)
-from policysearch.kernels._common import KERNELS, KernelEntry, register_kernel
+from policysearch.errors import ConfigError
 
-__all__ = ["KERNELS", "create", "default_bits", "kinds", "methods", "register_kernel"]
+__all__ = ["create", "default_bits", "factory", "kinds", "methods"]
+
+KernelFactory = Callable[..., nn.Module]
 
 
 def kinds() -> list[str]:
@@ -31,11 +35,24 @@ def methods(kind: str) -> list[str]:
     return _catalogue.methods(kind)
 
 
-def _entry(kind: str, method: str) -> KernelEntry:
-    spec = _catalogue.get_method(kind, method)
-    if spec.key not in KERNELS:  # the catalogue declares it but no kernel module registered it
-        raise LookupError(f"{spec.key} is in the method catalogue but no kernel is registered for it")
-    return KERNELS.get(spec.key)
+@functools.cache
+def _resolve(target: str) -> KernelFactory:
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"kernel factory {target!r} cannot be imported: {exc}") from None
+    if not callable(obj):
+        raise ConfigError(f"kernel factory {target!r} is not callable")
+    return obj
+
+
+def factory(kind: str, method: str) -> KernelFactory:
+    """The kernel factory the catalogue names for ``kind``/``method``, imported on first use."""
+    desc = _catalogue.get_method(kind, method)
+    if desc.kernel is None:  # the catalogue declares the method but no kernel for it
+        raise LookupError(f"{desc.key} is in the method catalogue but no kernel is registered for it")
+    return _resolve(desc.kernel)
 
 
 def default_bits(kind: str, method: str) -> int | None:
@@ -45,11 +62,11 @@ def default_bits(kind: str, method: str) -> int | None:
 
 def create(kind: str, method: str, *, bits: int | None = None, norm: nn.LayerNorm | None = None) -> nn.Module:
     """A fresh kernel module for ``kind``/``method`` (``norm`` required for layernorm)."""
-    entry = _entry(kind, method)
-    spec = entry.spec
-    if bits is not None and bits not in spec.out_bits:
-        allowed = ", ".join(map(str, spec.out_bits)) or "none (this method has no output bit width)"
+    make = factory(kind, method)
+    desc = _catalogue.get_method(kind, method)
+    if bits is not None and bits not in desc.out_bits:
+        allowed = ", ".join(map(str, desc.out_bits)) or "none (this method has no output bit width)"
         raise ValueError(f"{kind}/{method}: bits={bits} not supported; allowed: {allowed}")
     if kind == "layernorm" and not isinstance(norm, nn.LayerNorm):
         raise ValueError(f"layernorm/{method} needs norm=<the nn.LayerNorm it replaces>")
-    return entry.factory(bits=spec.default_bits if bits is None else bits, norm=norm)
+    return make(bits=desc.default_bits if bits is None else bits, norm=norm)

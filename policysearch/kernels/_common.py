@@ -1,4 +1,4 @@
-"""Shared pieces of the integer kernels: the registry, STE wrapping, the i-exp polynomials.
+"""Shared pieces of the integer kernels: STE wrapping, the i-exp polynomials.
 
 Conventions of every official reference, kept here: integers are simulated in float32,
 ``x_int = x / scale`` is *not* rounded, "floor" is ``torch.floor`` and "round" ``torch.round``
@@ -23,61 +23,16 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.methods import MethodSpec, get_method
-from policysearch.registry import Registry
+from policysearch.quant.ste import floor_ste, round_ste
 
-__all__ = ["KERNELS", "STE_MODES", "IntSqrtLayerNorm", "KernelEntry", "as_scale", "current_ste", "exp2_int",
-           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "register_kernel", "round_ste", "shift_exp", "shift_exp_ste",
+__all__ = ["STE_MODES", "IntSqrtLayerNorm", "as_scale", "current_ste", "exp2_int", "exp2_int_traceable",
+           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "round_ste", "shift_exp", "shift_exp_ste",
            "ste_gradients", "value_with_grad_of", "with_ste"]
-
-#: ``factory(*, bits, norm) -> nn.Module``: ``bits`` is the output bit width (the catalogue's
-#: default filled in; ``None`` for a method without one), ``norm`` the replaced ``nn.LayerNorm``.
-KernelFactory = Callable[..., nn.Module]
-
-
-@dataclass(frozen=True, kw_only=True)
-class KernelEntry:
-    """A kernel factory registered against its catalogue entry (which gives its bits)."""
-
-    factory: KernelFactory
-    spec: MethodSpec
-
-    @property
-    def bits(self) -> tuple[int, ...]:
-        """Allowed output bits; () = the method has none."""
-        return self.spec.out_bits
-
-    @property
-    def default_bits(self) -> int | None:
-        return self.spec.default_bits
-
-
-#: ``"kind/method"`` -> entry; one per catalogue entry (``policysearch.methods``).
-KERNELS: Registry[KernelEntry] = Registry("kernel")
-
-
-def register_kernel(kind: str, method: str,
-                    factory: KernelFactory | None = None) -> Callable[[KernelFactory], KernelFactory] | KernelFactory:
-    """Register the kernel factory of the catalogue's ``kind``/``method``.
-
-    ``register_kernel("gelu", "relu", lambda **_: IntReLU())`` or, as a decorator,
-    ``@register_kernel("softmax", "ibert")`` on a factory. A method the catalogue does not declare
-    is an :class:`~policysearch.errors.UnknownNameError`; a second kernel for one method is an error.
-    """
-    spec = get_method(kind, method)
-
-    def add(f: KernelFactory) -> KernelFactory:
-        KERNELS.register(spec.key, KernelEntry(factory=f, spec=spec))
-        return f
-
-    return add if factory is None else add(factory)
-
 
 def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A float32 scale tensor on ``x``'s device, shape () / (1,) / (C,) broadcasting on the last dim."""
@@ -108,30 +63,6 @@ def ste_gradients(mode: str) -> Iterator[None]:
         _STE_MODE.reset(token)
 
 
-class _FloorSTE(torch.autograd.Function):
-    """``floor`` forward, identity backward (I-BERT / I-ViT ``floor_ste``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return torch.floor(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return grad
-
-
-class _RoundSTE(torch.autograd.Function):
-    """``round`` (half to even) forward, identity backward (I-BERT / I-ViT ``round_ste``)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return grad
-
-
 class _ValueWithGradOf(torch.autograd.Function):
     """Forward: ``value`` exactly (no float re-association); backward: into ``surrogate``."""
 
@@ -145,14 +76,6 @@ class _ValueWithGradOf(torch.autograd.Function):
 
 
 _LN2 = math.log(2.0)
-
-
-def floor_ste(x: torch.Tensor) -> torch.Tensor:
-    return _FloorSTE.apply(x)
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(x)
 
 
 def value_with_grad_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -188,6 +111,13 @@ def exp2_int(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """
     bits = (k.clamp_(-127.0, 128.0) if inplace else torch.clamp(k, -127.0, 128.0)).add_(127.0).mul_(8388608.0)
     return bits.to(torch.int32).view(torch.float32)
+
+
+def exp2_int_traceable(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """:func:`exp2_int` without the float32 bit cast (which the ONNX tracer rejects): the same
+    values, ``Pow(2, k)`` with the same saturation; swapped in by ``policysearch.deploy.onnx_export``."""
+    k = torch.clamp(k, -127.0, 128.0)
+    return torch.where(k <= -127.0, torch.zeros_like(k), torch.pow(torch.full_like(k, 2.0), k))
 
 
 # I-BERT i-exp (IntSoftmax.int_polynomial / int_exp), shared by I-BERT and FQ-ViT.

@@ -55,7 +55,7 @@ import math
 import torch
 from torch import nn
 
-from policysearch.kernels._common import IEXP_COEF, IEXP_N, IEXP_X0, as_scale, register_kernel, with_ste
+from policysearch.kernels._common import IEXP_COEF, IEXP_N, IEXP_X0, as_scale, exp2_int, with_ste
 from policysearch.kernels.ibert import IBertSoftmax
 
 __all__ = ["FIT_POINTS", "FIXED_PAIR", "FitExpSoftmax", "PolyGELU", "fit_exp_poly", "fit_poly_gelu",
@@ -163,16 +163,20 @@ class PolyGELU(_Fitted):
             out.update(lo=self.fitted_range[0], hi=self.fitted_range[1])
         return out
 
-    def integers(self, s: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The integer constants at input scale ``s`` (float64 tensors)."""
-        s_e = s.double() / _SQRT2
-        b_int = torch.round(self.b / s_e)  # round, not floor: the clip point moves by <= s_e / 2
-        k1 = torch.clamp(torch.ceil(torch.log2(b_int * b_int)) - 15, min=0)
-        scale_l = self.a * s_e**4 * torch.exp2(2 * k1)
-        one = torch.floor(1.0 / scale_l)
-        k2 = torch.clamp(torch.ceil(torch.log2(one.abs())) - 14, min=0)
-        return {"b_int": b_int, "k1": k1, "one": one, "k2": k2, "one2": torch.floor(one / torch.exp2(k2)),
-                "out_scale": -s.double() * scale_l * torch.exp2(k2) / 2}
+    def integers(self, s: torch.Tensor) -> dict[str, float]:
+        """The integer constants at input scale ``s``, as Python numbers (float64).
+
+        They depend only on the scale and the fitted pair, so they are computed once per call on
+        the host, not in the tensor graph: an exported ONNX model then holds exactly these values.
+        """
+        s_e = float(s) / _SQRT2
+        b_int = float(round(self.b / s_e))  # round, not floor: the clip point moves by <= s_e / 2
+        k1 = max(math.ceil(math.log2(b_int * b_int)) - 15, 0)
+        scale_l = self.a * s_e**4 * 2.0 ** (2 * k1)
+        one = float(math.floor(1.0 / scale_l))
+        k2 = max(math.ceil(math.log2(abs(one))) - 14, 0)
+        return {"b_int": b_int, "k1": float(k1), "one": one, "k2": float(k2), "one2": float(math.floor(one / 2.0**k2)),
+                "out_scale": -float(s) * scale_l * 2.0**k2 / 2}
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
@@ -180,12 +184,12 @@ class PolyGELU(_Fitted):
             self._ensure(x.detach())
             c = self.integers(s)
             x_int = torch.round(x.detach().double() / s.double())
-            t = torch.minimum(x_int.abs(), -c["b_int"]) + c["b_int"]
-            u = torch.floor(t * t / torch.exp2(c["k1"]))
-            l_int = torch.floor(torch.sign(x_int) * (u * u + c["one"]) / torch.exp2(c["k2"]))
+            t = torch.clamp(x_int.abs(), max=-c["b_int"]) + c["b_int"]
+            u = torch.floor(t * t / 2.0 ** c["k1"])
+            l_int = torch.floor(torch.sign(x_int) * (u * u + c["one"]) / 2.0 ** c["k2"])
             out_int = -x_int * (l_int + c["one2"])
-            out_scale = c["out_scale"].float()
-            y = (out_int * out_scale.double()).float()
+            out_scale = torch.tensor(c["out_scale"], dtype=torch.float32, device=x.device)
+            y = (out_int * float(out_scale)).float()
         return with_ste(x, y, lambda: nn.functional.gelu(x)), out_scale
 
 
@@ -221,7 +225,7 @@ class FitExpSoftmax(_Fitted, IBertSoftmax):
         q = torch.floor(x_int / x0_int)
         r = x_int - x0_int * q
         z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
-        exp_int = torch.clamp(torch.floor(z * torch.exp2(IEXP_N - q)), min=0)
+        exp_int = torch.clamp(torch.floor(z * exp2_int(IEXP_N - q)), min=0)
         return exp_int, a * s**2 / 2**IEXP_N
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +243,13 @@ class FitExpSoftmax(_Fitted, IBertSoftmax):
         return with_ste(x, out_int * out_scale, lambda: x.softmax(-1)), out_scale
 
 
-register_kernel("gelu", "poly_gelu", lambda **_: PolyGELU())
-register_kernel("gelu", "poly_gelu_fixed", lambda **_: PolyGELU(fixed=True))
-register_kernel("softmax", "fit_exp", lambda bits, **_: FitExpSoftmax(bits))
+def poly_gelu(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return PolyGELU()
+
+
+def poly_gelu_fixed(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return PolyGELU(fixed=True)
+
+
+def fit_exp(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return FitExpSoftmax(bits if bits is not None else 8)

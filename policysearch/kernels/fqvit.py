@@ -47,15 +47,15 @@ from torch import nn
 from policysearch.kernels._common import (
     as_scale,
     exp2_int,
+    exp2_int_traceable,
     i_exp_poly,
     i_exp_poly_ste,
-    register_kernel,
     round_ste,
     value_with_grad_of,
     with_ste,
 )
 
-__all__ = ["FQViTLayerNorm", "FQViTSoftmax", "log2_codes"]
+__all__ = ["FQViTLayerNorm", "FQViTSoftmax", "layernorm", "log2_codes", "log_round_power", "log_round_power_traceable", "softmax"]
 
 
 def log_round(ratio: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,16 @@ def log_round_power(ratio: torch.Tensor, *, inplace: bool = False) -> torch.Tens
     """
     bits = ratio.view(torch.int32) if inplace else ratio.contiguous().view(torch.int32).clone()
     return bits.add_(1 << 22).bitwise_and_(-(1 << 23)).view(torch.float32)
+
+
+def log_round_power_traceable(ratio: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """:func:`log_round_power` from ``frexp`` instead of the float32 bits, for ONNX export (the
+    catalogue's ``onnx_swaps``): the same values (``r = m * 2^e``: code ``e - 1``, plus 1 where
+    ``m >= 0.75``). Ratios are capped at ``2^100`` first (``inf`` has no exponent), which keeps
+    every masked code masked."""
+    m, e = torch.frexp(torch.clamp(ratio, max=2.0**100))
+    code = (e.to(ratio.dtype) - 1) + (m >= 0.75).to(ratio.dtype)
+    return exp2_int_traceable(code)
 
 
 def log2_codes(y: torch.Tensor, bits: int = 4) -> torch.Tensor:
@@ -225,5 +235,10 @@ class FQViTLayerNorm(nn.Module):
         return out_int * out_scale
 
 
-register_kernel("softmax", "fqvit", lambda bits, **_: FQViTSoftmax(bits))
-register_kernel("layernorm", "fqvit", lambda norm, **_: FQViTLayerNorm(norm))
+# ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
+def softmax(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return FQViTSoftmax(bits)
+
+
+def layernorm(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return FQViTLayerNorm(norm)

@@ -57,12 +57,11 @@ from policysearch.kernels._common import (
     floor_ste,
     i_exp_poly,
     i_exp_poly_ste,
-    register_kernel,
     round_ste,
     with_ste,
 )
 
-__all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax"]
+__all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax", "gelu", "layernorm", "softmax"]
 
 _EXP_BITS = 16
 #: Softmax input scales below this go through i-exp on a coarser grid (module docstring).
@@ -194,6 +193,14 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         return floor_ste(torch.sqrt(torch.clamp(var_int, min=1.0))) * 2**shift
 
 
-register_kernel("softmax", "ibert", lambda bits, **_: IBertSoftmax(bits))
-register_kernel("gelu", "ibert", lambda **_: IBertGELU())
-register_kernel("layernorm", "ibert", lambda norm, **_: IBertLayerNorm(norm))
+# ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
+def softmax(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IBertSoftmax(bits)
+
+
+def gelu(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IBertGELU()
+
+
+def layernorm(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IBertLayerNorm(norm)

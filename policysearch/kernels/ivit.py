@@ -38,13 +38,12 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     floor_ste,
-    register_kernel,
     shift_exp,
     shift_exp_ste,
     with_ste,
 )
 
-__all__ = ["IViTGELU", "IViTLayerNorm", "IViTSoftmax"]
+__all__ = ["IViTGELU", "IViTLayerNorm", "IViTSoftmax", "gelu", "layernorm", "softmax"]
 
 _NUMERATOR = 2**31 - 1
 
@@ -167,6 +166,14 @@ class IViTLayerNorm(IntSqrtLayerNorm):
         return k
 
 
-register_kernel("softmax", "ivit", lambda bits, **_: IViTSoftmax(bits))
-register_kernel("gelu", "ivit", lambda bits, **_: IViTGELU(bits))
-register_kernel("layernorm", "ivit", lambda norm, **_: IViTLayerNorm(norm))
+# ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
+def softmax(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IViTSoftmax(bits)
+
+
+def gelu(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IViTGELU(bits)
+
+
+def layernorm(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IViTLayerNorm(norm)

@@ -5,9 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policysearch.kernels._common import register_kernel
-
-__all__ = ["FloatGELU", "FloatLayerNorm", "FloatSoftmax"]
+__all__ = ["FloatGELU", "FloatLayerNorm", "FloatSoftmax", "gelu", "layernorm", "softmax"]
 
 
 class FloatSoftmax(nn.Module):
@@ -30,6 +28,14 @@ class FloatLayerNorm(nn.Module):
         return F.layer_norm(x, n.normalized_shape, n.weight, n.bias, n.eps), None
 
 
-register_kernel("softmax", "fp32", lambda **_: FloatSoftmax())
-register_kernel("gelu", "fp32", lambda **_: FloatGELU())
-register_kernel("layernorm", "fp32", lambda norm, **_: FloatLayerNorm(norm))
+# ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
+def softmax(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return FloatSoftmax()
+
+
+def gelu(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return FloatGELU()
+
+
+def layernorm(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return FloatLayerNorm(norm)

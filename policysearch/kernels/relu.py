@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from policysearch.kernels._common import as_scale, register_kernel
+from policysearch.kernels._common import as_scale
 
-__all__ = ["IntReLU"]
+__all__ = ["IntReLU", "gelu"]
 
 
 class IntReLU(nn.Module):
@@ -19,4 +19,6 @@ class IntReLU(nn.Module):
         return torch.relu(x), as_scale(scale, x)
 
 
-register_kernel("gelu", "relu", lambda **_: IntReLU())
+# ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
+def gelu(*, bits: int | None, norm: nn.LayerNorm | None) -> nn.Module:
+    return IntReLU()

@@ -53,8 +53,10 @@ zero point cancels in the softmax's row-max subtraction, so only the range use d
 residual stream is kept as the float sum of dequantized branches and quantized at the LayerNorm's
 input (I-ViT quantizes the sum itself with the same 16-bit QuantAct before the norm).
 
-Kernel output bits (``kernels.create(..., bits=)``), both wirings: I-BERT softmax 8; I-ViT softmax
-16 in ViT/DeiT and 8 in Swin (as I-ViT's own wiring); FQ-ViT softmax 4-bit log2.
+Kernel output bits (``kernels.create(..., bits=)``), both wirings, from the catalogue
+(``default_bits``, ``family_out_bits``): I-BERT softmax 8; I-ViT softmax 16 in ViT/DeiT and 8 in
+Swin (as I-ViT's own wiring); FQ-ViT softmax 4-bit log2. The ``native`` LayerNorm widths above
+are the catalogue's ``native_in_bits``.
 """
 from __future__ import annotations
 
@@ -77,12 +79,6 @@ __all__ = [
 #: ``paper`` wiring, ``expects="accumulator"``: the handed grid is refined to at most 2^-12.
 ACCUMULATOR_LOG2_SCALE = -12
 
-# TODO(lead): the native LayerNorm input widths are the one per-method datum the catalogue does not
-# carry yet (I-BERT 22 bits, I-ViT 16); an ``in_bits`` field on MethodSpec would remove this table.
-_NATIVE_LN_BITS = {"ibert": 22}
-_DEFAULT_LN_BITS = 16
-
-
 @dataclass(frozen=True, kw_only=True)
 class InputPrecision:
     """``source``: 'float' | 'accumulator' | 'requant' | 'ptf'; ``bits``: the relevant width."""
@@ -96,20 +92,20 @@ def expects(kind: str, method: str) -> str:
     return get_method(kind, method).expects
 
 
-def native_layernorm_bits(method: str) -> int:
-    """The ``native`` wiring's LayerNorm input width of a ``requant`` method (its reference's)."""
-    return _NATIVE_LN_BITS.get(method, _DEFAULT_LN_BITS)
+def native_layernorm_bits(method: str) -> int | None:
+    """The ``native`` wiring's LayerNorm input width of a ``requant`` method (the catalogue's
+    ``native_in_bits``: its reference's); ``None`` for a method fed another way."""
+    return get_method("layernorm", method).native_in_bits
 
 
 def input_precision(kind: str, method: str, *, bits: int | None, act_bits: int) -> InputPrecision:
     """The ``native`` wiring's input of ``kind``/``method`` (see the module docstring)."""
-    source = expects(kind, method)
-    b = bits if bits is not None else act_bits
-    if source == "float":
+    desc = get_method(kind, method)
+    if desc.float_reference:
         return InputPrecision(source="float", bits=None)
-    if kind == "layernorm" and source == "requant":
-        return InputPrecision(source="requant", bits=bits if bits is not None else native_layernorm_bits(method))
-    return InputPrecision(source=source, bits=b)
+    if bits is None:  # the reference's own width where the method fixes one (a requant LayerNorm)
+        bits = desc.native_in_bits if desc.native_in_bits is not None else act_bits
+    return InputPrecision(source=desc.expects, bits=bits)
 
 
 def widen_to_accumulator(scale: torch.Tensor) -> torch.Tensor:
@@ -123,6 +119,6 @@ def widen_to_accumulator(scale: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_output_bits(method: str, family: str) -> int | None:
-    if method == "ivit":
-        return 8 if family == "swin" else 16
-    return None  # the kernel's default (ibert 8, fqvit 4)
+    """The softmax kernel's output width in a model of ``family`` (the catalogue's
+    ``family_out_bits``, else its ``default_bits``)."""
+    return get_method("softmax", method).output_bits(family)

@@ -12,12 +12,17 @@ from policysearch.policy import Choice
 from policysearch.quant import IntAct, PTFQuant, QuantAct, symmetric_scale
 from policysearch.quant.observers import create_observer
 
-__all__ = ["QuantSite", "Recorder"]
+__all__ = ["QuantSite", "Recorder", "is_gelu"]
 
 #: ``recorder(site_name, site_input, output, valid)``: what the site was handed and what it gave
 #: (dequantized); ``valid`` is None or a boolean tensor broadcasting to the input (False: a masked
 #: attention entry, to leave out of any comparison). See ``wiring.record_sites``.
 Recorder = Callable[[str, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def is_gelu(m: nn.Module) -> bool:
+    """Whether ``m`` is a float GELU: ``nn.GELU`` or timm's own ``GELU`` module."""
+    return isinstance(m, nn.GELU) or (type(m).__name__ == "GELU" and "timm" in type(m).__module__)
 
 
 class QuantSite(nn.Module):

@@ -35,7 +35,7 @@ from policysearch.models.attention import (
     QuantWindowAttention,
 )
 from policysearch.models.precision import expects
-from policysearch.models.site import QuantSite, Recorder
+from policysearch.models.site import QuantSite, Recorder, is_gelu
 from policysearch.policy import Policy, PolicyError
 from policysearch.quant import IntAct, IntConv2d, IntLinear, QuantConv2d, QuantLinear
 from policysearch.spaces.site import Site
@@ -87,9 +87,6 @@ def model_family(model: nn.Module) -> str:
         "Pass one of those (a timm name or a zoo name, see `policysearch list models`)."
     )
 
-
-def _is_gelu(m: nn.Module) -> bool:
-    return isinstance(m, nn.GELU) or (type(m).__name__ == "GELU" and "timm" in type(m).__module__)
 
 
 def _attention_problem(path: str, m: nn.Module) -> str | None:
@@ -188,7 +185,7 @@ def _prepare_native(model: nn.Module, family: str, observer: str) -> None:
             continue
         if isinstance(m, nn.LayerNorm):
             _set(model, path, _site(path, "layernorm", m, family, observer))
-        elif _is_gelu(m):
+        elif is_gelu(m):
             _set(model, path, _site(path, "gelu", m, family, observer, _fc1_of(model, path, observer)))
         elif isinstance(m, nn.Linear) and not _inside_quant(model, path):
             _set(model, path, QuantLinear(m, observer))
@@ -263,7 +260,7 @@ def _prepare_paper(model: nn.Module, family: str, observer: str) -> None:
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.LayerNorm) and not _inside(model, path, QuantSite):
             _set(model, path, site(path, "layernorm", m))
-        elif _is_gelu(m) and not _inside(model, path, QuantSite):
+        elif is_gelu(m) and not _inside(model, path, QuantSite):
             _set(model, path, site(path, "gelu", m))
     rebuilt = ((Mlp, paper.PaperMlp), (Block, paper.PaperViTBlock), (SwinTransformerBlock, paper.PaperSwinBlock),
                (PatchMerging, paper.PaperPatchMerging))

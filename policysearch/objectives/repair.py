@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.errors import ConfigError, PolicySearchError
+from policysearch.methods import get_method
 from policysearch.policy import Policy
 
 __all__ = [
@@ -298,7 +299,7 @@ class ReluRepair:
     @torch.no_grad()
     def apply(self, policy: Policy) -> None:
         """Swap repaired weights in at the policy's ``relu`` GELU sites and originals elsewhere."""
-        relu = [s.name for s, c in policy.items() if s.kind == "gelu" and c.method == "relu"]
+        relu = [s.name for s, c in policy.items() if get_method(s.kind, c.method).replaces_op]
         new = [s for s in relu if s not in self._states or self._states[s].repaired is None]
         if new:
             self._restore_all()  # the float passes below must see the float model

@@ -1,4 +1,13 @@
-"""Straight-through estimators: round/floor in the forward pass, identity gradient backward."""
+"""Straight-through estimators: rounding in the forward pass, identity gradient backward.
+
+Two forms, for two needs:
+
+* :func:`ste` ``(x, y)``: the value of ``y``, the gradient of ``x``, as ``x + (y - x).detach()``
+  (the quantizers' fake quantization: ``y`` is a quantized ``x``; no graph without autograd);
+* :func:`floor_ste` / :func:`round_ste`: ``floor`` / ``round`` (half to even) whose forward value
+  is exactly ``torch.floor`` / ``torch.round`` (no float re-association, which the integer kernels
+  need to stay bit-exact), identity backward: I-BERT's and I-ViT's ``floor_ste`` / ``round_ste``.
+"""
 from __future__ import annotations
 
 import torch
@@ -13,9 +22,31 @@ def ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + (y - x).detach()
 
 
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return ste(x, torch.round(x))
+class _FloorSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.floor(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return grad
 
 
 def floor_ste(x: torch.Tensor) -> torch.Tensor:
-    return ste(x, torch.floor(x))
+    """``torch.floor(x)`` exactly, identity gradient."""
+    return _FloorSTE.apply(x)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round(x)`` (half to even) exactly, identity gradient."""
+    return _RoundSTE.apply(x)

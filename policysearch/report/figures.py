@@ -19,11 +19,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import policysearch.methods as _catalogue
 from policysearch.errors import ConfigError
 
 __all__ = [
-    "METHOD_COLORS",
     "histogram_figure",
+    "method_colour",
     "pareto_figure",
     "pareto_front",
     "require_matplotlib",
@@ -32,9 +33,7 @@ __all__ = [
     "site_sqnr_figure",
 ]
 
-#: one colour per method, the same in every figure
-METHOD_COLORS = {"ibert": "#1f77b4", "fqvit": "#ff7f0e", "ivit": "#2ca02c", "relu": "#d62728", "fp32": "#7f7f7f"}
-KIND_ORDER = ("softmax", "gelu", "layernorm")
+KIND_ORDER = tuple(_catalogue.kinds())
 
 
 def require_matplotlib() -> Any:
@@ -62,8 +61,10 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _color(method: str, i: int = 0) -> str:
-    return METHOD_COLORS.get(method, f"C{(i + 5) % 10}")
+def method_colour(method: str, i: int = 0) -> str:
+    """The method's colour in every figure (the catalogue's ``colour``); a name the catalogue does
+    not know (an old run's) takes matplotlib's ``C{i + 5}``."""
+    return _catalogue.colour(method) or f"C{(i + 5) % 10}"
 
 
 def short_site(name: str) -> str:
@@ -82,8 +83,8 @@ def _finite(v: Any) -> float:
 
 
 def _methods(present: Sequence[str]) -> list[str]:
-    known = [m for m in METHOD_COLORS if m in present]
-    return known + sorted(m for m in set(present) if m not in METHOD_COLORS)
+    known = [m for m in _catalogue.ordered() if m in present]
+    return known + sorted(m for m in set(present) if m not in known)
 
 
 # -- Fig. 1 -----------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def sensitivity_figure(rows: Sequence[Mapping[str, Any]], order: Sequence[str]) 
         for j, method in enumerate(here):
             mine = sorted((r for r in rows if r["kind"] == kind and r["method"] == method), key=lambda r: x[r["site"]])
             xs = [x[r["site"]] - 0.4 + width * (j + 0.5) for r in mine]
-            color = _color(method, methods.index(method))
+            color = method_colour(method, methods.index(method))
             ax.bar(xs, [_finite(r["sqnr_diff"]) for r in mine], width, color=color, alpha=0.5,
                    label=f"{method}: SQNR diff (bars)")
             twin.plot(xs, [_finite(r["beta"]) for r in mine], marker="o", ms=4, lw=1.6, color=color,
@@ -172,7 +173,7 @@ def histogram_figure(samples: Mapping[str, Mapping[str, Any]], *, bins: int = 80
         for i, (label, method, values, highlight) in enumerate(entry.get("quantized", ())):
             v = np.asarray(values, dtype=np.float64)
             v = np.clip(v[np.isfinite(v)], lo, hi)
-            style = {"color": "black", "lw": 1.9} if highlight else {"color": _color(method, i), "lw": 1.1}
+            style = {"color": "black", "lw": 1.9} if highlight else {"color": method_colour(method, i), "lw": 1.1}
             ax.hist(v, bins=edges, histtype="step", density=True, label=label, **style)
         ax.set_yscale("log")
         ax.set_title(entry.get("title", site), fontsize=9)
@@ -207,13 +208,13 @@ def site_sqnr_figure(order: Sequence[str], answer: Mapping[str, Mapping[str, flo
     for ax, key, label in ((ax_b, "beta", "output SQNR β (dB)"), (ax_g, "gamma", "input SQNR γ (dB)")):
         for i, (method, per_site) in enumerate(uniform.items()):
             ax.plot(x, [_finite(per_site.get(s, {}).get(key)) for s in sites], lw=1.2, alpha=0.85,
-                    color=_color(method, i), label=f"uniform {method}")
+                    color=method_colour(method, i), label=f"uniform {method}")
         ys = [_finite(answer.get(s, {}).get(key)) for s in sites]
         ax.plot(x, ys, lw=2.2, color="black", label="chosen policy", zorder=3)
         for method in _methods(list(answer_methods.values())):
             pts = [(i, y) for i, (s, y) in enumerate(zip(sites, ys)) if answer_methods.get(s) == method]
             if pts:
-                ax.scatter(*zip(*pts), s=30, color=_color(method), edgecolor="black", zorder=4,
+                ax.scatter(*zip(*pts), s=30, color=method_colour(method), edgecolor="black", zorder=4,
                            label=f"chosen: {method}")
         if after_training:
             ax.plot(x, [_finite(after_training.get(s, {}).get(key)) for s in sites], lw=1.8, ls="--",

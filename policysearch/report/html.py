@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import policysearch.methods as _catalogue
 from policysearch.errors import ConfigError
 
 __all__ = ["REPORT_FILE", "Figure", "ReportData", "build_report", "gather"]
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
-KINDS = ("softmax", "gelu", "layernorm")
+KINDS = tuple(_catalogue.kinds())
 NOT_RUN = "not run"
 
 
@@ -481,7 +482,7 @@ def tables(data: ReportData) -> dict[str, Any]:
         k = data.kinds[s]
         counts.setdefault(k, {})
         counts[k][c] = counts[k].get(c, 0) + 1
-    order = ("ibert", "fqvit", "ivit", "relu", "fp32")
+    order = _catalogue.ordered()
     methods = sorted({m for c in counts.values() for m in c},
                      key=lambda m: (order.index(m.split("@")[0]) if m.split("@")[0] in order else len(order), m))
     count_rows = [[k] + [str(counts[k].get(m, 0)) for m in methods] + [str(sum(counts[k].values()))]

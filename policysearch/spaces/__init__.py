@@ -13,8 +13,6 @@ from policysearch.spaces.site import KIND_METHODS, KINDS, Site, check_method
 
 if TYPE_CHECKING:
     from policysearch.spaces.space import (
-        FALLBACK_ORDER,
-        METHOD_ORDER,
         SPACES,
         SearchSpace,
         list_spaces,
@@ -22,13 +20,11 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {name: "policysearch.spaces.space" for name in
-         ("FALLBACK_ORDER", "METHOD_ORDER", "SPACES", "SearchSpace", "list_spaces", "load_space")}
+         ("SPACES", "SearchSpace", "list_spaces", "load_space")}
 
 __all__ = [
-    "FALLBACK_ORDER",
     "KINDS",
     "KIND_METHODS",
-    "METHOD_ORDER",
     "SPACES",
     "SearchSpace",
     "Site",

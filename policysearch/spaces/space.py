@@ -13,7 +13,7 @@ use, optional input-bit options per kind, and overrides selected by site name::
       - {match: "*", kind: softmax, bits: [8]}                  # optional kind filter; bits only
 
 A kind missing from ``methods`` may use every method of that kind (``KIND_METHODS``). ``bits``
-expands each method except ``fp32`` into one choice per width (``ivit@6``, ``ivit@8``); without
+expands each method except the float reference (``fp32``) into one choice per width (``ivit@6``, ``ivit@8``); without
 bits a choice runs at the model-wide ``act_bits``. An override sets the methods and/or bits of
 the sites it selects (an override without ``bits`` keeps the kind's bits).
 
@@ -31,20 +31,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import policysearch.methods as _catalogue
 from policysearch.errors import ConfigError
 from policysearch.policy import BITS_RANGE, Choice, Policy
 from policysearch.presets import builtin_presets, resolve_preset
 from policysearch.registry import Registry
 from policysearch.spaces.site import KIND_METHODS, Site, check_method
 
-__all__ = ["FALLBACK_ORDER", "METHOD_ORDER", "SPACES", "SearchSpace", "list_spaces", "load_space"]
+__all__ = ["SPACES", "SearchSpace", "list_spaces", "load_space"]
 
 log = logging.getLogger(__name__)
-
-#: Order of the uniform policies (the paper's baselines first).
-METHOD_ORDER: tuple[str, ...] = ("ibert", "fqvit", "ivit", "relu", "fp32")
-#: Where a uniform policy's method is not allowed at a site, the site takes the first of these.
-FALLBACK_ORDER: tuple[str, ...] = ("ibert", "ivit", "fqvit", "relu", "fp32")
 
 #: Built-in presets: the package's ``presets/spaces/*.yaml`` (``./spaces/<name>.yaml`` wins over them).
 SPACES: Registry[dict[str, Any]] = builtin_presets("spaces")
@@ -116,17 +112,17 @@ class SearchSpace:
                       weight_bits=self.weight_bits, act_bits=self.act_bits)
 
     def methods(self) -> list[str]:
-        """The methods that appear anywhere in the space, in :data:`METHOD_ORDER`, then any other
-        catalogue method (the data-aware ones) in catalogue order."""
+        """The methods that appear anywhere in the space, in the catalogue's order
+        (``policysearch.methods.ordered``: the paper's baselines first)."""
         present = {c.method for opts in self.options for c in opts}
-        order = dict.fromkeys([*METHOD_ORDER, *(m for ms in KIND_METHODS.values() for m in ms)])
-        return [m for m in order if m in present]
+        return [m for m in _catalogue.ordered() if m in present]
 
     def uniform_policies(self) -> dict[str, Policy]:
         """``{method: policy}``: each method of the space at every site that allows it.
 
         Deterministic fallbacks: a site that does not allow the method takes the first method it
-        allows in :data:`FALLBACK_ORDER` (ibert, ivit, fqvit, relu, fp32), so the uniform ``fqvit``
+        allows by the catalogue's fallback rank (``policysearch.methods.fallback``: ibert, ivit,
+        fqvit, relu, fp32, then any method registered later by its rank), so the uniform ``fqvit``
         policy runs I-BERT GELU where allowed (FQ-ViT has no GELU), else I-ViT GELU. Among a
         method's bit options the one at the model-wide ``act_bits`` (or without bits) is taken,
         else the widest.
@@ -134,12 +130,12 @@ class SearchSpace:
         return {m: self.policy([self._uniform_choice(opts, m) for opts in self.options]) for m in self.methods()}
 
     def _uniform_choice(self, opts: tuple[Choice, ...], method: str) -> Choice:
-        for m in (method, *FALLBACK_ORDER):
+        for m in (method, *_catalogue.fallback()):
             same = [c for c in opts if c.method == m]
             if same:
                 exact = [c for c in same if c.bits in (None, self.act_bits)]
                 return exact[0] if exact else max(same, key=lambda c: c.bits or 0)
-        return opts[0]  # unreachable: every method is in FALLBACK_ORDER
+        return opts[0]  # unreachable: every method has a fallback rank
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (YAML/JSON-safe) description: name, bits, size and per-site choices."""
@@ -261,7 +257,7 @@ def _expand(kind: str, methods: Sequence[Any], bits: Sequence[int] | None, where
     out: list[Choice] = []
     for m in methods:
         _check(lambda m=m: check_method(kind, m, where=where))
-        if bits and m != "fp32":
+        if bits and not _catalogue.get_method(kind, m).float_reference:
             out += [Choice(method=m, bits=b) for b in bits]
         else:
             out.append(Choice(method=m))

@@ -12,8 +12,8 @@ __all__ = ["Uniform"]
 
 @register
 class Uniform(Strategy):
-    """Evaluates ``space.uniform_policies()`` (one per method, in METHOD_ORDER); ``best()`` is
-    the best of them by the objective."""
+    """Evaluates ``space.uniform_policies()`` (one per method of the space, in the catalogue's
+    order: ``policysearch.methods.ordered``); ``best()`` is the best of them by the objective."""
 
     name = "uniform"
 
