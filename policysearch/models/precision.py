@@ -70,7 +70,6 @@ __all__ = [
     "expects",
     "input_precision",
     "native_layernorm_bits",
-    "softmax_output_bits",
     "widen_to_accumulator",
 ]
 
@@ -120,9 +119,3 @@ def widen_to_accumulator(scale: torch.Tensor) -> torch.Tensor:
     """
     k = torch.clamp(torch.ceil(torch.log2(scale) - ACCUMULATOR_LOG2_SCALE), min=0)
     return scale * torch.exp2(-k)
-
-
-def softmax_output_bits(method: str, family: str) -> int | None:
-    if method == "ivit":
-        return 8 if family == "swin" else 16
-    return None  # the kernel's default (ibert 8, fqvit 4)
