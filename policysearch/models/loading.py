@@ -26,10 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.data import resolve_data_config
 from torch import nn
 
 from policysearch.errors import PolicySearchError
+from policysearch.models import zoo
+from policysearch.models.families import find_family
 
 __all__ = [
     "Checkpoint",
@@ -84,8 +90,6 @@ def load_model(name: str, *, checkpoint: str | Path | None = None, num_classes: 
             log.info("%s: read from checkpoint %s: %s", name, ckpt.path,
                      ", ".join(f"{k}={v} ({how})" for k, (v, how) in inferred.items()))
     overrides = {**{k: v for k, (v, _) in inferred.items()}, **given}
-    from policysearch.models import zoo
-
     entry = zoo.get(name) if name in zoo.ZOO else None
     if entry is not None:
         model = _build_zoo(entry, overrides, checkpoint)
@@ -93,10 +97,10 @@ def load_model(name: str, *, checkpoint: str | Path | None = None, num_classes: 
         model = _build_timm(name, overrides, inferred)
         if ckpt is None:
             log.warning("model %s has random weights (timm, pretrained=False); pass a checkpoint for real ones", name)
-        elif "img_size" not in overrides and _is_swin(ckpt.state):
-            log.info("%s: a Swin state dict does not tell its input size; building at the model's default %s "
+        elif "img_size" not in overrides and (family := find_family(model)) and not family.state_tells_img_size:
+            log.info("%s: a %s state dict does not tell its input size; building at the model's default %s "
                      "(pass img_size / --img-size if the checkpoint was trained at another size)",
-                     name, model_input_size(model)[1:])
+                     name, family.title, model_input_size(model)[1:])
     if ckpt is not None:
         _load_state(model, ckpt.state, ckpt.path, inferred)
     _attach_class_names(model, entry, ckpt)
@@ -115,9 +119,7 @@ def _build_zoo(entry: Any, overrides: dict[str, Any], checkpoint: str | Path | N
             return entry.build(**overrides)
     model = entry.build(**overrides)
     if checkpoint is None:
-        from policysearch.models.zoo import weights_path
-
-        path = weights_path(entry.name)
+        path = zoo.weights_path(entry.name)
         if not path.is_file():
             raise ModelError(f"the weights of zoo model {entry.name} ({path}) are not in the package; "
                              f"reinstall policysearch or run `python reproduce/train_zoo.py {entry.name}`")
@@ -126,8 +128,6 @@ def _build_zoo(entry: Any, overrides: dict[str, Any], checkpoint: str | Path | N
 
 
 def _build_timm(name: str, overrides: dict[str, Any], inferred: Mapping[str, Any] = ()) -> nn.Module:
-    import timm
-
     if not timm.is_model(name):
         raise ModelError(_unknown_model_message(name))
     try:
@@ -139,13 +139,9 @@ def _build_timm(name: str, overrides: dict[str, Any], inferred: Mapping[str, Any
 
 
 def _unknown_model_message(name: str) -> str:
-    import timm
-
-    from policysearch.models.zoo import list_zoo
-
-    close = difflib.get_close_matches(name, list_zoo() + timm.list_models(), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(name, zoo.list_zoo() + timm.list_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return (f"unknown model {name!r}: not a zoo model ({', '.join(list_zoo())}) and not a timm model name; "
+    return (f"unknown model {name!r}: not a zoo model ({', '.join(zoo.list_zoo())}) and not a timm model name; "
             f"any timm name works (see `timm.list_models()`), with a checkpoint for its weights{hint}")
 
 
@@ -241,9 +237,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> tuple[Any, dict[str, Any]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     state = load_file(str(path), device="cpu")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
@@ -357,10 +350,6 @@ def _positive(value: Any) -> int:
 
 def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-def _is_swin(state: Mapping[str, torch.Tensor]) -> bool:
-    return "pos_embed" not in state and any(k.endswith("relative_position_bias_table") for k in state)
 
 
 def _infer(ckpt: Checkpoint, skip: Mapping[str, Any] = ()) -> dict[str, tuple[Any, str]]:
@@ -506,8 +495,6 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
 def model_data_config(model: nn.Module) -> dict[str, Any]:
     """Preprocessing for ``model``: input_size, mean, std, interpolation, crop_pct, crop_mode
     (timm's data config, with the input size and channel count the model actually has)."""
-    from timm.data import resolve_data_config
-
     cfg = dict(resolve_data_config(model=model))
     size = model_input_size(model)
     cfg["input_size"] = size

@@ -46,9 +46,9 @@ size, an MLP with an inner norm, other block types.
 """
 from __future__ import annotations
 
-import types
-
 import torch
+from timm.layers.format import Format, nchw_to
+from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
 from policysearch.models.site import QuantSite
@@ -62,7 +62,6 @@ __all__ = [
     "PaperStem",
     "PaperSwinBlock",
     "PaperViTBlock",
-    "paper_forward",
 ]
 
 Carry = tuple[torch.Tensor, "torch.Tensor | None"]
@@ -183,8 +182,6 @@ class PaperSwinBlock(nn.Module):
         _feed(self.norm2_act, self.mlp.fc1)  # (norm1_act's output is windowed before the qkv)
 
     def _windows(self, x: torch.Tensor, s: torch.Tensor | None) -> Carry:
-        from timm.models.swin_transformer import window_partition, window_reverse
-
         B, H, W, C = x.shape
         has_shift = any(self.shift_size)
         shifted = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2)) if has_shift else x
@@ -262,8 +259,6 @@ class PaperPatchEmbed(nn.Module):
         _feed(self.in_act, self.proj)
 
     def forward(self, img: torch.Tensor) -> Carry:
-        from timm.layers.format import Format, nchw_to
-
         B, C, H, W = img.shape
         if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
             raise ValueError(f"input size {H}x{W} does not match the model's {self.img_size[0]}x{self.img_size[1]}")
@@ -382,18 +377,3 @@ class PaperHead(nn.Module):
 def _logits(head: nn.Module, x: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
     """The classifier: the integer accumulator, dequantized (``nn.Identity``: the features)."""
     return head(x, s)[0] if isinstance(head, IntLinear) else head(x)
-
-
-def paper_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The paper-wired model's ``forward``: its segments in order (``models.segments``)."""
-    from policysearch.models.segments import segments
-
-    h = x
-    for seg in segments(self):
-        h = seg.fn(h)
-    return h
-
-
-def install_forward(model: nn.Module) -> None:
-    """Make ``model(x)`` run the paper pipeline (an instance attribute; deepcopy rebinds it)."""
-    model.forward = types.MethodType(paper_forward, model)

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policysearch.methods import get_method
+from policysearch.methods import catalogue, get_method
 
 __all__ = [
     "ACCUMULATOR_LOG2_SCALE",
@@ -72,7 +72,6 @@ __all__ = [
     "expects",
     "input_precision",
     "native_layernorm_bits",
-    "softmax_output_bits",
     "widen_to_accumulator",
 ]
 
@@ -118,7 +117,8 @@ def widen_to_accumulator(scale: torch.Tensor) -> torch.Tensor:
     return scale * torch.exp2(-k)
 
 
-def softmax_output_bits(method: str, family: str) -> int | None:
-    """The softmax kernel's output width in a model of ``family`` (the catalogue's
-    ``family_out_bits``, else its ``default_bits``)."""
-    return get_method("softmax", method).output_bits(family)
+def softmax_output_bits(family: str) -> dict[str, int]:
+    """``{method: kernel output bits}`` at the softmax sites of a model of ``family``: each
+    descriptor's ``family_out_bits`` (else its ``default_bits``); methods without a width are absent."""
+    widths = {d.name: d.output_bits(family) for d in catalogue() if d.kind == "softmax"}
+    return {name: bits for name, bits in widths.items() if bits is not None}

@@ -1,13 +1,13 @@
 """QuantSite: one Softmax / GELU / LayerNorm of a model, running the method its Choice names."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from policysearch import kernels
-from policysearch.models.precision import expects, input_precision, softmax_output_bits, widen_to_accumulator
+from policysearch.models.precision import expects, input_precision, widen_to_accumulator
 from policysearch.policy import Choice
 from policysearch.quant import IntAct, PTFQuant, QuantAct, symmetric_scale
 from policysearch.quant.observers import create_observer
@@ -52,7 +52,7 @@ class QuantSite(nn.Module):
         kind: str,
         float_op: nn.Module | None,
         *,
-        family: str,
+        softmax_bits: Mapping[str, int],
         observer: str = "minmax",
         producer: nn.Module | None = None,
         wiring: str = "native",
@@ -60,7 +60,7 @@ class QuantSite(nn.Module):
         super().__init__()
         self.site_name = name
         self.kind = kind
-        self.family = family
+        self.softmax_bits = dict(softmax_bits)  # method -> kernel output bits (the family's)
         self.wiring = wiring
         self.float_op = float_op  # nn.GELU / nn.LayerNorm / None for softmax
         self.act = QuantAct(observer)
@@ -97,7 +97,7 @@ class QuantSite(nn.Module):
     def kernel(self, method: str) -> nn.Module:
         k = self._kernels.get(method)
         if k is None:
-            bits = softmax_output_bits(method, self.family) if self.kind == "softmax" else None
+            bits = self.softmax_bits.get(method) if self.kind == "softmax" else None
             norm = self.float_op if self.kind == "layernorm" else None
             k = kernels.create(self.kind, method, bits=bits, norm=norm)
             self._kernels[method] = k

@@ -25,16 +25,21 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from timm.layers import Mlp, PatchEmbed
 from torch import nn
+from tqdm.auto import tqdm
 
-from policysearch.errors import PolicySearchError
-from policysearch.models.attention import (
-    PaperAttention,
-    PaperWindowAttention,
-    QuantAttention,
-    QuantWindowAttention,
+from policysearch.errors import ConfigError
+from policysearch.models.families import (
+    Family,
+    UnsupportedModelError,
+    family_of,
+    get_family,
+    supported_families,
 )
-from policysearch.models.precision import expects
+from policysearch.models.paper import PaperHead, PaperMlp, PaperPatchEmbed
+from policysearch.models.precision import expects, softmax_output_bits
+from policysearch.models.segments import install_forward
 from policysearch.models.site import QuantSite, Recorder, is_gelu
 from policysearch.policy import Policy, PolicyError
 from policysearch.quant import IntAct, IntConv2d, IntLinear, QuantConv2d, QuantLinear
@@ -57,16 +62,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = "timm VisionTransformer (vit_*, deit_*, including distilled) and SwinTransformer (swin_*)"
-
-
-class UnsupportedModelError(PolicySearchError, ValueError):
-    """The model's structure cannot be wired; the message names the modules."""
-
 
 @dataclass
 class WiringInfo:
-    family: str
+    family: str  # the family's registered name (``families.get_family``)
     observer: str
     wiring: str = "paper"
     sites: list[Site] = field(default_factory=list)
@@ -75,17 +74,8 @@ class WiringInfo:
 
 
 def model_family(model: nn.Module) -> str:
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(model, SwinTransformer):
-        return "swin"
-    if isinstance(model, VisionTransformer):
-        return "vit"
-    raise UnsupportedModelError(
-        f"model class {type(model).__name__} is not supported; policysearch supports {SUPPORTED}. "
-        "Pass one of those (a timm name or a zoo name, see `policysearch list models`)."
-    )
+    """The name of ``model``'s family (``families.family_of``)."""
+    return family_of(model).name
 
 
 
@@ -102,20 +92,18 @@ def _attention_problem(path: str, m: nn.Module) -> str | None:
 _UNSUPPORTED_NONLINEAR = (nn.Softmax, nn.SiLU, nn.Mish, nn.Hardswish, nn.GroupNorm, nn.BatchNorm1d)
 
 
-def _check(model: nn.Module) -> None:
-    from timm.layers import Attention
-    from timm.models.swin_transformer import WindowAttention
-
+def _check(model: nn.Module, family: Family) -> None:
+    wired = family.native_attentions() + family.paper_attentions()
     problems: list[str] = []
     attn_paths: list[str] = []
     for path, m in model.named_modules():
         if any(path.startswith(p + ".") for p in attn_paths):
             continue
-        if type(m) in (Attention, WindowAttention):
+        if family.attention_swap(m) is not None:
             attn_paths.append(path)
             if (p := _attention_problem(path, m)) is not None:
                 problems.append(p)
-        elif "Attention" in type(m).__name__ and not isinstance(m, _ATTENTIONS):
+        elif "Attention" in type(m).__name__ and not isinstance(m, wired):
             problems.append(f"{path} ({type(m).__name__})")
             attn_paths.append(path)
         elif isinstance(m, _UNSUPPORTED_NONLINEAR) or type(m).__name__ in ("RmsNorm", "SwiGLU", "GluMlp"):
@@ -126,7 +114,7 @@ def _check(model: nn.Module) -> None:
         shown = ", ".join(problems[:8]) + (f" and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise UnsupportedModelError(
             f"unsupported modules in {type(model).__name__}: {shown}. policysearch wires plain "
-            f"softmax attention, GELU MLPs and LayerNorm as in {SUPPORTED}."
+            f"softmax attention, GELU MLPs and LayerNorm as in the model families {supported_families()}."
         )
 
 
@@ -137,7 +125,6 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 WIRINGS = ("paper", "native")
-_ATTENTIONS = (QuantAttention, QuantWindowAttention, PaperAttention, PaperWindowAttention)
 
 
 def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "paper") -> nn.Module:
@@ -146,8 +133,6 @@ def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "paper"
     ``wiring``: ``"paper"`` (default) or ``"native"`` (see the module docstring). Idempotent for the
     same wiring; a model prepared with one wiring cannot be re-wired with the other.
     """
-    from policysearch.errors import ConfigError
-
     if wiring not in WIRINGS:
         raise ConfigError(f"unknown wiring {wiring!r}; valid: {', '.join(WIRINGS)}")
     info = getattr(model, "_policysearch", None)
@@ -156,30 +141,26 @@ def prepare(model: nn.Module, *, observer: str = "minmax", wiring: str = "paper"
             raise ConfigError(f"the model is already wired {info.wiring!r}; build a fresh model for the "
                               f"{wiring!r} wiring")
         return model
-    family = model_family(model)
-    _check(model)
+    family = family_of(model)
+    _check(model, family)
     if wiring == "paper":
         _prepare_paper(model, family, observer)
     else:
         _prepare_native(model, family, observer)
-    model._policysearch = WiringInfo(family=family, observer=observer, wiring=wiring)  # type: ignore[attr-defined]
+    model._policysearch = WiringInfo(family=family.name, observer=observer, wiring=wiring)  # type: ignore[attr-defined]
     model._policysearch.sites = _trace_sites(model)  # type: ignore[attr-defined]
     if not model._policysearch.sites:  # type: ignore[attr-defined]
         raise UnsupportedModelError(f"{type(model).__name__} has no Softmax, GELU or LayerNorm site")
     return model
 
 
-def _prepare_native(model: nn.Module, family: str, observer: str) -> None:
-    from timm.layers import Attention
-    from timm.models.swin_transformer import WindowAttention
-
+def _prepare_native(model: nn.Module, family: Family, observer: str) -> None:
     for path, m in list(model.named_modules()):
-        if type(m) is Attention:
-            _set(model, path, QuantAttention(m, _site(path + ".softmax", "softmax", None, family, observer), observer))
-        elif type(m) is WindowAttention:
-            _set(model, path, QuantWindowAttention(m, _site(path + ".softmax", "softmax", None, family, observer), observer))
+        if (swap := family.attention_swap(m)) is not None:
+            _set(model, path, swap.native(m, _site(path + ".softmax", "softmax", None, family, observer), observer))
+    attentions = family.native_attentions()
     for path, m in list(model.named_modules()):
-        if isinstance(m, (QuantAttention, QuantWindowAttention, QuantSite, QuantLinear, QuantConv2d)):
+        if isinstance(m, (*attentions, QuantSite, QuantLinear, QuantConv2d)):
             continue
         if model.get_submodule(path) is not m:  # already replaced (an Mlp's fc1, wired with its GELU)
             continue
@@ -187,61 +168,25 @@ def _prepare_native(model: nn.Module, family: str, observer: str) -> None:
             _set(model, path, _site(path, "layernorm", m, family, observer))
         elif is_gelu(m):
             _set(model, path, _site(path, "gelu", m, family, observer, _fc1_of(model, path, observer)))
-        elif isinstance(m, nn.Linear) and not _inside_quant(model, path):
+        elif isinstance(m, nn.Linear) and not _inside(model, path, (*attentions, QuantLinear)):
             _set(model, path, QuantLinear(m, observer))
         elif isinstance(m, nn.Conv2d) and path.endswith("patch_embed.proj"):
             _set(model, path, QuantConv2d(m, observer))
 
 
-def _paper_problems(model: nn.Module, family: str) -> list[str]:
+def _paper_problems(model: nn.Module, family: Family) -> list[str]:
     """What the ``paper`` wiring cannot rebuild (checked before anything is replaced)."""
-    from timm.layers import Mlp, PatchEmbed
-    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, SwinTransformerStage
-    from timm.models.vision_transformer import Block
-
     problems = []
     if not isinstance(getattr(model, "patch_embed", None), PatchEmbed):
         problems.append(f"patch_embed ({type(getattr(model, 'patch_embed', None)).__name__})")
-    if family == "vit":
-        if getattr(model, "attn_pool", None) is not None:
-            problems.append("attn_pool (attention pooling)")
-        if getattr(model, "global_pool", "token") not in ("token", "avg", ""):
-            problems.append(f"global_pool={model.global_pool!r}")
-        if getattr(model, "dynamic_img_size", False):
-            problems.append("dynamic_img_size=True")
-        for i, b in enumerate(model.blocks):
-            if type(b) is not Block:
-                problems.append(f"blocks.{i} ({type(b).__name__})")
-        head_ok = (nn.Linear, nn.Identity)
-        for name in ("head", "head_dist"):
-            if hasattr(model, name) and not isinstance(getattr(model, name), head_ok):
-                problems.append(f"{name} ({type(getattr(model, name)).__name__})")
-    else:
-        for j, stage in enumerate(model.layers):
-            if type(stage) is not SwinTransformerStage:
-                problems.append(f"layers.{j} ({type(stage).__name__})")
-                continue
-            if not isinstance(stage.downsample, (nn.Identity, PatchMerging)):
-                problems.append(f"layers.{j}.downsample ({type(stage.downsample).__name__})")
-            for k, b in enumerate(stage.blocks):
-                if type(b) is not SwinTransformerBlock:
-                    problems.append(f"layers.{j}.blocks.{k} ({type(b).__name__})")
-        pool = getattr(getattr(model.head, "global_pool", None), "pool_type", None)
-        if pool not in ("avg",):
-            problems.append(f"head pooling {pool!r}")
+    problems += family.paper_problems(model)
     for path, m in model.named_modules():
         if isinstance(m, Mlp) and not isinstance(m.norm, nn.Identity):
             problems.append(f"{path}.norm (an MLP with an inner norm)")
     return problems
 
 
-def _prepare_paper(model: nn.Module, family: str, observer: str) -> None:
-    from timm.layers import Attention, Mlp
-    from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock, WindowAttention
-    from timm.models.vision_transformer import Block
-
-    from policysearch.models import paper
-
+def _prepare_paper(model: nn.Module, family: Family, observer: str) -> None:
     problems = _paper_problems(model, family)
     if problems:
         raise UnsupportedModelError(
@@ -250,39 +195,30 @@ def _prepare_paper(model: nn.Module, family: str, observer: str) -> None:
         )
 
     def site(name: str, kind: str, op: nn.Module | None) -> QuantSite:
-        return QuantSite(name, kind, op, family=family, observer=observer, wiring="paper")
+        return QuantSite(name, kind, op, softmax_bits=softmax_output_bits(family.name), observer=observer, wiring="paper")
 
     for path, m in list(model.named_modules()):
-        if type(m) is Attention:
-            _set(model, path, PaperAttention(m, site(path + ".softmax", "softmax", None), observer))
-        elif type(m) is WindowAttention:
-            _set(model, path, PaperWindowAttention(m, site(path + ".softmax", "softmax", None), observer))
+        if (swap := family.attention_swap(m)) is not None:
+            _set(model, path, swap.paper(m, site(path + ".softmax", "softmax", None), observer))
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.LayerNorm) and not _inside(model, path, QuantSite):
             _set(model, path, site(path, "layernorm", m))
         elif is_gelu(m) and not _inside(model, path, QuantSite):
             _set(model, path, site(path, "gelu", m))
-    rebuilt = ((Mlp, paper.PaperMlp), (Block, paper.PaperViTBlock), (SwinTransformerBlock, paper.PaperSwinBlock),
-               (PatchMerging, paper.PaperPatchMerging))
+    rebuilt = ((Mlp, PaperMlp), *family.paper_blocks())
     for cls, new in rebuilt:  # inner modules first: an MLP is rebuilt before its block
         for path, m in list(model.named_modules()):
             if type(m) is cls:
                 _set(model, path, new(m, observer))
-    model.patch_embed = paper.PaperPatchEmbed(model.patch_embed, observer)
-    if family == "vit":
-        for name in ("head", "head_dist"):
-            if isinstance(getattr(model, name, None), nn.Linear):
-                setattr(model, name, IntLinear(getattr(model, name), observer))
-        model.paper_stem = paper.PaperStem(model, observer)
-    elif isinstance(model.head.fc, nn.Linear):
-        model.head.fc = IntLinear(model.head.fc, observer)
-    model.paper_head = paper.PaperHead(model, observer, family)
+    model.patch_embed = PaperPatchEmbed(model.patch_embed, observer)
+    family.prepare_paper_ends(model, observer)
+    model.paper_head = PaperHead(model, observer, family.name)
     left = [p for p, m in model.named_modules()
             if type(m) in (nn.Linear, nn.Conv2d) and not _inside(model, p, (IntLinear, IntConv2d))]
     if left:
         raise UnsupportedModelError(f"the 'paper' wiring left float layers in {type(model).__name__}: "
                                     f"{', '.join(left[:8])}; use wiring='native' for this model")
-    paper.install_forward(model)
+    install_forward(model)
 
 
 def _inside(model: nn.Module, path: str, types: type | tuple[type, ...]) -> bool:
@@ -291,9 +227,9 @@ def _inside(model: nn.Module, path: str, types: type | tuple[type, ...]) -> bool
 
 
 def _site(
-    name: str, kind: str, op: nn.Module | None, family: str, observer: str, fc1: QuantLinear | None = None
+    name: str, kind: str, op: nn.Module | None, family: Family, observer: str, fc1: QuantLinear | None = None
 ) -> QuantSite:
-    return QuantSite(name, kind, op, family=family, observer=observer, producer=fc1)
+    return QuantSite(name, kind, op, softmax_bits=softmax_output_bits(family.name), observer=observer, producer=fc1)
 
 
 def _fc1_of(model: nn.Module, gelu_path: str, observer: str) -> QuantLinear | None:
@@ -305,14 +241,6 @@ def _fc1_of(model: nn.Module, gelu_path: str, observer: str) -> QuantLinear | No
         parent.fc1 = q
         return q
     return fc1 if isinstance(fc1, QuantLinear) else None
-
-
-def _inside_quant(model: nn.Module, path: str) -> bool:
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (QuantAttention, QuantWindowAttention, QuantLinear)):
-            return True
-    return False
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
@@ -421,8 +349,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bo
         if isinstance(m, QuantSite):
             m.fit_range = None  # the data-aware kernels' range is observed afresh
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="calibrate", leave=False)
     with float_mode(model):
         _set_flag(model, "calibrating", True)
@@ -478,14 +404,16 @@ def apply_policy(model: nn.Module, policy: Policy) -> nn.Module:
 
 
 def _set_bits(model: nn.Module, policy: Policy) -> None:
-    if _info(model).wiring == "paper":
+    info = _info(model)
+    if info.wiring == "paper":
         _set_bits_paper(model, policy)
         return
+    attentions = get_family(info.family).native_attentions()
     modules = dict(model.named_modules())
     for m in modules.values():
         if isinstance(m, (QuantLinear, QuantConv2d)):
             m.weight_bits, m.act_bits = policy.weight_bits, policy.act_bits
-        elif isinstance(m, (QuantAttention, QuantWindowAttention)):
+        elif isinstance(m, attentions):
             m.act_bits = m.qk_bits = policy.act_bits
     for site, choice in policy.items():
         mod = modules[site.name]
