@@ -13,7 +13,8 @@ from typing import Any
 
 from policysearch.objectives.headroom import Comparison, Headroom, Interval, Verdict
 
-__all__ = ["comparison_text", "headroom_lines", "headroom_sentence", "verdict_lines", "verdict_sentence"]
+__all__ = ["comparison_text", "headroom_lines", "headroom_rows", "headroom_sentence", "report_lines", "verdict_lines",
+           "verdict_sentence"]
 
 
 def _pct(v: Any) -> str:
@@ -60,18 +61,32 @@ def headroom_sentence(data: Mapping[str, Any]) -> str:
             "data: the quantized methods do better than float here, and fidelity (KL) is what is left to gain.")
 
 
+def headroom_rows(data: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(head, rows): float, ceiling, best uniform and answer on top-1, agreement and KL."""
+    h = Headroom.from_dict(data)
+    rows = [[f"uniform {h.best_uniform}" if key == "best_uniform" else key, _pct(m.get("top1")),
+             _pct(m.get("agreement")), _kl(m.get("kl"))] for key, m in h.rows.items()]
+    return ["policy", "top-1", "agree", "KL"], rows
+
+
+def _headroom_line(data: Mapping[str, Any]) -> str:
+    h = Headroom.from_dict(data)
+    return (f"headroom = ceiling - uniform {h.best_uniform} (paired 95%, {h.headroom.images} images): "
+            + comparison_text(h.headroom))
+
+
 def headroom_lines(data: Mapping[str, Any]) -> list[str]:
     """Float, ceiling, best uniform and answer, the headroom with its intervals, and the sentence."""
-    h = Headroom.from_dict(data)
-    lines = [f"{'':24s}{'top-1':>9s}{'agree':>9s}{'KL':>10s}"]
-    for key, m in h.rows.items():
-        name = f"uniform {h.best_uniform}" if key == "best_uniform" else key
-        lines.append(f"{name:24s}{_pct(m.get('top1')):>9s}{_pct(m.get('agreement')):>9s}{_kl(m.get('kl')):>10s}")
-    n = h.headroom.images
-    lines.append(f"headroom = ceiling - uniform {h.best_uniform} (paired 95%, {n} images): "
-                 + comparison_text(h.headroom))
-    lines.append(headroom_sentence(data))
-    return lines
+    head, rows = headroom_rows(data)
+    lines = [f"{head[0]:24s}" + "".join(f"{c:>10s}" for c in head[1:])]
+    lines += [f"{r[0]:24s}" + "".join(f"{c:>10s}" for c in r[1:]) for r in rows]
+    return [*lines, _headroom_line(data), headroom_sentence(data)]
+
+
+def report_lines(run: Mapping[str, Any]) -> list[str]:
+    """The headroom and verdict paragraphs of a run record (the HTML report's section)."""
+    lines = [_headroom_line(run["headroom"]), headroom_sentence(run["headroom"])] if run.get("headroom") else []
+    return lines + (verdict_lines(run["verdict"]) if run.get("verdict") else [])
 
 
 def verdict_sentence(data: Mapping[str, Any]) -> str:
