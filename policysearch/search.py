@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
+import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -305,8 +306,8 @@ def _assess(config: SearchConfig, run_name: str, space: Any, objective: Any, str
             policy: Policy, result: EvalResult) -> dict[str, Any]:
     """run.json's ``headroom`` and ``verdict`` (policysearch.objectives.headroom)."""
     cons = config.constraints
-    command = f"policysearch export {run_name} --pick best" + (
-        f" --results-dir {config.results_dir}" if config.results_dir != "results" else "")
+    command = f"policysearch export {shlex.quote(run_name)} --pick best" + (
+        f" --results-dir {shlex.quote(config.results_dir)}" if config.results_dir != "results" else "")
     room = headroom(float_metrics=float_metrics, ceiling=ceiling, baselines=baselines, answer=result)
     judged = verdict(objective=objective, answer=(policy, result), baselines=baselines,
                      uniform=space.uniform_policies(), export_command=command,

@@ -88,6 +88,12 @@ def test_summary_says_the_headroom_and_the_verdict(run):
     (answer,) = [t for t in study.trials if t.user_attrs.get("kind") == KIND_ANSWER]
     assert answer.user_attrs["answer_name"] == "the answer of strategy sqnr_diff"
     assert answer.user_attrs["verdict"] == verdict_sentence(res.verdict) == study.user_attrs["verdict"]
+    # optuna-dashboard's notes say how the answer compares, and what the ceiling trial is
+    from optuna_dashboard import get_note
+
+    assert f"**How the answer compares:** {study.user_attrs['verdict']}" in get_note(study)
+    assert "`ceiling`" in get_note(study)
+    assert f"- {answer.user_attrs['verdict']}" in get_note(optuna.trial.Trial(study, answer._trial_id))
 
 
 def test_export_pick_best_exports_the_best_by_objective(run, capsys):

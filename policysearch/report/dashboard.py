@@ -114,7 +114,8 @@ def _study_note(study: Any, trials: list[Any], current: int | None, source: int 
         f"`{study.user_attrs.get('wiring', '?')}`.",
         "",
         "*Best Trial* ranks trials by objective value alone: it can be a uniform baseline,",
-        "which is not what an SQNR rule chooses. The strategy's choice is the `answer` trial.",
+        "which is not what an SQNR rule chooses, or the `ceiling` (every non-linear site in float,",
+        "a reference outside the space). The strategy's choice is the `answer` trial.",
         "",
         *([f"**How the answer compares:** {study.user_attrs['verdict']}", ""]
           if study.user_attrs.get("verdict") else []),
