@@ -109,7 +109,7 @@ def test_answer_carries_the_policy_json_and_is_never_read_back_as_an_evaluation(
     assert [m.filename for m in metas] == ["policy.json"]
     stored = root / "results" / "artifacts" / metas[0].artifact_id
     assert stored.read_bytes() == (root / "results" / RUN / "policy.json").read_bytes()
-    assert len(_results(study, load_objective("kl"))) == 4  # 3 uniform + the rule's pick, no copy
+    assert len(_results(study, load_objective("kl"))) == 5  # 3 uniform + the ceiling + the rule's pick, no copy
 
 
 def test_publishing_needs_the_answers_evaluation(tmp_path):
