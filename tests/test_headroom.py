@@ -8,8 +8,14 @@ import pytest
 
 from policysearch.cli import main
 from policysearch.errors import ConfigError
-from policysearch.objectives.headroom import (Headroom, Verdict, best_uniform, ceiling_policy, compare,
-                                              per_image_objective)
+from policysearch.objectives.headroom import (
+    Headroom,
+    Verdict,
+    best_uniform,
+    ceiling_policy,
+    compare,
+    per_image_objective,
+)
 from policysearch.objectives.objective import load_objective
 from policysearch.policy import read_policy
 from policysearch.report import export_run, summary_text
