@@ -30,7 +30,7 @@ from policysearch.result import EvalResult
 from policysearch.stats import paired_difference
 
 __all__ = ["CEILING_METHOD", "Comparison", "Headroom", "Interval", "Verdict", "best_uniform", "ceiling_policy",
-           "compare", "headroom", "verdict"]
+           "compare", "headroom", "per_image_objective", "verdict"]
 
 #: the method of every site in the ceiling policy
 CEILING_METHOD = "fp32"
