@@ -173,6 +173,8 @@ def test_sentences_follow_the_intervals():
     assert headroom_sentence(within).startswith("No choice of non-linear methods can measurably beat the best "
                                                 "uniform method (ibert)")
     assert "fidelity (KL to the float model) is what is left to gain" in headroom_sentence(within)
+    flat = {**within, "headroom": {**within["headroom"], "kl": {"diff": 0.0, "low": -0.01, "high": 0.01}}}
+    assert headroom_sentence(flat).endswith("in top-1 or in KL to the float model.")
     beyond = {**within, "headroom": {**within["headroom"], "top1": {"diff": 1.0, "low": 0.5, "high": 1.5}}}
     assert "can gain up to 1.00" in headroom_sentence(beyond)
 

@@ -51,6 +51,9 @@ def headroom_sentence(data: Mapping[str, Any]) -> str:
     if top1 is None:
         return (f"Without labelled images the headroom is on fidelity only: the ceiling's KL minus uniform {uni}'s "
                 f"is {kl.text('+.5f') if kl else 'not measured'} nats.")
+    if not top1.measurable and kl is not None and not kl.high < 0:
+        return (f"No choice of non-linear methods can measurably beat the best uniform method ({uni}) on this "
+                "model and data, in top-1 or in KL to the float model.")
     if not top1.measurable:
         return (f"No choice of non-linear methods can measurably beat the best uniform method ({uni}) in top-1 "
                 "on this model and data; fidelity (KL to the float model) is what is left to gain.")
@@ -58,7 +61,7 @@ def headroom_sentence(data: Mapping[str, Any]) -> str:
         return (f"A choice of non-linear methods can gain up to {top1.diff:.2f} [{top1.low:.2f}, {top1.high:.2f}] "
                 f"points of top-1 over the best uniform method ({uni}) on this model and data.")
     return (f"Every non-linear site in float is measurably worse in top-1 than uniform {uni} on this model and "
-            "data: the quantized methods do better than float here, and fidelity (KL) is what is left to gain.")
+            "data, so no choice of non-linear methods is needed to beat it there; compare policies on KL.")
 
 
 def headroom_rows(data: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
