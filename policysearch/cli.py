@@ -124,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from policysearch.report import export_run
 
     if args.onnx is None or args.out is not None:
-        print(export_run(args.run, out=args.out, results_dir=args.results_dir))
+        print(export_run(args.run, out=args.out, results_dir=args.results_dir, pick=args.pick))
     if args.onnx is not None:
         from policysearch.deploy.onnx_export import export_run_onnx
 
@@ -252,7 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("run", help="search a policy and write results/<run>/")
-    p.add_argument("--strategy", required=True, help="search strategy (see `policysearch list strategies`)")
+    p.add_argument("--strategy", required=True,
+                   help="search strategy (see `policysearch list strategies`). The SQNR rules pick per site "
+                        "from the uniform runs: sqnr_output the highest output ASQNR beta; sqnr_diff (eq. 11 "
+                        "literally) the lowest beta - gamma; gamma is the same tensor for every method at a "
+                        "site, so wherever gamma ties sqnr_diff picks the method with the WORST output; "
+                        "sqnr_drop the least gamma - beta (the best output where gamma ties); sqnr_absdiff "
+                        "the lowest |beta - gamma|. The summary compares the answer with the best uniform "
+                        "method and names `policysearch export RUN --pick best` when a policy beats it")
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--space", default="paper", help="space preset name or YAML path (default: paper)")
@@ -330,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the policy JSON of a finished run")
     p.add_argument("run", help="run name (folder under results/) or its path")
     p.add_argument("--out", default=None, help="output file (default: print the run's policy.json path)")
+    p.add_argument("--pick", choices=["answer", "best"], default="answer",
+                   help="answer (default): the strategy's own answer; best: the best evaluated policy by the run's "
+                        "objective, uniform baselines included (default file: the run's policy-best.json)")
     p.add_argument("--onnx", default=None, metavar="FILE",
                    help="also write the integer model under the policy as ONNX and check it in ONNX Runtime "
                         '(needs pip install "policysearch[onnx]")')

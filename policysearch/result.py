@@ -1,12 +1,13 @@
 """What evaluating one policy returns (torch-free: strategies read it, the driver records it)."""
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EvalResult", "SiteMetrics"]
+__all__ = ["EvalResult", "PerImage", "SiteMetrics"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,52 @@ class SiteMetrics:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PerImage:
+    """Per evaluation image, for paired intervals (:mod:`policysearch.stats`): whether top-1 was
+    right (``None`` without labels), whether it agreed with float, and KL(float || quantized).
+
+    Kept encoded (base64 of packed bits / little-endian float32), so a result stays small, hashable
+    and JSON-ready in the study; :meth:`arrays` decodes."""
+
+    n: int
+    correct: str | None
+    agree: str
+    kl: str
+
+    @classmethod
+    def from_arrays(cls, *, correct: Any, agree: Any, kl: Any) -> "PerImage":
+        import numpy as np
+
+        kl = np.asarray(kl, dtype="<f4").reshape(-1)
+        return cls(n=len(kl), correct=None if correct is None else _bits(correct), agree=_bits(agree),
+                   kl=base64.b64encode(kl.tobytes()).decode())
+
+    def arrays(self) -> dict[str, Any]:
+        """``{"correct": bool array or None, "agree": bool array, "kl": float64 array}``."""
+        import numpy as np
+
+        def bits(text: str) -> Any:
+            raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+            return np.unpackbits(raw)[: self.n].astype(bool)
+
+        return {"correct": None if self.correct is None else bits(self.correct), "agree": bits(self.agree),
+                "kl": np.frombuffer(base64.b64decode(self.kl), dtype="<f4").astype(np.float64)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "correct": self.correct, "agree": self.agree, "kl": self.kl}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PerImage":
+        return cls(n=int(data["n"]), correct=data.get("correct"), agree=str(data["agree"]), kl=str(data["kl"]))
+
+
+def _bits(values: Any) -> str:
+    import numpy as np
+
+    return base64.b64encode(np.packbits(np.asarray(values, dtype=bool).reshape(-1)).tobytes()).decode()
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalResult:
     """Objective value(s), model-level metrics and per-site SQNR for one policy.
 
@@ -51,6 +98,8 @@ class EvalResult:
     metrics: Mapping[str, float] = field(default_factory=dict)
     sites: Mapping[str, SiteMetrics] = field(default_factory=dict)
     error: str | None = None
+    #: per-image scores on the evaluation images (None: not measured, e.g. a result from before)
+    images: PerImage | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "values", tuple(float(v) for v in self.values))
@@ -66,12 +115,15 @@ class EvalResult:
         return self.values[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "values": list(self.values),
             "metrics": dict(self.metrics),
             "sites": {k: v.to_dict() for k, v in self.sites.items()},
             "error": self.error,
         }
+        if self.images is not None:
+            out["images"] = self.images.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvalResult":
@@ -83,6 +135,7 @@ class EvalResult:
                 for k, v in data.get("sites", {}).items()
             },
             error=data.get("error"),
+            images=PerImage.from_dict(data["images"]) if data.get("images") else None,
         )
 
     @classmethod

@@ -402,6 +402,11 @@ def policy_document(record: RunRecord) -> Any:
                           shortfall=cons.get("shortfall", {}))
     if data.get("strategy_report"):  # what the strategy says about its answer (ilp: predicted vs measured)
         provenance["strategy_report"] = data["strategy_report"]
+    if data.get("headroom"):  # float, ceiling, best uniform, answer; headroom and verdict with intervals
+        metrics["headroom"] = data["headroom"]
+        metrics["verdict"] = {k: v for k, v in data.get("verdict", {}).items() if k != "best"}
+    if data.get("picked"):  # export --pick best: which evaluated policy this is instead of the answer
+        provenance["picked"] = data["picked"]
     model = {"name": config.get("model"), "checkpoint": config.get("checkpoint"),
              "args": fp.get("model_args", {}), "weights": fp.get("weights")}
     finetuned = data.get("stages", {}).get("finetune")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import re
+import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.objectives.headroom import ceiling_policy, headroom, verdict
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 from policysearch.runners.base import Feed
@@ -131,6 +133,9 @@ class SearchResult:
     feasibility: dict[str, Any] | None = None
     #: what the strategy reports about its answer (``strategy.report(policy)``, e.g. ilp's predictions)
     strategy_report: dict[str, Any] | None = None
+    #: run.json's ``headroom`` and ``verdict`` (policysearch.objectives.headroom, as dicts)
+    headroom: dict[str, Any] | None = None
+    verdict: dict[str, Any] | None = None
 
 
 def _run_name(config: SearchConfig) -> str:
@@ -243,6 +248,7 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     try:
         loop.drive(strategy)
         baselines = {m: loop.evaluate(p) for m, p in space.uniform_policies().items()}
+        ceiling = loop.evaluate(ceiling_policy(space))  # recorded and reused, never told to the strategy
     finally:
         runner.close()
         loop.close()
@@ -253,6 +259,8 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     report = getattr(strategy, "report", None)  # optional: what the strategy says about its answer
     strategy_report = report(policy) if callable(report) else None
     sensitivity = sensitivity_rows(space.uniform_policies(), baselines)
+    record.data.update(_assess(config, record.name, space, objective, strategy, evaluator.float_metrics,
+                               baselines, ceiling, policy, result))
     t_end = time.perf_counter()
     write_outputs(record, config=config, objective=objective.to_dict(), space=space, policy=policy,
                   result=result, baselines=baselines, sensitivity=sensitivity,
@@ -266,6 +274,7 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
         run_dir=record.run_dir, run_name=record.name, policy=policy, result=result, baselines=baselines,
         float_metrics=dict(evaluator.float_metrics), evaluated=loop.evaluated, reused=loop.reused,
         sensitivity=sensitivity, feasibility=feasibility, strategy_report=strategy_report,
+        headroom=record.data["headroom"], verdict=record.data["verdict"],
     )
 
 
@@ -292,19 +301,35 @@ def _answer(config: SearchConfig, strategy: Any, space: Any, baselines: Mapping[
     return constraints.choose(strategy.best(), list(evaluated.values()), objective.directions)
 
 
+def _assess(config: SearchConfig, run_name: str, space: Any, objective: Any, strategy: Any,
+            float_metrics: Mapping[str, float], baselines: Mapping[str, EvalResult], ceiling: EvalResult,
+            policy: Policy, result: EvalResult) -> dict[str, Any]:
+    """run.json's ``headroom`` and ``verdict`` (policysearch.objectives.headroom)."""
+    cons = config.constraints
+    command = f"policysearch export {shlex.quote(run_name)} --pick best" + (
+        f" --results-dir {shlex.quote(config.results_dir)}" if config.results_dir != "results" else "")
+    room = headroom(float_metrics=float_metrics, ceiling=ceiling, baselines=baselines, answer=result)
+    judged = verdict(objective=objective, answer=(policy, result), baselines=baselines,
+                     uniform=space.uniform_policies(), export_command=command,
+                     evaluated=[(p, r) for p, r in strategy.results.values() if space.contains(p)],
+                     feasible=(lambda r: not cons.shortfall(r.metrics)) if cons.active else None)
+    return {"headroom": room.to_dict(), "verdict": judged.to_dict()}
+
+
 def _kinds(space: Any, strategy: Any) -> Any:
     """``policy -> (kind, uniform method or None, run.json tag)``: what each trial is, for the
     study's readers (uniform baselines, an SQNR rule's pick, any other strategy's candidates)."""
     from policysearch.strategies.sqnr import SQNRRule
-    from policysearch.study import KIND_CANDIDATE, KIND_RULE, KIND_UNIFORM
+    from policysearch.study import KIND_CANDIDATE, KIND_CEILING, KIND_RULE, KIND_UNIFORM
 
     uniform = {p.key(): m for m, p in space.uniform_policies().items()}
     other = KIND_RULE if isinstance(strategy, SQNRRule) else KIND_CANDIDATE  # a rule asks uniforms + its pick
-    tag = {KIND_UNIFORM: "baseline", KIND_RULE: "rule", KIND_CANDIDATE: "candidate"}
+    tag = {KIND_UNIFORM: "baseline", KIND_RULE: "rule", KIND_CANDIDATE: "candidate", KIND_CEILING: "ceiling"}
+    ceiling = ceiling_policy(space).key()
 
     def kind_of(policy: Policy) -> tuple[str, str | None, str]:
         method = uniform.get(policy.key())
-        kind = KIND_UNIFORM if method is not None else other
+        kind = KIND_CEILING if policy.key() == ceiling else KIND_UNIFORM if method is not None else other
         return kind, method, tag[kind]
 
     return kind_of
@@ -312,13 +337,16 @@ def _kinds(space: Any, strategy: Any) -> Any:
 
 def _publish_answer(config: SearchConfig, record: Any, recorder: Any, policy: Policy) -> None:
     """The answer as a trial of kind ``answer`` with policy.json attached; its numbers in run.json."""
+    from policysearch.report.dashboard import annotate, verdict_attrs
+
     artifact_dir = Path(config.results_dir) / "artifacts"
+    attrs = verdict_attrs(record.data)  # the answer trial says what it is and how it compares
     pub = recorder.publish_answer(policy, stage="search", artifacts=[record.run_dir / "policy.json"],
-                                  artifact_dir=artifact_dir)
+                                  artifact_dir=artifact_dir, attrs=attrs)
     record.data["answer"].update(trial=pub.number, evaluation_trial=pub.source)
     record.update(artifacts=str(artifact_dir))
-    from policysearch.report.dashboard import annotate
-
+    for key in ("verdict", "headroom"):  # the dashboard's study note reads them
+        recorder.study.set_user_attr(key, attrs.get(key, ""))
     annotate(recorder.study)  # notes for optuna-dashboard, when it is installed
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["best_of", "cell", "format_interval", "paired_interval", "top1_percent"]
+__all__ = ["best_of", "cell", "format_interval", "paired_difference", "paired_interval", "top1_percent"]
 
 
 def paired_interval(a: Any, b: Any, labels: Any) -> tuple[float, float, float]:
@@ -21,11 +21,23 @@ def paired_interval(a: Any, b: Any, labels: Any) -> tuple[float, float, float]:
     a, b, y = (np.asarray(v).reshape(-1) for v in (a, b, labels))
     if not (a.shape == b.shape == y.shape):
         raise ValueError(f"paired_interval needs predictions on the same images: {a.shape}, {b.shape}, {y.shape}")
-    d = (a == y).astype(np.float64) - (b == y).astype(np.float64)
+    return paired_difference(a == y, b == y, scale=100)
+
+
+def paired_difference(a: Any, b: Any, *, scale: float = 1.0) -> tuple[float, float, float]:
+    """(difference, low, high) of the means of per-image values ``a`` - ``b`` (e.g. per-image
+    correctness, or per-image KL), times ``scale``: the same normal 95% interval over
+    ``d_i = a_i - b_i`` as :func:`paired_interval`."""
+    import numpy as np
+
+    a, b = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (a, b))
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs values on the same images: {a.shape}, {b.shape}")
+    d = a - b
     n = len(d)
     mean = float(d.mean()) if n else math.nan
     half = 1.96 * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
-    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
+    return scale * mean, scale * (mean - half), scale * (mean + half)
 
 
 def top1_percent(pred: Any, labels: Any) -> float:

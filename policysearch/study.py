@@ -36,6 +36,7 @@ from policysearch.result import EvalResult
 __all__ = [
     "KIND_ANSWER",
     "KIND_CANDIDATE",
+    "KIND_CEILING",
     "KIND_RULE",
     "KIND_UNIFORM",
     "AnswerTrial",
@@ -54,7 +55,8 @@ KIND_UNIFORM = "uniform baseline"  # one method everywhere (``uniform_method`` n
 KIND_RULE = "rule result"  # the policy an SQNR rule picked from the uniform runs
 KIND_CANDIDATE = "search candidate"  # any other policy a strategy asked
 KIND_ANSWER = "answer"  # a copy of the run's answer, with its artifacts (publish_answer)
-TRIAL_KINDS = (KIND_UNIFORM, KIND_RULE, KIND_CANDIDATE, KIND_ANSWER)
+KIND_CEILING = "ceiling"  # every site in float on the same quantized linears (never a strategy's candidate)
+TRIAL_KINDS = (KIND_UNIFORM, KIND_RULE, KIND_CANDIDATE, KIND_ANSWER, KIND_CEILING)
 
 
 def default_storage(results_dir: str | Path = "results") -> str:
@@ -220,8 +222,10 @@ class StudyRecorder:
         for site, choice in policy.items():
             value = str(choice)
             dist = self.distributions.get(site.name)
-            if dist is None or value not in dist.choices:
-                dist = CategoricalDistribution(list((dist.choices if dist else ()) + (value,)))
+            if dist is not None and value not in dist.choices:
+                continue  # outside the space (the ceiling's fp32): optuna cannot widen a parameter; policy_key says it
+            if dist is None:
+                dist = CategoricalDistribution([value])
             params[site.name], dists[site.name] = value, dist
         attrs: dict[str, Any] = {"kind": kind} if kind else {}
         if uniform_method:
@@ -250,13 +254,13 @@ class StudyRecorder:
         self.study.add_trial(trial)
 
     def publish_answer(self, policy: Policy, *, stage: str, artifacts: Sequence[Path],
-                       artifact_dir: str | Path) -> "AnswerTrial":
+                       artifact_dir: str | Path, attrs: Mapping[str, Any] | None = None) -> "AnswerTrial":
         """:func:`publish_answer` in this run's study (a storage error is one clear error)."""
         import sqlalchemy.exc as sa_exc
 
         try:
             return publish_answer(self.storage, self.study_name, policy.key(), stage=stage,
-                                  artifacts=artifacts, artifact_dir=artifact_dir)
+                                  artifacts=artifacts, artifact_dir=artifact_dir, attrs=attrs)
         except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             raise _write_error(self.storage_url, exc.__cause__ or exc) from None
 
@@ -386,7 +390,7 @@ def _results(study: optuna.Study, objective: Any) -> dict[str, EvalResult]:
             out[key] = EvalResult.failed(len(objective.directions), stored.error)
         else:
             out[key] = EvalResult(values=objective.compute(stored.metrics), metrics=stored.metrics,
-                                  sites=stored.sites)
+                                  sites=stored.sites, images=stored.images)
     return out
 
 

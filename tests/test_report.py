@@ -84,7 +84,7 @@ def test_every_trial_says_what_it_is(run):
     assert study.metric_names == ["kl"]
     # run.json's evaluation tags say the same
     tags = [e["tag"] for e in RunRecord.load(root / "results" / RUN).data["evaluations"]]
-    assert sorted(tags) == ["baseline", "baseline", "baseline", "rule"]
+    assert sorted(tags) == ["baseline", "baseline", "baseline", "ceiling", "rule"]
     # the answer: one copy of the rule's result, marked by attributes and notes
     (answer,) = _answers(study)
     assert answer.user_attrs["answer_of"] == rule.number and answer.params == rule.params
@@ -109,7 +109,7 @@ def test_answer_carries_the_policy_json_and_is_never_read_back_as_an_evaluation(
     assert [m.filename for m in metas] == ["policy.json"]
     stored = root / "results" / "artifacts" / metas[0].artifact_id
     assert stored.read_bytes() == (root / "results" / RUN / "policy.json").read_bytes()
-    assert len(_results(study, load_objective("kl"))) == 4  # 3 uniform + the rule's pick, no copy
+    assert len(_results(study, load_objective("kl"))) == 5  # 3 uniform + the ceiling + the rule's pick, no copy
 
 
 def test_publishing_needs_the_answers_evaluation(tmp_path):
@@ -149,6 +149,7 @@ def test_report_figures_exist_and_are_referenced(reported):
     assert head[0] == "kind" and head[-1] == "sites"
     for kind, counts in res.policy.method_counts().items():
         assert rows[kind] == [str(counts.get(m, 0)) for m in head[1:-1]] + [str(sum(counts.values()))]
+    assert '<h2 id="headroom">Headroom and verdict</h2>' in text and "headroom = ceiling - uniform" in text
     assert 'id="finetune-status">not run' in text and 'id="latency-status">not run' in text
     assert "result after training</td><td>not run" in text
     for site in res.policy.sites:

@@ -35,9 +35,9 @@ from policysearch.models.segments import Segment, segments
 from policysearch.models.wiring import apply_policy, calibrate, find_sites, fitted_constants, float_mode, record_sites
 from policysearch.objectives.objective import Objective, load_objective
 from policysearch.objectives.repair import ReluRepair, RepairSettings
-from policysearch.objectives.sqnr import asqnr, logit_metrics
+from policysearch.objectives.sqnr import asqnr, kl_per_image, logit_metrics
 from policysearch.policy import Policy
-from policysearch.result import EvalResult, SiteMetrics
+from policysearch.result import EvalResult, PerImage, SiteMetrics
 from policysearch.spaces.site import Site
 
 __all__ = ["Evaluator"]
@@ -209,7 +209,15 @@ class Evaluator:
         error = None
         if not bool(torch.isfinite(eval_logits).all()):
             error = "the quantized model produced non-finite logits (NaN/inf)"
-        return EvalResult(values=values, metrics=metrics, sites=ordered, error=error)
+        return EvalResult(values=values, metrics=metrics, sites=ordered, error=error,
+                          images=self._per_image(eval_ref, eval_logits))
+
+    def _per_image(self, ref: torch.Tensor, logits: torch.Tensor) -> PerImage:
+        """Per-image correctness, agreement and KL, for paired intervals between policies."""
+        pred = logits.argmax(-1)
+        return PerImage.from_arrays(
+            correct=None if self.labels is None else (pred == self.labels).cpu().numpy(),
+            agree=(pred == ref.argmax(-1)).cpu().numpy(), kl=kl_per_image(ref, logits).cpu().numpy())
 
     def _bar(self, items: Sequence[torch.Tensor], desc: str) -> Sequence[torch.Tensor]:
         if not self.progress:

@@ -284,7 +284,7 @@ def derive_metrics(result: EvalResult, policy: Policy, *, objective: Objective, 
     if wants_error:
         metrics["error"] = 1.0 - float(metrics.get("top1", math.nan))
     return EvalResult(values=objective.compute(metrics), metrics=metrics, sites=result.sites,
-                      error=result.error if fresh else None)
+                      error=result.error if fresh else None, images=result.images)
 
 
 # -- constraints ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DB_CONVENTIONS", "MAX_DB", "asqnr", "convert_db", "kl_divergence", "logit_metrics", "top1_agreement"]
+__all__ = ["DB_CONVENTIONS", "MAX_DB", "asqnr", "convert_db", "kl_divergence", "kl_per_image", "logit_metrics", "top1_agreement"]
 
 #: The cap on an exact match, in the 20·log10 convention (``MAX_DB / 2`` in 10·log10).
 MAX_DB = 200.0
@@ -76,9 +76,14 @@ def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20, valid: torch.Tensor
 
 def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean KL(float || quantized) of the softmax distributions, in nats."""
+    return float(kl_per_image(ref_logits, logits).mean())
+
+
+def kl_per_image(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(float || quantized) of each row's softmax distribution, in nats (float64)."""
     p_log = F.log_softmax(ref_logits.double(), -1)
     q_log = F.log_softmax(logits.double(), -1)
-    return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
 def top1_agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:

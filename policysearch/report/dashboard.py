@@ -15,15 +15,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.report.verdict import headroom_sentence, verdict_sentence
 
-__all__ = ["DashboardTarget", "annotate", "dashboard_target", "require_dashboard", "serve", "serving"]
+__all__ = ["DashboardTarget", "annotate", "dashboard_target", "require_dashboard", "serve", "serving",
+           "verdict_attrs"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,18 @@ def require_dashboard() -> Any:
 
 
 # -- notes ------------------------------------------------------------------------------------
+
+def verdict_attrs(data: Mapping[str, Any]) -> dict[str, str]:
+    """User attributes for the answer trial from a run record: ``answer_name`` (what it is),
+    ``verdict`` (how it compares with the best uniform method) and ``headroom`` (the sentence)."""
+    strategy = (data.get("config") or {}).get("strategy", "?")
+    out = {"answer_name": f"the answer of strategy {strategy}"}
+    if data.get("verdict"):
+        out["verdict"] = verdict_sentence(data["verdict"])
+    if data.get("headroom"):
+        out["headroom"] = headroom_sentence(data["headroom"])
+    return out
+
 
 def _fmt(v: Any, spec: str) -> str:
     try:
@@ -74,6 +88,7 @@ def _answer_note(t: Any, study: Any, current: int | None) -> str:
         "  (optuna attaches artifacts only to a running trial)",
         f"- top-1 {_fmt(a.get('m.top1'), '.2%')}, agreement with float {_fmt(a.get('m.agreement'), '.2%')}",
         f"- KL {_fmt(a.get('m.kl'), '.3g')}, logit SQNR {_fmt(a.get('m.logit_sqnr'), '.1f')} dB",
+        *([f"- {a['verdict']}"] if a.get("verdict") else []),
         "",
         "Method counts per kind:",
         "",
@@ -99,8 +114,13 @@ def _study_note(study: Any, trials: list[Any], current: int | None, source: int 
         f"`{study.user_attrs.get('wiring', '?')}`.",
         "",
         "*Best Trial* ranks trials by objective value alone: it can be a uniform baseline,",
-        "which is not what an SQNR rule chooses. The strategy's choice is the `answer` trial.",
+        "which is not what an SQNR rule chooses, or the `ceiling` (every non-linear site in float,",
+        "a reference outside the space). The strategy's choice is the `answer` trial.",
         "",
+        *([f"**How the answer compares:** {study.user_attrs['verdict']}", ""]
+          if study.user_attrs.get("verdict") else []),
+        *([f"**Headroom** (trial of kind `ceiling`: every non-linear site in float): "
+           f"{study.user_attrs['headroom']}", ""] if study.user_attrs.get("headroom") else []),
         "| kind (user attribute) | trials |",
         "|---|---|",
     ]

@@ -31,6 +31,7 @@ from typing import Any
 
 import policysearch.methods as _catalogue
 from policysearch.errors import ConfigError
+from policysearch.report.verdict import headroom_rows, report_lines
 
 __all__ = ["REPORT_FILE", "Figure", "ReportData", "build_report", "gather"]
 
@@ -562,6 +563,9 @@ def render(data: ReportData, figs: Sequence[Figure], missing: Sequence[str], tab
     p += ["<h2>Accuracy</h2>",
           f"<p>On the run's {_e(cfg.get('eval_size') or 'all')} evaluation images. KL and agreement against the "
           "float model; SQNR in dB, 20·log10.</p>", _table(acc["head"], acc["rows"], bold=acc["bold"])]
+    if run.get("headroom"):  # the ceiling (every non-linear site in float) and how the answer compares
+        p += ['<h2 id="headroom">Headroom and verdict</h2>', _table(*headroom_rows(run["headroom"])),
+              *(f"<p>{_e(line)}</p>" for line in report_lines(run))]
     cnt = tabs["counts"]
     p += ["<h2>Methods chosen per kind (Table 3)</h2>", _table(cnt["head"], cnt["rows"])]
 

@@ -9,10 +9,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from policysearch.errors import ConfigError
 from policysearch.policy import read_policy
+from policysearch.report.verdict import headroom_lines, verdict_lines
 from policysearch.spaces.site import KIND_METHODS
 
-__all__ = ["check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
+__all__ = ["PICKS", "check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
 
 
 def _pct(v: float | None) -> str:
@@ -71,22 +73,61 @@ def summary_text(res: Any, *, db: int = 20) -> str:
     if res.result.ok and res.result.sites:
         lines += ["", f"per-site ASQNR of the result (dB, {db}·log10):",
                   site_sqnr_table(res.policy, res.result, db=db)]
+    if getattr(res, "headroom", None):
+        lines += ["", "headroom (ceiling: every non-linear site in float, same linear layers and bits):",
+                  *headroom_lines(res.headroom)]
+    if getattr(res, "verdict", None):
+        lines += ["", "verdict:", *verdict_lines(res.verdict)]
     lines += ["", f"written: {res.run_dir}/policy.json, config.yaml, sensitivity.csv"]
     return "\n".join(lines)
 
 
-def export_run(run: str, *, out: str | None = None, results_dir: str = "results") -> Path:
-    """The policy JSON of a finished run, built from its run record; written to ``out`` if given."""
+#: what ``export --pick`` may export
+PICKS = ("answer", "best")
+
+
+def export_run(run: str, *, out: str | None = None, results_dir: str = "results", pick: str = "answer") -> Path:
+    """The policy JSON of a finished run, built from its run record; written to ``out`` if given.
+
+    ``pick``: ``answer`` (the strategy's own answer, written to the run's policy.json by default)
+    or ``best`` (the best evaluated policy by the run's objective, uniform baselines included, from
+    the record's verdict; written to the run's ``policy-best.json`` by default)."""
     from policysearch.policy import write_policy
     from policysearch.run import RunRecord, policy_document, resolve_run_dir
 
+    if pick not in PICKS:
+        raise ConfigError(f"--pick {pick[:40]!r} is unknown; valid: {', '.join(PICKS)}")
     run_dir = resolve_run_dir(run, results_dir)
     record = RunRecord.load(run_dir)
+    if pick == "best":
+        record = _best_record(record)
     doc = policy_document(record)
-    dst = Path(out) if out is not None else run_dir / record.data.get("outputs", {}).get("policy", "policy.json")
+    default = "policy-best.json" if pick == "best" else record.data.get("outputs", {}).get("policy", "policy.json")
+    dst = Path(out) if out is not None else run_dir / default
     write_policy(dst, doc)
     read_policy(dst)
     return dst
+
+
+def _best_record(record: Any) -> Any:
+    """A copy of ``record`` whose answer is the verdict's best evaluated policy by the objective."""
+    import copy
+
+    judged = record.data.get("verdict")
+    if record.data.get("status") == "finished" and not judged:
+        raise ConfigError(f"run {record.name!r} records no verdict (made by an older policysearch); run the same "
+                          "`policysearch run` command again to add it, or export without --pick best")
+    best = (judged or {}).get("best")
+    if judged and not best:
+        raise ConfigError(f"run {record.name!r} has an objective with several values ({judged.get('objective')}): "
+                          "there is no single best policy; export the answer, or pick from the study's trials")
+    data = copy.deepcopy(record.data)
+    if best:
+        keep = {k: v for k, v in data.get("answer", {}).items() if k in ("feasible", "shortfall")}
+        data["answer"] = {"policy": best["policy"], "values": best["values"], "metrics": best["metrics"], **keep}
+        data["picked"] = {"pick": "best", "label": best["label"], "objective": judged.get("objective"),
+                          "is_answer": bool(judged.get("best_is_answer"))}
+    return type(record)(record.run_dir, data)
 
 
 def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: str | None, data: str,
@@ -99,8 +140,6 @@ def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: s
 
 def _finetuned_weights(doc: Any, policy_path: str) -> Path | None:
     """The fine-tuned weights a policy file names (``model.finetuned``, relative to the file)."""
-    from policysearch.errors import ConfigError
-
     name = doc.model.get("finetuned")
     if not name:
         return None
