@@ -15,7 +15,6 @@ run that changes only the objective, under a new name, reuses the evaluations of
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -28,15 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
 
 __all__ = [
     "RUN_FORMAT",
     "RunLockedError",
     "RunRecord",
     "check_run_name",
-    "diff_fingerprints",
-    "fingerprint_digest",
-    "file_sha256",
     "lock_run",
     "resolve_run_dir",
 ]
@@ -72,42 +69,6 @@ def resolve_run_dir(run: str, results_dir: str | Path = "results") -> Path:
 
 
 # -- fingerprint ------------------------------------------------------------------------------
-
-def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fingerprint_digest(fields: Mapping[str, Any]) -> str:
-    text = json.dumps(dict(fields), sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def diff_fingerprints(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Names of the fields that differ (a field present on one side only differs too)."""
-    return [k for k in sorted(set(old) | set(new)) if _canon(old.get(k)) != _canon(new.get(k))]
-
-
-def _canon(v: Any) -> str:
-    return json.dumps(v, sort_keys=True, default=str)
-
-
-def _short(v: Any, n: int = 40) -> str:
-    s = _canon(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def refusal(run_name: str, old: Mapping[str, Any], new: Mapping[str, Any], fields: list[str]) -> ConfigError:
-    shown = "; ".join(f"{f}: {_short(old.get(f))} -> {_short(new.get(f))}" for f in fields[:6])
-    more = f" and {len(fields) - 6} more" if len(fields) > 6 else ""
-    return ConfigError(
-        f"run {run_name!r} was made with other work ({shown}{more}); its results cannot be reused. "
-        f"Choose a new --run-name, or repeat the run's original options to resume it"
-    )
-
 
 # -- lock -------------------------------------------------------------------------------------
 
@@ -248,59 +209,6 @@ def _strict(obj: Any) -> Any:
 
 
 # -- what a search run records ----------------------------------------------------------------
-
-def weights_identity(model: str, checkpoint: str | None) -> str:
-    """The content hash of the weights a run uses (checkpoint file, shipped zoo weights, or seed)."""
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {checkpoint!r} does not exist; pass the path of a weights file")
-        return "sha256:" + file_sha256(path)
-    from policysearch.models import zoo
-
-    if model in zoo.ZOO:
-        entry = zoo.get(model)
-        if entry.shipped_weights:
-            return "sha256:" + file_sha256(zoo.weights_path(model))
-        return f"seeded:{entry.recipe.seed}"
-    return "random:timm-init"  # timm, pretrained=False, no checkpoint: seeded by --seed below
-
-
-def _data_identity(data: str) -> str:
-    source, sep, rest = data.partition(":")
-    if sep and source == "imagefolder" and rest:
-        return f"imagefolder:{Path(rest).expanduser().resolve()}"
-    return data
-
-
-def run_fingerprint(config: Any) -> dict[str, Any]:
-    """The fingerprint fields of a search config (``data_digest`` is added once data is loaded)."""
-    from policysearch.numerics import NUMERICS_VERSION
-
-    return {
-        "model": config.model,
-        "model_args": dict(config.model_args),
-        "weights": weights_identity(config.model, config.checkpoint),
-        "data": _data_identity(config.data),
-        "calib_size": config.calib_size,
-        "eval_size": config.eval_size,
-        "seed": config.seed,
-        "weight_bits": config.weight_bits,
-        "act_bits": config.act_bits,
-        "wiring": config.wiring,
-        "numerics": NUMERICS_VERSION,
-        "relu_repair": _repair_identity(config),
-    }
-
-
-def _repair_identity(config: Any) -> dict[str, Any] | None:
-    """The ReLU repair settings that change results (None: ``relu`` only swaps the activation)."""
-    if not getattr(config, "relu_repair", False):
-        return None
-    from policysearch.objectives.repair import REPAIR_VERSION, RepairSettings
-
-    return {"version": REPAIR_VERSION, **RepairSettings().key_fields()}
-
 
 def sensitivity_rows(uniform: Mapping[str, Any], results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """site x method: gamma, beta and SQNR diff under each uniform policy."""

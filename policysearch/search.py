@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policysearch.device import DEVICE_PATTERN, resolve_device
 from policysearch.errors import ConfigError
+from policysearch.identity import data_identity
+from policysearch.models.zoo import weights_identity
+from policysearch.numerics import NUMERICS_VERSION
+from policysearch.objectives.repair import REPAIR_VERSION, RepairSettings
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 from policysearch.runners.base import Feed
 
-__all__ = ["SearchConfig", "SearchResult", "search", "strategy_feed"]
+__all__ = ["SearchConfig", "SearchResult", "run_fingerprint", "search", "strategy_feed"]
 
 log = logging.getLogger(__name__)
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
@@ -89,7 +91,7 @@ class SearchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        if not _DEVICE.fullmatch(self.device):
+        if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"--device {self.device[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
         from policysearch.models.wiring import WIRINGS
 
@@ -145,9 +147,9 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     """Run the search ``config`` describes; see the module docstring."""
     from policysearch.objectives import load_objective
     from policysearch.objectives.latency import evaluator_objective
-    from policysearch.run import RunRecord, check_writable, lock_run, run_fingerprint
+    from policysearch.run import RunRecord, check_writable, lock_run
     from policysearch.runners import create_runner
-    from policysearch.spec import EvaluatorSpec, resolve_device
+    from policysearch.spec import EvaluatorSpec
     from policysearch.strategies import STRATEGIES
     from policysearch.study import StudyRecorder, default_storage, redact_url
 
@@ -185,6 +187,31 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     except BaseException as exc:
         _mark_stopped(run_dir, exc)
         raise
+
+
+def run_fingerprint(config: SearchConfig) -> dict[str, Any]:
+    """The fingerprint fields of a search config (``data_digest`` is added once data is loaded)."""
+    return {
+        "model": config.model,
+        "model_args": dict(config.model_args),
+        "weights": weights_identity(config.model, config.checkpoint),
+        "data": data_identity(config.data),
+        "calib_size": config.calib_size,
+        "eval_size": config.eval_size,
+        "seed": config.seed,
+        "weight_bits": config.weight_bits,
+        "act_bits": config.act_bits,
+        "wiring": config.wiring,
+        "numerics": NUMERICS_VERSION,
+        "relu_repair": _repair_identity(config),
+    }
+
+
+def _repair_identity(config: SearchConfig) -> dict[str, Any] | None:
+    """The ReLU repair settings that change results (None: ``relu`` only swaps the activation)."""
+    if not config.relu_repair:
+        return None
+    return {"version": REPAIR_VERSION, **RepairSettings().key_fields()}
 
 
 def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> Any:

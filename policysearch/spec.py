@@ -8,26 +8,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["EvaluatorSpec", "data_digest", "get_evaluator", "resolve_device"]
+from policysearch.device import resolve_device
+from policysearch.identity import data_digest
+from policysearch.models.zoo import weights_identity
+
+__all__ = ["EvaluatorSpec", "get_evaluator"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> cuda when present, else cpu; an unknown or unavailable device is one clear error."""
-    import re
-
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        from policysearch.errors import ConfigError
-
-        raise ConfigError(f"--device {str(device)[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from policysearch.errors import ConfigError
-
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +47,6 @@ class EvaluatorSpec:
         if not self.relu_repair:
             return None
         from policysearch.objectives.repair import RepairSettings
-        from policysearch.run import weights_identity
 
         return RepairSettings(cache_dir=self.repair_cache_dir,
                               weights_identity=weights_identity(self.model, self.checkpoint))
@@ -88,21 +74,6 @@ class EvaluatorSpec:
         )
         evaluator.data_digest = data_digest(calib_x, eval_x, eval_y)
         return evaluator
-
-
-def data_digest(*tensors: torch.Tensor | None) -> str:
-    """A content hash of the exact images and labels a run calibrates and evaluates on."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"none")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 _CACHE: dict[str, Any] = {}

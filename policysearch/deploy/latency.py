@@ -32,8 +32,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
-import platform
 import re
 import statistics
 import tempfile
@@ -45,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from policysearch.errors import ConfigError
+from policysearch.identity import machine_info
 
 __all__ = [
     "LATENCY_FILE",
@@ -111,23 +110,6 @@ def _input_shape(sess: Any) -> tuple[int, ...]:
     if not all(isinstance(d, int) for d in dims):
         raise ConfigError(f"the ONNX model's input shape {shape} has dynamic dimensions besides the batch")
     return tuple(dims)
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, core count and load averages (report them beside any latency)."""
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        info["load"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 # -- measurement ----------------------------------------------------------------------------
@@ -247,8 +229,9 @@ def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu:
 
 def _finetune_folder_record(folder: Path) -> Any:
     """A standalone ``policysearch finetune --policy`` output folder, read as a finished run record."""
+    from policysearch.models.zoo import weights_identity
     from policysearch.policy import read_policy
-    from policysearch.run import RunRecord, weights_identity
+    from policysearch.run import RunRecord
 
     try:
         rec = json.loads((folder / "finetune.json").read_text())

@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from policysearch.device import resolve_device
 from policysearch.errors import ConfigError
+from policysearch.identity import machine_info, profile_path
 
 __all__ = ["PROFILE_FORMAT", "method_costs", "policy_cost", "profile_model", "profile_path", "read_profile"]
 
@@ -45,13 +46,6 @@ log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = "policysearch.profile/v1"
 MIN_REPEATS = 20
-
-
-def profile_path(model: str, device: str, batch: int, results_dir: str | Path = "results") -> Path:
-    """``<results_dir>/profiles/<model>-<device>-b<batch>.json`` (the model name made file-safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
-    dev = re.sub(r"[^A-Za-z0-9]+", "", device)
-    return Path(results_dir) / "profiles" / f"{safe}-{dev}-b{int(batch)}.json"
 
 
 def _sync(device: torch.device) -> None:
@@ -174,10 +168,8 @@ def profile_model(model: str, *, device: str = "cpu", batch: int = 8, repeats: i
     (restored afterwards); ``None`` leaves torch's setting.
     """
     from policysearch import kernels
-    from policysearch.deploy.latency import machine_info
     from policysearch.models import sites_of
     from policysearch.models.loading import load_model, model_input_size
-    from policysearch.spec import resolve_device
 
     if repeats < MIN_REPEATS:
         raise ConfigError(f"--repeats must be at least {MIN_REPEATS}, got {repeats}")

@@ -39,7 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from policysearch.device import resolve_device
 from policysearch.finetune.errors import FinetuneError, FinetuneStopped
+from policysearch.identity import machine_info
+from policysearch.models.zoo import weights_identity
+from policysearch.numerics import NUMERICS_VERSION
 
 __all__ = ["FINETUNE_FORMAT", "FinetuneResult", "FinetuneSettings", "finetune", "float_weights"]
 
@@ -215,8 +219,6 @@ def _resolve(run: str | None, policy: Any, *, model: str | None, checkpoint: str
 
 
 def _identity(job: _Job, settings: FinetuneSettings) -> dict[str, Any]:
-    from policysearch.numerics import NUMERICS_VERSION
-    from policysearch.run import weights_identity
 
     return {"model": job.model, "model_args": job.model_args, "weights": weights_identity(job.model, job.checkpoint),
             "wiring": job.wiring, "data": job.data, "calib_size": job.calib_size, "policy": job.policy.key(),
@@ -342,7 +344,6 @@ def finetune(run: str | None = None, *, policy: Any = None, model: str | None = 
     without it resumes. ``predictions``: also save every evaluation image's predicted class (float
     model, before, float ReLU model, after) to ``finetune/predictions.npz`` (paired comparisons)."""
     from policysearch.run import check_writable, lock_run
-    from policysearch.spec import resolve_device
 
     unknown = set(options) - {f.name for f in dataclasses.fields(FinetuneSettings)}
     if unknown:
@@ -474,7 +475,6 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
 
 def _machine() -> dict[str, Any]:
     """Where the job ran: float results can differ in a few images between CPUs and BLAS builds."""
-    from policysearch.deploy.latency import machine_info
 
     info = machine_info()
     info.pop("load", None)

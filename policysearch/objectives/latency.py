@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.identity import profile_path, rank_key
 from policysearch.objectives.objective import METRICS, OBJECTIVES, Objective
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
@@ -243,7 +244,6 @@ def resolve_profile(profile: str | None, *, model: str, results_dir: str | Path,
         return LatencyModel.from_profile(profile)
     if not needed:
         return None
-    from policysearch.deploy.profile import profile_path
 
     default = profile_path(model, "cpu", 8, results_dir)
     if default.is_file():
@@ -338,7 +338,6 @@ class Constraints:
         """The answer and its feasibility record: ``best`` (the strategy's pick) when feasible,
         else the best feasible candidate by the objectives, else the candidate with the least total
         shortfall (ties by the objectives), marked ``"feasible": False`` with its ``shortfall``."""
-        from policysearch.strategies.base import rank_key
 
         ok = [(p, r) for p, r in candidates if r.ok]
         feasible = [(p, r) for p, r in ok if not self.shortfall(r.metrics)]

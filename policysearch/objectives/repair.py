@@ -25,7 +25,7 @@ repair serves both wirings and every observer.
 
 **Caches.** In memory per evaluator (a site is repaired once, whatever candidates follow) and on
 disk under ``RepairSettings.cache_dir`` (``results/cache/relu_repair/<site>-<hash>.safetensors``),
-the hash over the weights identity (``policysearch.run.weights_identity`` where the caller gives
+the hash over the weights identity (``policysearch.models.zoo.weights_identity`` where the caller gives
 it) and a content hash of the model's parameters (always: ``random:timm-init`` alone would not
 tell two seeds apart), the calibration images' digest (``policysearch.spec.data_digest``), the
 site name, the settings and :data:`REPAIR_VERSION`. A fresh evaluator, in this or another run,
@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.errors import ConfigError, PolicySearchError
+from policysearch.identity import data_digest
 from policysearch.policy import Policy
 
 __all__ = [
@@ -110,7 +111,7 @@ class RepairSettings:
 
     ``steps`` Adam steps at ``lr`` (cosine decay to 0) on batches of ``batch_tokens`` tokens drawn
     (``seed``) from at most ``max_tokens`` recorded tokens. ``cache_dir``: the disk cache (None:
-    memory only). ``weights_identity``: ``policysearch.run.weights_identity(model, checkpoint)``
+    memory only). ``weights_identity``: ``policysearch.models.zoo.weights_identity(model, checkpoint)``
     where the caller knows it (it joins the parameters' content hash in the key)."""
 
     steps: int = 300
@@ -321,7 +322,6 @@ class ReluRepair:
     # -- internals ----------------------------------------------------------------------------
     def _ids(self) -> dict[str, Any]:
         if self._identity is None:  # computed before any swap: the original parameters
-            from policysearch.spec import data_digest
 
             self._restore_all()
             self._identity = {"weights": self.settings.weights_identity, "params": _param_digest(self.model),
