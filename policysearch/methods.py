@@ -4,7 +4,7 @@ Each entry says, for one ``(kind, name)``, what the operator consumes, which out
 its kernel supports, whether it is integer-only, and holds a slot for a measured relative cost.
 Everything else reads this one entry: the kernel registry (a kernel registers against an entry;
 one for an undeclared method is an error), the search space's allowed lists
-(``policysearch.spaces.site.KIND_METHODS``), the policy schema's enums, the precision rules
+(``policysearch.sites.KIND_METHODS``), the policy schema's enums, the precision rules
 (``expects``) and the cost profile. Adding a method is one kernel module plus one
 :func:`register_method` line below; no list elsewhere needs editing.
 

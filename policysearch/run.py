@@ -23,16 +23,20 @@ import re
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
 from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
+from policysearch.policy import Policy, PolicyDocument, write_policy
+from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage
 
 __all__ = [
     "RUN_FORMAT",
     "RunLockedError",
     "RunRecord",
+    "SearchOutputs",
     "check_run_name",
     "lock_run",
     "resolve_run_dir",
@@ -40,7 +44,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "policysearch.run/v1"
 RUN_FILE = "run.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]{0,127}")
 
@@ -147,9 +150,12 @@ class RunRecord:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ConfigError(f"{path} is not a readable run record ({type(exc).__name__}); "
                               "delete the run folder and run again") from None
-        if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
-            raise ConfigError(f"{path} is not a {RUN_FORMAT} run record")
-        return cls(Path(run_dir), data)
+        return cls(Path(run_dir), RunDocument.from_json(data, where=str(path)).to_json())  # v1 read as v2
+
+    @property
+    def doc(self) -> RunDocument:
+        """The record as its typed document."""
+        return RunDocument.from_json(self.data, where=str(self.path))
 
     @classmethod
     def open(cls, run_dir: Path, *, name: str, fingerprint: Mapping[str, Any]) -> "RunRecord":
@@ -164,10 +170,9 @@ class RunRecord:
             rec.data["resumed"] = int(rec.data.get("resumed", 0)) + 1
             rec.data["status"] = "running"
             return rec
-        return cls(Path(run_dir), {
-            "format": RUN_FORMAT, "name": name, "status": "running", "created": _now(),
-            "fingerprint": dict(fingerprint), "evaluations": [], "stages": {},
-        })
+        doc = RunDocument(name=name, status="running", created=_now(),
+                          search=SearchStage(fingerprint_fields=dict(fingerprint), evaluations=[]))
+        return cls(Path(run_dir), doc.to_json())
 
     def check_data(self, digest: str) -> None:
         """The data digest is known once the data is loaded: refuse a changed selection."""
@@ -185,9 +190,10 @@ class RunRecord:
         self.data.setdefault("evaluations", []).append(dict(summary))
         self.save()
 
-    def set_stage(self, stage: str, outputs: Mapping[str, Any]) -> None:
-        """Record a later stage's outputs (finetune, latency, report) under ``stages``."""
-        self.data.setdefault("stages", {})[stage] = {**outputs, "updated": _now()}
+    def set_stage(self, stage: Stage) -> None:
+        """Record a later stage (finetune, latency, report) under ``stages``."""
+        stage.updated = _now()
+        self.data.setdefault("stages", {})[stage.name] = stage.to_json()
         self.save()
 
     def save(self) -> None:
@@ -241,28 +247,41 @@ def _brief(result: Any) -> dict[str, Any]:
     return {"values": list(result.values), "error": result.error, **dict(result.metrics)}
 
 
-def write_outputs(record: RunRecord, *, config: Any, objective: Mapping[str, Any], space: Any, policy: Any,
-                  result: Any, baselines: Mapping[str, Any], sensitivity: list[dict[str, Any]],
-                  float_metrics: Mapping[str, float], timings: Mapping[str, float],
-                  counts: Mapping[str, int], feasibility: Mapping[str, Any] | None = None,
-                  strategy_report: Mapping[str, Any] | None = None) -> None:
-    """config.yaml, policy.json, sensitivity.csv, and the finished run record.
+@dataclass(frozen=True, kw_only=True)
+class SearchOutputs:
+    """What a finished search leaves: the answer, the baselines and the run's numbers.
 
     ``feasibility``: the answer under the run's constraints (``feasible``, ``shortfall``, ...);
     ``strategy_report``: ``{"provenance": {...}, "metrics": {...}}`` the strategy gives about its
     answer (e.g. ilp's predicted metrics, ``predicted_<metric>``, beside the measured ones)."""
+
+    objective: Mapping[str, Any]
+    space: Any
+    policy: Any
+    result: Any
+    baselines: Mapping[str, Any]
+    sensitivity: list[dict[str, Any]]
+    float_metrics: Mapping[str, float]
+    timings: Mapping[str, float]
+    counts: Mapping[str, int]
+    feasibility: Mapping[str, Any] | None = None
+    strategy_report: Mapping[str, Any] | None = None
+
+
+def write_outputs(record: RunRecord, out: SearchOutputs) -> None:
+    """config.yaml, policy.json, sensitivity.csv, and the finished run record."""
     import csv
 
     import yaml
 
-    from policysearch.policy import write_policy
-
     run_dir = record.run_dir
+    objective, space, policy, result = out.objective, out.space, out.policy, out.result
+    feasibility, strategy_report = out.feasibility, out.strategy_report
     resolved = {**record.data.get("config", {}), "objective": dict(objective), "space": space.to_dict()}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     record.data.update(
-        status="finished", finished=_now(), timings=dict(timings), **counts,
-        baselines={m: _brief(r) for m, r in baselines.items()}, float_metrics=dict(float_metrics),
+        status="finished", finished=_now(), timings=dict(out.timings), **out.counts,
+        baselines={m: _brief(r) for m, r in out.baselines.items()}, float_metrics=dict(out.float_metrics),
         answer={"policy": policy.to_dict(), "values": list(result.values),
                 "metrics": {**result.metrics, **dict((strategy_report or {}).get("metrics", {})),
                             "sites": {k: v.to_dict() for k, v in result.sites.items()}},
@@ -280,14 +299,12 @@ def write_outputs(record: RunRecord, *, config: Any, objective: Mapping[str, Any
     with (run_dir / "sensitivity.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["site", "kind", "method", "gamma", "beta", "sqnr_diff"])
         writer.writeheader()
-        writer.writerows(sensitivity)
+        writer.writerows(out.sensitivity)
     record.save()
 
 
 def policy_document(record: RunRecord) -> Any:
     """The policy JSON document of a finished run, built from its record alone."""
-    from policysearch.policy import Policy, PolicyDocument
-
     data = record.data
     if data.get("status") != "finished" or "answer" not in data:
         raise ConfigError(f"run {record.name!r} has not finished (status {data.get('status')!r}); "
@@ -295,10 +312,6 @@ def policy_document(record: RunRecord) -> Any:
     config, fp, answer = data.get("config", {}), data.get("fingerprint", {}), data["answer"]
     metrics = {**answer["metrics"], "values": answer["values"],
                "float_top1": data.get("float_metrics", {}).get("top1")}
-    if "latency" in data.get("stages", {}):  # the int8 runtime check (policysearch latency RUN)
-        if isinstance(metrics.get("latency"), (int, float)):  # the profile's prediction keeps its own key
-            metrics["profiled_latency"] = metrics["latency"]
-        metrics["latency"] = {k: v for k, v in data["stages"]["latency"].items() if k != "updated"}
     provenance = {"strategy": config.get("strategy"), "objective": data.get("objective", {}).get("name"),
                   "space": config.get("space"), "seed": config.get("seed"), "data": config.get("data"),
                   "eval_size": config.get("eval_size"), "calib_size": config.get("calib_size"),
@@ -312,14 +325,7 @@ def policy_document(record: RunRecord) -> Any:
         provenance["strategy_report"] = data["strategy_report"]
     model = {"name": config.get("model"), "checkpoint": config.get("checkpoint"),
              "args": fp.get("model_args", {}), "weights": fp.get("weights")}
-    finetuned = data.get("stages", {}).get("finetune")
-    if finetuned:  # the training stage (policysearch finetune RUN): accuracy before/after, settings, weights
-        from policysearch.finetune.record import finetune_metrics, finetune_provenance
-
-        metrics["finetune"] = finetune_metrics(finetuned)
-        provenance["finetune"] = finetune_provenance(finetuned)
-        model["finetuned"] = finetuned.get("weights")
-        if finetuned.get("relu_float"):
-            model["relu_float"] = finetuned["relu_float"]
+    for stage in sorted(record.doc.stages.values(), key=lambda st: st.policy_rank):
+        stage.policy_fields(metrics=metrics, provenance=provenance, model=model)  # latency, training, ...
     return PolicyDocument(policy=Policy.from_dict(answer["policy"]), model=model, metrics=metrics,
                           provenance=provenance, wiring=fp.get("wiring"))

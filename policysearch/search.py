@@ -175,12 +175,8 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
             )
             record.update(config=config_dict(config), objective=objective.to_dict(),
                           storage=redact_url(storage), study=run_name)
-            spec = EvaluatorSpec(
-                model=config.model, checkpoint=config.checkpoint, model_args=tuple(config.model_args.items()),
-                wiring=config.wiring, data=config.data, objective=evaluator_objective(objective).to_dict(),
-                device=config.device,
-                calib_size=config.calib_size, eval_size=config.eval_size, batch_size=config.batch_size,
-                seed=config.seed, relu_repair=config.relu_repair,
+            spec = EvaluatorSpec.from_run(
+                record.doc, objective=evaluator_objective(objective).to_dict(),
                 repair_cache_dir=str(Path(config.results_dir) / "cache" / "relu_repair"),
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
@@ -244,7 +240,7 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
 def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record: Any, recorder: Any,
             progress: bool, t_start: float, latency: Any = None) -> SearchResult:
     from policysearch.objectives.latency import derive_metrics
-    from policysearch.run import sensitivity_rows, write_outputs
+    from policysearch.run import SearchOutputs, sensitivity_rows, write_outputs
     from policysearch.spaces import load_space
     from policysearch.spec import get_evaluator
     from policysearch.strategies import create_strategy
@@ -281,13 +277,13 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     strategy_report = report(policy) if callable(report) else None
     sensitivity = sensitivity_rows(space.uniform_policies(), baselines)
     t_end = time.perf_counter()
-    write_outputs(record, config=config, objective=objective.to_dict(), space=space, policy=policy,
-                  result=result, baselines=baselines, sensitivity=sensitivity,
-                  float_metrics=dict(evaluator.float_metrics),
-                  timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
-                           "total_s": round(t_end - t_start, 3)},
-                  counts={"evaluated": loop.evaluated, "reused": loop.reused},
-                  feasibility=feasibility, strategy_report=strategy_report)
+    write_outputs(record, SearchOutputs(
+        objective=objective.to_dict(), space=space, policy=policy, result=result, baselines=baselines,
+        sensitivity=sensitivity, float_metrics=dict(evaluator.float_metrics),
+        timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
+                 "total_s": round(t_end - t_start, 3)},
+        counts={"evaluated": loop.evaluated, "reused": loop.reused},
+        feasibility=feasibility, strategy_report=strategy_report))
     _publish_answer(config, record, recorder, policy)
     return SearchResult(
         run_dir=record.run_dir, run_name=record.name, policy=policy, result=result, baselines=baselines,

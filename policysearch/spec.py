@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from policysearch.device import resolve_device
 from policysearch.identity import data_digest
 from policysearch.models.zoo import weights_identity
+
+if TYPE_CHECKING:
+    from policysearch.rundoc import RunDocument
 
 __all__ = ["EvaluatorSpec", "get_evaluator"]
 
@@ -39,6 +42,21 @@ class EvaluatorSpec:
     #: disk cache lives in ``repair_cache_dir`` (None: memory only)
     relu_repair: bool = False
     repair_cache_dir: str | None = None
+
+    @classmethod
+    def from_run(cls, doc: RunDocument, **overrides: Any) -> EvaluatorSpec:
+        """The spec of the run ``doc`` records (its model, weights, data, selections, objective),
+        with ``overrides`` (e.g. ``device``, ``eval_size``) on top."""
+        cfg, fp = doc.search.config or {}, doc.search.fingerprint()
+        known = {f.name for f in fields(cls)}
+        base = {k: cfg[k] for k in ("model", "checkpoint", "wiring", "data", "device", "calib_size", "eval_size",
+                                    "batch_size", "seed", "relu_repair") if cfg.get(k) is not None}
+        base["model_args"] = tuple(sorted((fp.get("model_args") or {}).items()))
+        base["objective"] = doc.search.objective or cfg.get("objective", "kl")
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"EvaluatorSpec has no field(s) {', '.join(unknown)}")
+        return cls(**{**base, **overrides})
 
     def key(self) -> str:
         return repr(sorted((k, repr(v)) for k, v in self.__dict__.items()))

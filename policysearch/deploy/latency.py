@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from policysearch.deploy.record import LatencyStage
 from policysearch.errors import ConfigError
 from policysearch.identity import machine_info
 
@@ -284,7 +285,7 @@ def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any]) -> None:
             write_policy(run_dir / "policy.json", dataclasses.replace(pdoc, metrics=metrics))
             return
         record = RunRecord.load(run_dir)
-        record.set_stage("latency", {"file": LATENCY_FILE, **summary(doc)})
+        record.set_stage(LatencyStage(file=LATENCY_FILE, **summary(doc)))
         outputs = record.data.setdefault("outputs", {})
         outputs["latency"] = LATENCY_FILE
         record.save()

@@ -27,6 +27,8 @@ from typing import Any
 
 from torch import nn
 
+from policysearch.train.surgery import is_gelu, swap_to_relu
+
 __all__ = ["ORDERS", "gelu_paths", "relu_distill", "relu_plan", "swap_to_relu"]
 
 log = logging.getLogger(__name__)
@@ -34,14 +36,10 @@ log = logging.getLogger(__name__)
 ORDERS = ("forward", "backward")
 
 
-def _is_gelu(m: nn.Module) -> bool:
-    return isinstance(m, nn.GELU) or type(m).__name__ == "GELU"
-
-
 def gelu_paths(model: nn.Module) -> list[str]:
     """The module paths of ``model``'s GELUs (in the order the forward pass reaches them for timm
     ViT/DeiT/Swin, whose modules are registered in that order)."""
-    return [p for p, m in model.named_modules() if _is_gelu(m)]
+    return [p for p, m in model.named_modules() if is_gelu(m)]
 
 
 def relu_plan(paths: Sequence[str], *, blocks_per_stage: int = 1, order: str = "forward") -> list[list[str]]:
@@ -52,17 +50,6 @@ def relu_plan(paths: Sequence[str], *, blocks_per_stage: int = 1, order: str = "
         raise ValueError(f"blocks per stage must be positive, got {blocks_per_stage}")
     ordered = list(paths) if order == "forward" else list(reversed(paths))
     return [ordered[i:i + blocks_per_stage] for i in range(0, len(ordered), blocks_per_stage)]
-
-
-def swap_to_relu(model: nn.Module, paths: Sequence[str]) -> nn.Module:
-    """Replace the GELUs at ``paths`` by ``nn.ReLU`` in place; returns ``model``."""
-    for path in paths:
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if not _is_gelu(getattr(parent, attr)):
-            raise ValueError(f"{path} is {type(getattr(parent, attr)).__name__}, not a GELU")
-        setattr(parent, attr, nn.ReLU())
-    return model
 
 
 def relu_distill(model: nn.Module, relu_paths: Sequence[str], loader: Any, *, blocks_per_stage: int = 1,

@@ -41,6 +41,7 @@ from torch import nn
 
 from policysearch.device import resolve_device
 from policysearch.finetune.errors import FinetuneError, FinetuneStopped
+from policysearch.finetune.record import FinetuneStage, finetune_metrics, finetune_provenance
 from policysearch.identity import machine_info
 from policysearch.models.zoo import weights_identity
 from policysearch.numerics import NUMERICS_VERSION
@@ -482,13 +483,12 @@ def _machine() -> dict[str, Any]:
 
 
 def _write_outputs(job: _Job, record: dict[str, Any]) -> Path:
-    from policysearch.finetune.record import finetune_metrics, finetune_provenance
     from policysearch.policy import PolicyDocument, write_policy
     from policysearch.run import RunRecord, policy_document
 
     if job.record is not None:  # run mode: stages.finetune, then policy.json rebuilt from the record
         rec = RunRecord.load(job.record.run_dir)
-        rec.set_stage("finetune", record)
+        rec.set_stage(FinetuneStage.from_json(record))
         outputs = rec.data.setdefault("outputs", {})
         outputs["finetuned"] = record["weights"]
         if record.get("relu_float"):

@@ -38,7 +38,7 @@ from policysearch.models.precision import expects
 from policysearch.models.site import QuantSite, Recorder
 from policysearch.policy import Policy, PolicyError
 from policysearch.quant import IntAct, IntConv2d, IntLinear, QuantConv2d, QuantLinear
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 
 __all__ = [
     "WIRINGS",

@@ -38,7 +38,7 @@ from policysearch.objectives.repair import ReluRepair, RepairSettings
 from policysearch.objectives.sqnr import asqnr, logit_metrics
 from policysearch.policy import Policy
 from policysearch.result import EvalResult, SiteMetrics
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 
 __all__ = ["Evaluator"]
 

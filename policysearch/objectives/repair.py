@@ -54,8 +54,8 @@ took about 6 s each. The training stage's full iterative GELU -> ReLU distillati
 (``policysearch.finetune.relu``: end-to-end KD on training images, then QAT) was not re-run for
 this comparison; its figures for the same model belong in ``results/finetune.md``.
 
-Pieces reused from the training stage: ``finetune.relu.swap_to_relu`` makes the student's ReLU,
-``finetune.kd.frozen_copy`` the teacher, ``train.Schedule`` the learning-rate schedule.
+Pieces shared with the training stage: ``train.surgery.swap_to_relu`` makes the student's ReLU,
+``train.surgery.frozen_copy`` the teacher, ``train.Schedule`` the learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -79,6 +79,8 @@ from torch import nn
 from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.identity import data_digest
 from policysearch.policy import Policy
+from policysearch.train.surgery import frozen_copy, swap_to_relu
+from policysearch.train.trainer import Schedule
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -190,10 +192,6 @@ def repair_mlp(teacher: nn.Module, inputs: torch.Tensor, settings: RepairSetting
     ``teacher``: a float ``nn.Sequential(fc1=..., act=GELU, fc2=...)`` (left unchanged);
     ``inputs``: ``(tokens, dim)`` rows, on the device to train on. Deterministic for the same
     inputs, settings and device."""
-    from policysearch.finetune.kd import frozen_copy
-    from policysearch.finetune.relu import swap_to_relu
-    from policysearch.train.trainer import Schedule
-
     start = time.perf_counter()
     teacher = frozen_copy(teacher)
     student = swap_to_relu(copy.deepcopy(teacher), ["act"])

@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.finetune.record import FinetuneStage
+from policysearch.report.record import ReportStage
+from policysearch.rundoc import RunDocument
 
 __all__ = ["REPORT_FILE", "Figure", "ReportData", "build_report", "gather"]
 
@@ -79,6 +82,16 @@ class ReportData:
     @property
     def stages(self) -> dict[str, Any]:
         return dict(self.run.get("stages") or {})
+
+    @property
+    def finetune(self) -> FinetuneStage | None:
+        """The training stage, typed (None when it has not run)."""
+        raw = self.stages.get("finetune")
+        return FinetuneStage.from_json(raw) if raw else None
+
+    def trained_sites(self) -> dict[str, dict[str, float]]:
+        """Per-site gamma/beta after training ({} without a training stage)."""
+        return _sites_dict(self.finetune.after_sites()) if self.finetune else {}
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -179,28 +192,6 @@ def _read_study(data: ReportData, storage: str | None) -> None:
 
 # -- the training and latency stages ------------------------------------------------------------
 
-def _after_training(stage: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The fine-tuned policy's metrics from ``stages.finetune``, whatever nesting it uses
-    (``after`` / ``metrics_after`` / ``after_training`` / ``metrics`` dicts, or ``top1_after``...)."""
-    if not stage:
-        return None
-    for key in ("after", "metrics_after", "after_training", "metrics"):
-        d = stage.get(key)
-        if isinstance(d, Mapping) and any(k in d for k in ("top1", "kl", "agreement")):
-            return dict(d)
-    flat = {k[:-len("_after")]: v for k, v in stage.items() if k.endswith("_after")}
-    if flat:
-        return flat
-    if any(k in stage for k in ("top1", "kl", "agreement")):
-        return dict(stage)
-    return None
-
-
-def _after_training_sites(stage: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
-    after = _after_training(stage) or {}
-    return _sites_dict(after.get("sites") or (stage or {}).get("sites"))
-
-
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(d, Mapping):
         out = []
@@ -286,15 +277,12 @@ def site_outputs(data: ReportData, sites: Sequence[str], *, images: int = 16, de
     from policysearch.spaces import SearchSpace
     from policysearch.spec import EvaluatorSpec, get_evaluator
 
-    cfg, fp = data.run.get("config", {}), data.run.get("fingerprint", {})
+    cfg = data.run.get("config", {})
     eval_size = cfg.get("eval_size")
-    spec = EvaluatorSpec(
-        model=cfg.get("model", "fmnist_vit"), checkpoint=cfg.get("checkpoint"),
-        model_args=tuple(sorted((fp.get("model_args") or {}).items())), wiring=cfg.get("wiring", "paper"),
-        data=cfg.get("data", "fmnist-sample"), objective=data.run.get("objective") or cfg.get("objective", "kl"),
-        device=device or cfg.get("device", "auto"), calib_size=cfg.get("calib_size"),
+    spec = EvaluatorSpec.from_run(
+        RunDocument.from_json(data.run), device=device or cfg.get("device", "auto"), relu_repair=False,
         eval_size=min(int(eval_size), images) if eval_size else images,  # the float reference is not needed
-        batch_size=int(cfg.get("batch_size") or 64), seed=int(cfg.get("seed", 0)),
+        batch_size=int(cfg.get("batch_size") or 64),
     )
     ev = get_evaluator(spec)
     model = ev.model
@@ -397,7 +385,7 @@ def make_figures(data: ReportData, *, histograms: bool = True, images: int = 16,
                                F.histogram_figure(samples)))
     else:
         missing.append("Figure 2: left out (--no-histograms)")
-    after = _after_training_sites(data.stages.get("finetune"))
+    after = data.trained_sites()
     if data.answer_sites:
         figs.append(Figure("fig3_site_sqnr.png", "Figure 3. Per-site SQNR of the chosen policy and of each uniform one",
                            "Output SQNR β (top) and input SQNR γ (bottom) per site along depth. Markers: the "
@@ -470,11 +458,11 @@ def tables(data: ReportData) -> dict[str, Any]:
                                                                             "", "", "", ""])
     bold = len(acc)
     acc.append(row(f"result ({run.get('config', {}).get('strategy')})", metrics))
-    ft = data.stages.get("finetune") or {}
-    after = _after_training(ft)
-    on = f" ({ft['eval_images']} images)" if ft.get("eval_images") else ""  # the training stage's evaluation
-    if after and isinstance(ft.get("before"), Mapping):
-        acc.append(row(f"result before training{on}", ft["before"]))
+    ft = data.finetune
+    after = ft.after if ft is not None else None
+    on = f" ({ft.eval_images} images)" if ft is not None and ft.eval_images else ""  # the stage's evaluation
+    if after and ft is not None and isinstance(ft.before, Mapping):
+        acc.append(row(f"result before training{on}", ft.before))
     acc.append(row(f"result after training{on}", after) if after else ["result after training", NOT_RUN, "", "", "", ""])
     counts: dict[str, dict[str, int]] = {}
     for s, c in data.choices.items():
@@ -487,7 +475,7 @@ def tables(data: ReportData) -> dict[str, Any]:
     count_rows = [[k] + [str(counts[k].get(m, 0)) for m in methods] + [str(sum(counts[k].values()))]
                   for k in KINDS if k in counts]
     uni = list(data.uniform_sites)
-    trained = _after_training_sites(data.stages.get("finetune"))
+    trained = data.trained_sites()
     site_rows = []
     for s in data.order:
         m = data.answer_sites.get(s, {})
@@ -662,9 +650,9 @@ def build_report(run: str, *, results_dir: str | Path = "results", storage: str 
         else:
             write(answer_trial)
         record = RunRecord.load(run_dir)
-        record.set_stage("report", {"file": str(page if out is not None else REPORT_FILE),
-                                    "figures": [f"{FIGURES_DIR}/{f.name}" for f in figs],
-                                    "answer_trial": answer_trial, "missing": list(missing)})
+        record.set_stage(ReportStage(file=str(page if out is not None else REPORT_FILE),
+                                     figures=[f"{FIGURES_DIR}/{f.name}" for f in figs],
+                                     answer_trial=answer_trial, missing=list(missing)))
         record.data.setdefault("outputs", {})["report"] = str(page if out is not None else REPORT_FILE)
         record.save()
     log.info("report written: %s (%d figures)", page, len(figs))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.policy import read_policy
-from policysearch.spaces.site import KIND_METHODS
+from policysearch.sites import KIND_METHODS
 
 __all__ = ["check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
 

@@ -34,7 +34,7 @@ from typing import Any
 from policysearch.errors import ConfigError
 from policysearch.policy import BITS_RANGE, Choice, Policy
 from policysearch.registry import Registry
-from policysearch.spaces.site import KIND_METHODS, Site, check_method
+from policysearch.sites import KIND_METHODS, Site, check_method
 
 __all__ = ["FALLBACK_ORDER", "METHOD_ORDER", "SPACES", "SearchSpace", "list_spaces", "load_space"]
 
