@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import policysearch
 from policysearch.errors import ConfigError
 from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
 from policysearch.policy import Policy, PolicyDocument, write_policy
@@ -236,8 +237,6 @@ def _versions() -> dict[str, str]:
     import optuna
     import timm
     import torch
-
-    import policysearch
 
     return {"policysearch": policysearch.__version__, "torch": torch.__version__, "timm": timm.__version__,
             "optuna": optuna.__version__, "python": platform.python_version()}

@@ -22,12 +22,45 @@ from typing import Any
 from policysearch.device import DEVICE_PATTERN, resolve_device
 from policysearch.errors import ConfigError
 from policysearch.identity import data_identity
+from policysearch.models.wiring import WIRINGS
 from policysearch.models.zoo import weights_identity
 from policysearch.numerics import NUMERICS_VERSION
+from policysearch.objectives import load_objective
+from policysearch.objectives.latency import (
+    Constraints,
+    derive_metrics,
+    evaluator_objective,
+    resolve_profile,
+    uses_metric,
+)
 from policysearch.objectives.repair import REPAIR_VERSION, RepairSettings
 from policysearch.policy import Policy
+from policysearch.report.dashboard import annotate
 from policysearch.result import EvalResult
+from policysearch.run import (
+    RUN_FILE,
+    RunRecord,
+    SearchOutputs,
+    check_run_name,
+    check_writable,
+    lock_run,
+    sensitivity_rows,
+    write_outputs,
+)
+from policysearch.runners import create_runner
 from policysearch.runners.base import Feed
+from policysearch.spaces import load_space
+from policysearch.spec import EvaluatorSpec, get_evaluator
+from policysearch.strategies import STRATEGIES, create_strategy
+from policysearch.strategies.sqnr import SQNRRule
+from policysearch.study import (
+    KIND_CANDIDATE,
+    KIND_RULE,
+    KIND_UNIFORM,
+    StudyRecorder,
+    default_storage,
+    redact_url,
+)
 
 __all__ = ["SearchConfig", "SearchResult", "run_fingerprint", "search", "strategy_feed"]
 
@@ -93,23 +126,17 @@ class SearchConfig:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"--device {self.device[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
-        from policysearch.models.wiring import WIRINGS
 
         if self.wiring not in WIRINGS:
             raise ConfigError(f"--wiring {self.wiring[:40]!r} is unknown; valid: {', '.join(WIRINGS)}")
         if self.run_name is not None:
-            from policysearch.run import check_run_name
-
             check_run_name(self.run_name)
-        from policysearch.objectives.latency import Constraints
 
         Constraints(max_latency=self.max_latency, min_top1=self.min_top1)  # validates both
 
     @property
     def constraints(self) -> Any:
         """The answer's :class:`~policysearch.objectives.latency.Constraints`."""
-        from policysearch.objectives.latency import Constraints
-
         return Constraints(max_latency=self.max_latency, min_top1=self.min_top1)
 
     @property
@@ -145,13 +172,6 @@ def _run_name(config: SearchConfig) -> str:
 
 def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     """Run the search ``config`` describes; see the module docstring."""
-    from policysearch.objectives import load_objective
-    from policysearch.objectives.latency import evaluator_objective
-    from policysearch.run import RunRecord, check_writable, lock_run
-    from policysearch.runners import create_runner
-    from policysearch.spec import EvaluatorSpec
-    from policysearch.strategies import STRATEGIES
-    from policysearch.study import StudyRecorder, default_storage, redact_url
 
     t_start = time.perf_counter()
     objective = load_objective(config.objective)
@@ -215,8 +235,6 @@ def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> A
     strategy that budgets with costs), or the one --profile names; None otherwise."""
     from dataclasses import fields
 
-    from policysearch.objectives.latency import resolve_profile, uses_metric
-
     takes_profile = "profile" in {f.name for f in fields(strategy_cls.Options)}
     needed = (uses_metric(objective, "latency") or config.max_latency is not None
               or (config.min_top1 is not None and takes_profile))
@@ -224,8 +242,6 @@ def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> A
 
 
 def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
-    from policysearch.run import RUN_FILE, RunRecord
-
     if not (run_dir / RUN_FILE).is_file():
         return
     try:
@@ -239,12 +255,6 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
 
 def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record: Any, recorder: Any,
             progress: bool, t_start: float, latency: Any = None) -> SearchResult:
-    from policysearch.objectives.latency import derive_metrics
-    from policysearch.run import SearchOutputs, sensitivity_rows, write_outputs
-    from policysearch.spaces import load_space
-    from policysearch.spec import get_evaluator
-    from policysearch.strategies import create_strategy
-
     evaluator = get_evaluator(spec)  # the driver needs the sites; local runners reuse it
     record.check_data(evaluator.data_digest)
     recorder.set_data_digest(evaluator.data_digest)
@@ -318,8 +328,6 @@ def _answer(config: SearchConfig, strategy: Any, space: Any, baselines: Mapping[
 def _kinds(space: Any, strategy: Any) -> Any:
     """``policy -> (kind, uniform method or None, run.json tag)``: what each trial is, for the
     study's readers (uniform baselines, an SQNR rule's pick, any other strategy's candidates)."""
-    from policysearch.strategies.sqnr import SQNRRule
-    from policysearch.study import KIND_CANDIDATE, KIND_RULE, KIND_UNIFORM
 
     uniform = {p.key(): m for m, p in space.uniform_policies().items()}
     other = KIND_RULE if isinstance(strategy, SQNRRule) else KIND_CANDIDATE  # a rule asks uniforms + its pick
@@ -340,7 +348,6 @@ def _publish_answer(config: SearchConfig, record: Any, recorder: Any, policy: Po
                                   artifact_dir=artifact_dir)
     record.data["answer"].update(trial=pub.number, evaluation_trial=pub.source)
     record.update(artifacts=str(artifact_dir))
-    from policysearch.report.dashboard import annotate
 
     annotate(recorder.study)  # notes for optuna-dashboard, when it is installed
 

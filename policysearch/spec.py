@@ -8,9 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from policysearch.data import load_data
 from policysearch.device import resolve_device
 from policysearch.identity import data_digest
+from policysearch.models.loading import check_compatible, load_model
+from policysearch.models.wiring import prepare
 from policysearch.models.zoo import weights_identity
+from policysearch.objectives import Evaluator, Objective, load_objective
+from policysearch.objectives.repair import RepairSettings
 
 if TYPE_CHECKING:
     from policysearch.rundoc import RunDocument
@@ -64,18 +69,12 @@ class EvaluatorSpec:
     def _repair_settings(self) -> Any:
         if not self.relu_repair:
             return None
-        from policysearch.objectives.repair import RepairSettings
 
         return RepairSettings(cache_dir=self.repair_cache_dir,
                               weights_identity=weights_identity(self.model, self.checkpoint))
 
     def build(self) -> Any:
-        from policysearch.data import load_data
-        from policysearch.models.loading import check_compatible, load_model
-        from policysearch.objectives import Evaluator, Objective, load_objective
-
         torch.manual_seed(self.seed)
-        from policysearch.models.wiring import prepare
 
         model = load_model(self.model, checkpoint=self.checkpoint, **dict(self.model_args))
         prepare(model, wiring=self.wiring)

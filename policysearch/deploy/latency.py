@@ -42,9 +42,15 @@ from typing import Any
 
 import numpy as np
 
+from policysearch.deploy import require_onnx
+from policysearch.deploy.onnx_export import export_float, gelu_paths, load_run_model, onnx_logits
+from policysearch.deploy.ort_int8 import quantize_int8
 from policysearch.deploy.record import LatencyStage
 from policysearch.errors import ConfigError
 from policysearch.identity import machine_info
+from policysearch.models.zoo import weights_identity
+from policysearch.policy import Policy, read_policy, write_policy
+from policysearch.run import RUN_FILE, RunRecord, lock_run, policy_document, resolve_run_dir
 
 __all__ = [
     "LATENCY_FILE",
@@ -71,8 +77,6 @@ _SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cud
 
 def available_providers() -> list[str]:
     """ONNX Runtime's execution providers here, in the order :func:`resolve_provider` prefers."""
-    from policysearch.deploy import require_onnx
-
     _, ort = require_onnx()
     have = set(ort.get_available_providers())
     return [p for p in _PREFERRED if p in have]
@@ -92,8 +96,6 @@ def resolve_provider(provider: str = "auto") -> str:
 
 
 def _session(path: str | Path, *, threads: int, provider: str) -> Any:
-    from policysearch.deploy import require_onnx
-
     _, ort = require_onnx()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
@@ -123,8 +125,6 @@ def measure(models: Mapping[str, str | Path], *, batches: Sequence[int] = (1, 8)
     "ratios": ...}``-style dict (see :func:`_stats`), plus the settings and the machine's load
     before and after. ``repeats`` below :data:`MIN_REPEATS` is refused.
     """
-    from policysearch.deploy import require_onnx
-
     require_onnx()
     if repeats < MIN_REPEATS:
         raise ConfigError(f"--repeats must be at least {MIN_REPEATS} (a median needs them), got {repeats}")
@@ -230,9 +230,6 @@ def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu:
 
 def _finetune_folder_record(folder: Path) -> Any:
     """A standalone ``policysearch finetune --policy`` output folder, read as a finished run record."""
-    from policysearch.models.zoo import weights_identity
-    from policysearch.policy import read_policy
-    from policysearch.run import RunRecord
 
     try:
         rec = json.loads((folder / "finetune.json").read_text())
@@ -257,8 +254,6 @@ def _finetune_folder_record(folder: Path) -> Any:
 
 def _latency_record(run: str, results_dir: str | Path) -> tuple[Any, bool]:
     """``(record, standalone)``: a run's record, or that of a standalone fine-tuning folder."""
-    from policysearch.run import RUN_FILE, RunRecord, resolve_run_dir
-
     path = Path(run)
     if (path / "finetune.json").is_file() and not (path / RUN_FILE).is_file():
         return _finetune_folder_record(path), True
@@ -269,8 +264,6 @@ def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any]) -> None:
     """``latency.json``, then its summary in the run record and policy JSON (or ``finetune.json``)."""
     import dataclasses
 
-    from policysearch.policy import read_policy, write_policy
-    from policysearch.run import RunRecord, lock_run, policy_document
 
     run_dir = record.run_dir
     with lock_run(run_dir):
@@ -308,11 +301,6 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
     defaults to the training stage's float ReLU model, else ``checkpoint``). ``keep_onnx``: keep the
     ONNX files in ``<run>/onnx/``. ``table``: also update that latency table (``results/latency.md``).
     """
-    from policysearch.deploy import require_onnx
-    from policysearch.deploy.onnx_export import export_float, gelu_paths, load_run_model, onnx_logits
-    from policysearch.deploy.ort_int8 import quantize_int8
-    from policysearch.policy import Policy
-    from policysearch.run import policy_document
 
     require_onnx()
     record, standalone = _latency_record(run, results_dir)
@@ -424,8 +412,6 @@ def _top1(logits: Any, labels: Any) -> float | None:
 
 
 def _versions() -> dict[str, str]:
-    from policysearch.deploy import require_onnx
-
     onnx, ort = require_onnx()
     import torch
 

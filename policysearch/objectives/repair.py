@@ -78,7 +78,9 @@ from torch import nn
 
 from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.identity import data_digest
+from policysearch.models.wiring import find_sites, float_mode
 from policysearch.policy import Policy
+from policysearch.quant.observers import Observer
 from policysearch.train.surgery import frozen_copy, swap_to_relu
 from policysearch.train.trainer import Schedule
 
@@ -242,8 +244,6 @@ def _param_digest(model: nn.Module) -> str:
 
 
 def _observers(module: nn.Module) -> dict[str, nn.Module]:
-    from policysearch.quant.observers import Observer
-
     return {path: m for path, m in module.named_modules() if isinstance(m, Observer)}
 
 
@@ -277,8 +277,6 @@ class ReluRepair:
 
     def __init__(self, model: nn.Module, calib_images: torch.Tensor, *, batch_size: int,
                  settings: RepairSettings, device: torch.device, progress: bool = False) -> None:
-        from policysearch.models.wiring import find_sites
-
         self.model = model
         self.calib = calib_images
         self.batch_size = batch_size
@@ -390,8 +388,6 @@ class ReluRepair:
 
     @torch.no_grad()
     def _float_pass(self, hooks: dict[str, Callable[..., None]]) -> None:
-        from policysearch.models.wiring import float_mode
-
         handles = [self._states[s].mlp.register_forward_hook(fn) for s, fn in hooks.items()]
         try:
             with float_mode(self.model):

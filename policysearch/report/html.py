@@ -29,10 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policysearch.data import load_data
 from policysearch.errors import ConfigError
 from policysearch.finetune.record import FinetuneStage
+from policysearch.models.wiring import apply_policy, float_mode, record_sites
+from policysearch.policy import Policy
+from policysearch.report import figures as F
+from policysearch.report.dashboard import annotate
 from policysearch.report.record import ReportStage
+from policysearch.run import RunRecord, lock_run, policy_document, resolve_run_dir
 from policysearch.rundoc import RunDocument
+from policysearch.spaces import SearchSpace
+from policysearch.spec import EvaluatorSpec, get_evaluator
+from policysearch.study import KIND_UNIFORM, open_storage, publish_answer
 
 __all__ = ["REPORT_FILE", "Figure", "ReportData", "build_report", "gather"]
 
@@ -121,8 +130,6 @@ def _read_sensitivity(path: Path) -> list[dict[str, Any]]:
 
 def gather(run_dir: Path, *, storage: str | None = None) -> ReportData:
     """Read a finished run's record, sensitivity table and study."""
-    from policysearch.policy import Policy
-    from policysearch.run import RunRecord, policy_document
 
     record = RunRecord.load(run_dir)
     policy_document(record)  # refuses an unfinished run, naming the command that finishes it
@@ -146,8 +153,6 @@ def gather(run_dir: Path, *, storage: str | None = None) -> ReportData:
 def _read_study(data: ReportData, storage: str | None) -> None:
     import optuna
     from optuna.trial import TrialState
-
-    from policysearch.study import KIND_UNIFORM, open_storage
 
     data.study_name = str(data.run.get("study") or data.name)
     url = storage or data.run.get("storage")
@@ -271,11 +276,6 @@ def site_outputs(data: ReportData, sites: Sequence[str], *, images: int = 16, de
 
     import torch
 
-    from policysearch.data import load_data
-    from policysearch.models.wiring import apply_policy, float_mode, record_sites
-    from policysearch.policy import Policy
-    from policysearch.spaces import SearchSpace
-    from policysearch.spec import EvaluatorSpec, get_evaluator
 
     cfg = data.run.get("config", {})
     eval_size = cfg.get("eval_size")
@@ -356,8 +356,6 @@ def _uniform_policies(data: ReportData, answer: Any, space_cls: Any) -> dict[str
 def make_figures(data: ReportData, *, histograms: bool = True, images: int = 16,
                  device: str | None = None) -> tuple[list[Figure], list[str]]:
     """The figures the run's data allows, and a note for each one left out."""
-    from policysearch.report import figures as F
-
     F.require_matplotlib()
     figs: list[Figure] = []
     missing: list[str] = []
@@ -611,9 +609,6 @@ def build_report(run: str, *, results_dir: str | Path = "results", storage: str 
     ``storage``: the study's URL when run.json's is not usable (a hidden password). ``publish``:
     attach the page, figures and policy JSON to the answer's trial in the study.
     """
-    from policysearch.policy import Policy
-    from policysearch.run import RunRecord, lock_run, resolve_run_dir
-    from policysearch.study import open_storage, publish_answer
 
     run_dir = resolve_run_dir(run, results_dir)
     data = gather(run_dir, storage=storage)
@@ -643,8 +638,6 @@ def build_report(run: str, *, results_dir: str | Path = "results", storage: str 
             if not pub.created:
                 write(answer_trial)
             import optuna
-
-            from policysearch.report.dashboard import annotate
 
             annotate(optuna.load_study(study_name=str(data.study_name), storage=rdb))
         else:

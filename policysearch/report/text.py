@@ -9,8 +9,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from policysearch.policy import read_policy
+from policysearch.errors import ConfigError
+from policysearch.objectives.sqnr import convert_db
+from policysearch.policy import read_policy, write_policy
+from policysearch.run import RunRecord, policy_document, resolve_run_dir
 from policysearch.sites import KIND_METHODS
+from policysearch.spec import EvaluatorSpec, get_evaluator
 
 __all__ = ["check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
 
@@ -21,8 +25,6 @@ def _pct(v: float | None) -> str:
 
 def _dbs(value: float | None, db: int) -> str:
     """A stored (20·log10) dB value printed in the ``db``·log10 convention."""
-    from policysearch.objectives.sqnr import convert_db
-
     return "n/a" if value is None else f"{convert_db(float(value), 20, db):.2f}"
 
 
@@ -77,8 +79,6 @@ def summary_text(res: Any, *, db: int = 20) -> str:
 
 def export_run(run: str, *, out: str | None = None, results_dir: str = "results") -> Path:
     """The policy JSON of a finished run, built from its run record; written to ``out`` if given."""
-    from policysearch.policy import write_policy
-    from policysearch.run import RunRecord, policy_document, resolve_run_dir
 
     run_dir = resolve_run_dir(run, results_dir)
     record = RunRecord.load(run_dir)
@@ -99,8 +99,6 @@ def evaluate_policy_file(policy: str | None, *, model: str | None, checkpoint: s
 
 def _finetuned_weights(doc: Any, policy_path: str) -> Path | None:
     """The fine-tuned weights a policy file names (``model.finetuned``, relative to the file)."""
-    from policysearch.errors import ConfigError
-
     name = doc.model.get("finetuned")
     if not name:
         return None
@@ -123,8 +121,6 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
     weights, on the images the stage evaluated, against the figures measured after training
     (``metrics.finetune.after``); ``checkpoint`` overrides the weights (and compares against the
     search's figures)."""
-    from policysearch.spec import EvaluatorSpec, get_evaluator
-
     doc = read_policy(policy) if policy else None
     finetuned = _finetuned_weights(doc, policy) if doc is not None and checkpoint is None else None
     if model is None:
