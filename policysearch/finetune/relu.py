@@ -7,7 +7,6 @@ to absorb a small change and its teacher is already as close as possible to it. 
 float ReLU model is the one the int8 latency stage measures and the one QAT starts from.
 
 Options: ``blocks_per_stage`` (GELU sites switched per stage, default 1) and ``order``:
-
 * ``"forward"`` (default): input side first. A block's GELU is switched while the blocks after it
   still run GELU and can adapt to its change in the same stage; later stages then switch blocks
   whose inputs have already settled. Switching the output side first would change the inputs of
@@ -27,6 +26,9 @@ from typing import Any
 
 from torch import nn
 
+from policysearch.finetune.errors import FinetuneStopped
+from policysearch.finetune.kd import KDLoss, frozen_copy, without_dropout
+from policysearch.train import train
 from policysearch.train.surgery import is_gelu, swap_to_relu
 
 __all__ = ["ORDERS", "gelu_paths", "relu_distill", "relu_plan", "swap_to_relu"]
@@ -63,9 +65,6 @@ def relu_distill(model: nn.Module, relu_paths: Sequence[str], loader: Any, *, bl
     steps have run over all stages, as an interruption would. ``on_stage(k, record, model)`` is
     called at the end of each stage. Returns the final float ReLU model and one record per
     stage (its paths, teacher, training history)."""
-    from policysearch.finetune.errors import FinetuneStopped
-    from policysearch.finetune.kd import KDLoss, frozen_copy, without_dropout
-    from policysearch.train import train
 
     plan = relu_plan(relu_paths, blocks_per_stage=blocks_per_stage, order=order)
     teacher = frozen_copy(model)

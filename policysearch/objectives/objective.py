@@ -2,7 +2,6 @@
 
 Presets resolve as: an explicit YAML path, then ``./objectives/<name>.yaml``, then the built-ins
 below (the package runs with no preset file). A preset file looks like::
-
     name: accuracy_kl
     directions: [maximize]
     values:
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.presets import resolve_preset
 from policysearch.registry import Registry
 
 __all__ = ["METRICS", "OBJECTIVES", "Objective", "list_objectives", "load_objective"]
@@ -94,7 +94,6 @@ def load_objective(name_or_path: str | Objective) -> Objective:
     """Resolve an objective: explicit path, ``./objectives/<name>.yaml``, then built-ins."""
     if isinstance(name_or_path, Objective):
         return name_or_path
-    from policysearch.presets import resolve_preset
 
     data, name = resolve_preset("objectives", name_or_path, OBJECTIVES)
     return Objective.from_dict(data, name=name)
