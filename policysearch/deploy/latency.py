@@ -51,6 +51,7 @@ from policysearch.identity import machine_info
 from policysearch.models.zoo import weights_identity
 from policysearch.policy import Policy, read_policy, write_policy
 from policysearch.run import RUN_FILE, RunRecord, lock_run, policy_document, resolve_run_dir
+from policysearch.rundoc import RUN_FORMAT
 
 __all__ = [
     "LATENCY_FILE",
@@ -230,7 +231,6 @@ def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu:
 
 def _finetune_folder_record(folder: Path) -> Any:
     """A standalone ``policysearch finetune --policy`` output folder, read as a finished run record."""
-
     try:
         rec = json.loads((folder / "finetune.json").read_text())
         doc = read_policy(folder / "policy.json")
@@ -240,7 +240,7 @@ def _finetune_folder_record(folder: Path) -> Any:
     checkpoint = doc.model.get("checkpoint")
     settings = rec.get("settings", {})
     return RunRecord(folder, {
-        "name": folder.name, "status": "finished", "standalone": True,
+        "format": RUN_FORMAT, "name": folder.name, "status": "finished", "standalone": True,
         "config": {"model": rec["model"], "checkpoint": checkpoint, "data": rec["data"], "seed": settings.get("seed", 0),
                    "calib_size": rec.get("calib_size"), "eval_size": rec.get("eval_size"), "batch_size": 256},
         "fingerprint": {"wiring": rec.get("wiring"), "model_args": dict(doc.model.get("args") or {}),
