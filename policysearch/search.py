@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policysearch import runners
 from policysearch.device import DEVICE_PATTERN, resolve_device
 from policysearch.errors import ConfigError
 from policysearch.identity import data_identity
@@ -47,7 +48,6 @@ from policysearch.run import (
     sensitivity_rows,
     write_outputs,
 )
-from policysearch.runners import create_runner
 from policysearch.runners.base import Feed
 from policysearch.spaces import load_space
 from policysearch.spec import EvaluatorSpec, get_evaluator
@@ -177,7 +177,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     objective = load_objective(config.objective)
     strategy_cls = STRATEGIES.get(config.strategy)  # a bad name fails before any work
     latency = _latency_model(config, objective, strategy_cls)  # a missing profile too
-    runner = create_runner(config.runner, **config.runner_options)
+    runner = runners.create_runner(config.runner, **config.runner_options)
     resolve_device(config.device)
     run_name = _run_name(config)
     run_dir = Path(config.results_dir) / run_name

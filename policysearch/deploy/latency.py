@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from policysearch.deploy import require_onnx
-from policysearch.deploy.onnx_export import export_float, gelu_paths, load_run_model, onnx_logits
+from policysearch.deploy import onnx_export, require_onnx
+from policysearch.deploy.onnx_export import export_float, gelu_paths, onnx_logits
 from policysearch.deploy.ort_int8 import quantize_int8
 from policysearch.deploy.record import LatencyStage
 from policysearch.errors import ConfigError
@@ -314,9 +314,9 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
         log.info("%s: int8 latency already measured on these weights and settings (%s); reusing it",
                  record.name, LATENCY_FILE)
         return done
-    model, data = load_run_model(record, integer=False, checkpoint=gelu_ckpt)
+    model, data = onnx_export.load_run_model(record, integer=False, checkpoint=gelu_ckpt)
     relu_model = (model if relu_ckpt == gelu_ckpt
-                  else load_run_model(record, integer=False, checkpoint=relu_ckpt, data=data)[0])
+                  else onnx_export.load_run_model(record, integer=False, checkpoint=relu_ckpt, data=data)[0])
     calib = data.calib_images()
     images, labels = data.eval_tensors()
     all_gelu = gelu_paths(model)
