@@ -16,8 +16,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 #: public name -> the module that defines it
 _LAZY: dict[str, str] = {
-    "KIND_METHODS": "policysearch.spaces.site",
-    "Site": "policysearch.spaces.site",
+    "KIND_METHODS": "policysearch.sites",
+    "Site": "policysearch.sites",
     "Choice": "policysearch.policy",
     "Policy": "policysearch.policy",
     "PolicyDocument": "policysearch.policy",
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from policysearch.models.wiring import UnsupportedModelError
     from policysearch.policy import Choice, Policy, PolicyDocument, read_policy, write_policy
     from policysearch.result import EvalResult, SiteMetrics
-    from policysearch.spaces.site import KIND_METHODS, Site
+    from policysearch.sites import KIND_METHODS, Site
 
 __all__ = [
     "KIND_METHODS",

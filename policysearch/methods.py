@@ -3,7 +3,7 @@
 One :class:`MethodDescriptor` per ``(kind, name)``, registered with :func:`register_method`, is
 read by every part of the package (this module is torch-free data; nothing else keeps a list):
 
-* the search space's allowed lists (``policysearch.spaces.site.KIND_METHODS``), its uniform
+* the search space's allowed lists (``policysearch.sites.KIND_METHODS``), its uniform
   baselines (:func:`ordered`) and their fallbacks (:func:`fallback`): so every strategy,
   rule and ``exhaustive`` sees a new method as soon as it is registered;
 * the policy schema's enums (``policysearch.schema``) and ``policysearch list methods``;

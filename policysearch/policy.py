@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import PolicyError
-from policysearch.spaces.site import KIND_METHODS, Site, check_method
+from policysearch.sites import KIND_METHODS, Site, check_method
 
 __all__ = [
     "BITS_RANGE",

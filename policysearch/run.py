@@ -15,7 +15,6 @@ run that changes only the objective, under a new name, reuses the evaluations of
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -24,26 +23,28 @@ import re
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import policysearch
 from policysearch.errors import ConfigError
+from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
+from policysearch.policy import Policy, PolicyDocument, write_policy
+from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage
 
 __all__ = [
     "RUN_FORMAT",
     "RunLockedError",
     "RunRecord",
+    "SearchOutputs",
     "check_run_name",
-    "diff_fingerprints",
-    "fingerprint_digest",
-    "file_sha256",
     "lock_run",
     "resolve_run_dir",
 ]
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "policysearch.run/v1"
 RUN_FILE = "run.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@-]{0,127}")
 
@@ -72,42 +73,6 @@ def resolve_run_dir(run: str, results_dir: str | Path = "results") -> Path:
 
 
 # -- fingerprint ------------------------------------------------------------------------------
-
-def file_sha256(path: str | Path, *, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fingerprint_digest(fields: Mapping[str, Any]) -> str:
-    text = json.dumps(dict(fields), sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def diff_fingerprints(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Names of the fields that differ (a field present on one side only differs too)."""
-    return [k for k in sorted(set(old) | set(new)) if _canon(old.get(k)) != _canon(new.get(k))]
-
-
-def _canon(v: Any) -> str:
-    return json.dumps(v, sort_keys=True, default=str)
-
-
-def _short(v: Any, n: int = 40) -> str:
-    s = _canon(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def refusal(run_name: str, old: Mapping[str, Any], new: Mapping[str, Any], fields: list[str]) -> ConfigError:
-    shown = "; ".join(f"{f}: {_short(old.get(f))} -> {_short(new.get(f))}" for f in fields[:6])
-    more = f" and {len(fields) - 6} more" if len(fields) > 6 else ""
-    return ConfigError(
-        f"run {run_name!r} was made with other work ({shown}{more}); its results cannot be reused. "
-        f"Choose a new --run-name, or repeat the run's original options to resume it"
-    )
-
 
 # -- lock -------------------------------------------------------------------------------------
 
@@ -186,9 +151,12 @@ class RunRecord:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ConfigError(f"{path} is not a readable run record ({type(exc).__name__}); "
                               "delete the run folder and run again") from None
-        if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
-            raise ConfigError(f"{path} is not a {RUN_FORMAT} run record")
-        return cls(Path(run_dir), data)
+        return cls(Path(run_dir), RunDocument.from_json(data, where=str(path)).to_json())  # v1 read as v2
+
+    @property
+    def doc(self) -> RunDocument:
+        """The record as its typed document."""
+        return RunDocument.from_json(self.data, where=str(self.path))
 
     @classmethod
     def open(cls, run_dir: Path, *, name: str, fingerprint: Mapping[str, Any]) -> "RunRecord":
@@ -203,10 +171,9 @@ class RunRecord:
             rec.data["resumed"] = int(rec.data.get("resumed", 0)) + 1
             rec.data["status"] = "running"
             return rec
-        return cls(Path(run_dir), {
-            "format": RUN_FORMAT, "name": name, "status": "running", "created": _now(),
-            "fingerprint": dict(fingerprint), "evaluations": [], "stages": {},
-        })
+        doc = RunDocument(name=name, status="running", created=_now(),
+                          search=SearchStage(fingerprint_fields=dict(fingerprint), evaluations=[]))
+        return cls(Path(run_dir), doc.to_json())
 
     def check_data(self, digest: str) -> None:
         """The data digest is known once the data is loaded: refuse a changed selection."""
@@ -224,9 +191,10 @@ class RunRecord:
         self.data.setdefault("evaluations", []).append(dict(summary))
         self.save()
 
-    def set_stage(self, stage: str, outputs: Mapping[str, Any]) -> None:
-        """Record a later stage's outputs (finetune, latency, report) under ``stages``."""
-        self.data.setdefault("stages", {})[stage] = {**outputs, "updated": _now()}
+    def set_stage(self, stage: Stage) -> None:
+        """Record a later stage (finetune, latency, report) under ``stages``."""
+        stage.updated = _now()
+        self.data.setdefault("stages", {})[stage.name] = stage.to_json()
         self.save()
 
     def save(self) -> None:
@@ -249,59 +217,6 @@ def _strict(obj: Any) -> Any:
 
 # -- what a search run records ----------------------------------------------------------------
 
-def weights_identity(model: str, checkpoint: str | None) -> str:
-    """The content hash of the weights a run uses (checkpoint file, shipped zoo weights, or seed)."""
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"checkpoint {checkpoint!r} does not exist; pass the path of a weights file")
-        return "sha256:" + file_sha256(path)
-    from policysearch.models import zoo
-
-    if model in zoo.ZOO:
-        entry = zoo.get(model)
-        if entry.shipped_weights:
-            return "sha256:" + file_sha256(zoo.weights_path(model))
-        return f"seeded:{entry.recipe.seed}"
-    return "random:timm-init"  # timm, pretrained=False, no checkpoint: seeded by --seed below
-
-
-def _data_identity(data: str) -> str:
-    source, sep, rest = data.partition(":")
-    if sep and source == "imagefolder" and rest:
-        return f"imagefolder:{Path(rest).expanduser().resolve()}"
-    return data
-
-
-def run_fingerprint(config: Any) -> dict[str, Any]:
-    """The fingerprint fields of a search config (``data_digest`` is added once data is loaded)."""
-    from policysearch.numerics import NUMERICS_VERSION
-
-    return {
-        "model": config.model,
-        "model_args": dict(config.model_args),
-        "weights": weights_identity(config.model, config.checkpoint),
-        "data": _data_identity(config.data),
-        "calib_size": config.calib_size,
-        "eval_size": config.eval_size,
-        "seed": config.seed,
-        "weight_bits": config.weight_bits,
-        "act_bits": config.act_bits,
-        "wiring": config.wiring,
-        "numerics": NUMERICS_VERSION,
-        "relu_repair": _repair_identity(config),
-    }
-
-
-def _repair_identity(config: Any) -> dict[str, Any] | None:
-    """The ReLU repair settings that change results (None: ``relu`` only swaps the activation)."""
-    if not getattr(config, "relu_repair", False):
-        return None
-    from policysearch.objectives.repair import REPAIR_VERSION, RepairSettings
-
-    return {"version": REPAIR_VERSION, **RepairSettings().key_fields()}
-
-
 def sensitivity_rows(uniform: Mapping[str, Any], results: Mapping[str, Any]) -> list[dict[str, Any]]:
     """site x method: gamma, beta and SQNR diff under each uniform policy."""
     rows = []
@@ -323,8 +238,6 @@ def _versions() -> dict[str, str]:
     import timm
     import torch
 
-    import policysearch
-
     return {"policysearch": policysearch.__version__, "torch": torch.__version__, "timm": timm.__version__,
             "optuna": optuna.__version__, "python": platform.python_version()}
 
@@ -333,28 +246,41 @@ def _brief(result: Any) -> dict[str, Any]:
     return {"values": list(result.values), "error": result.error, **dict(result.metrics)}
 
 
-def write_outputs(record: RunRecord, *, config: Any, objective: Mapping[str, Any], space: Any, policy: Any,
-                  result: Any, baselines: Mapping[str, Any], sensitivity: list[dict[str, Any]],
-                  float_metrics: Mapping[str, float], timings: Mapping[str, float],
-                  counts: Mapping[str, int], feasibility: Mapping[str, Any] | None = None,
-                  strategy_report: Mapping[str, Any] | None = None) -> None:
-    """config.yaml, policy.json, sensitivity.csv, and the finished run record.
+@dataclass(frozen=True, kw_only=True)
+class SearchOutputs:
+    """What a finished search leaves: the answer, the baselines and the run's numbers.
 
     ``feasibility``: the answer under the run's constraints (``feasible``, ``shortfall``, ...);
     ``strategy_report``: ``{"provenance": {...}, "metrics": {...}}`` the strategy gives about its
     answer (e.g. ilp's predicted metrics, ``predicted_<metric>``, beside the measured ones)."""
+
+    objective: Mapping[str, Any]
+    space: Any
+    policy: Any
+    result: Any
+    baselines: Mapping[str, Any]
+    sensitivity: list[dict[str, Any]]
+    float_metrics: Mapping[str, float]
+    timings: Mapping[str, float]
+    counts: Mapping[str, int]
+    feasibility: Mapping[str, Any] | None = None
+    strategy_report: Mapping[str, Any] | None = None
+
+
+def write_outputs(record: RunRecord, out: SearchOutputs) -> None:
+    """config.yaml, policy.json, sensitivity.csv, and the finished run record."""
     import csv
 
     import yaml
 
-    from policysearch.policy import write_policy
-
     run_dir = record.run_dir
+    objective, space, policy, result = out.objective, out.space, out.policy, out.result
+    feasibility, strategy_report = out.feasibility, out.strategy_report
     resolved = {**record.data.get("config", {}), "objective": dict(objective), "space": space.to_dict()}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     record.data.update(
-        status="finished", finished=_now(), timings=dict(timings), **counts,
-        baselines={m: _brief(r) for m, r in baselines.items()}, float_metrics=dict(float_metrics),
+        status="finished", finished=_now(), timings=dict(out.timings), **out.counts,
+        baselines={m: _brief(r) for m, r in out.baselines.items()}, float_metrics=dict(out.float_metrics),
         answer={"policy": policy.to_dict(), "values": list(result.values),
                 "metrics": {**result.metrics, **dict((strategy_report or {}).get("metrics", {})),
                             "sites": {k: v.to_dict() for k, v in result.sites.items()}},
@@ -372,14 +298,12 @@ def write_outputs(record: RunRecord, *, config: Any, objective: Mapping[str, Any
     with (run_dir / "sensitivity.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["site", "kind", "method", "gamma", "beta", "sqnr_diff"])
         writer.writeheader()
-        writer.writerows(sensitivity)
+        writer.writerows(out.sensitivity)
     record.save()
 
 
 def policy_document(record: RunRecord) -> Any:
     """The policy JSON document of a finished run, built from its record alone."""
-    from policysearch.policy import Policy, PolicyDocument
-
     data = record.data
     if data.get("status") != "finished" or "answer" not in data:
         raise ConfigError(f"run {record.name!r} has not finished (status {data.get('status')!r}); "
@@ -387,10 +311,6 @@ def policy_document(record: RunRecord) -> Any:
     config, fp, answer = data.get("config", {}), data.get("fingerprint", {}), data["answer"]
     metrics = {**answer["metrics"], "values": answer["values"],
                "float_top1": data.get("float_metrics", {}).get("top1")}
-    if "latency" in data.get("stages", {}):  # the int8 runtime check (policysearch latency RUN)
-        if isinstance(metrics.get("latency"), (int, float)):  # the profile's prediction keeps its own key
-            metrics["profiled_latency"] = metrics["latency"]
-        metrics["latency"] = {k: v for k, v in data["stages"]["latency"].items() if k != "updated"}
     provenance = {"strategy": config.get("strategy"), "objective": data.get("objective", {}).get("name"),
                   "space": config.get("space"), "seed": config.get("seed"), "data": config.get("data"),
                   "eval_size": config.get("eval_size"), "calib_size": config.get("calib_size"),
@@ -409,14 +329,7 @@ def policy_document(record: RunRecord) -> Any:
         provenance["picked"] = data["picked"]
     model = {"name": config.get("model"), "checkpoint": config.get("checkpoint"),
              "args": fp.get("model_args", {}), "weights": fp.get("weights")}
-    finetuned = data.get("stages", {}).get("finetune")
-    if finetuned:  # the training stage (policysearch finetune RUN): accuracy before/after, settings, weights
-        from policysearch.finetune.record import finetune_metrics, finetune_provenance
-
-        metrics["finetune"] = finetune_metrics(finetuned)
-        provenance["finetune"] = finetune_provenance(finetuned)
-        model["finetuned"] = finetuned.get("weights")
-        if finetuned.get("relu_float"):
-            model["relu_float"] = finetuned["relu_float"]
+    for stage in sorted(record.doc.stages.values(), key=lambda st: st.policy_rank):
+        stage.policy_fields(metrics=metrics, provenance=provenance, model=model)  # latency, training, ...
     return PolicyDocument(policy=Policy.from_dict(answer["policy"]), model=model, metrics=metrics,
                           provenance=provenance, wiring=fp.get("wiring"))

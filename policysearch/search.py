@@ -20,18 +20,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from policysearch import runners
+from policysearch.device import DEVICE_PATTERN, resolve_device
 from policysearch.errors import ConfigError
+from policysearch.identity import data_identity
+from policysearch.models.wiring import WIRINGS
+from policysearch.models.zoo import weights_identity
+from policysearch.numerics import NUMERICS_VERSION
+from policysearch.objectives import load_objective
 from policysearch.objectives.headroom import ceiling_policy, headroom, verdict
+from policysearch.objectives.latency import (
+    Constraints,
+    derive_metrics,
+    evaluator_objective,
+    resolve_profile,
+    uses_metric,
+)
+from policysearch.objectives.repair import REPAIR_VERSION, RepairSettings
 from policysearch.policy import Policy
+from policysearch.report.dashboard import annotate, verdict_attrs
 from policysearch.result import EvalResult
+from policysearch.run import (
+    RUN_FILE,
+    RunRecord,
+    SearchOutputs,
+    check_run_name,
+    check_writable,
+    lock_run,
+    sensitivity_rows,
+    write_outputs,
+)
 from policysearch.runners.base import Feed
+from policysearch.spaces import load_space
+from policysearch.spec import EvaluatorSpec, get_evaluator
+from policysearch.strategies import STRATEGIES, create_strategy
+from policysearch.strategies.sqnr import SQNRRule
+from policysearch.study import (
+    KIND_CANDIDATE,
+    KIND_CEILING,
+    KIND_RULE,
+    KIND_UNIFORM,
+    StudyRecorder,
+    default_storage,
+    redact_url,
+)
 
-__all__ = ["SearchConfig", "SearchResult", "search", "strategy_feed"]
+__all__ = ["SearchConfig", "SearchResult", "run_fingerprint", "search", "strategy_feed"]
 
 log = logging.getLogger(__name__)
-
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-
 
 @dataclass(frozen=True, kw_only=True)
 class SearchConfig:
@@ -91,25 +127,19 @@ class SearchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be positive, got {self.batch_size}")
-        if not _DEVICE.fullmatch(self.device):
+        if not DEVICE_PATTERN.fullmatch(self.device):
             raise ConfigError(f"--device {self.device[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
-        from policysearch.models.wiring import WIRINGS
 
         if self.wiring not in WIRINGS:
             raise ConfigError(f"--wiring {self.wiring[:40]!r} is unknown; valid: {', '.join(WIRINGS)}")
         if self.run_name is not None:
-            from policysearch.run import check_run_name
-
             check_run_name(self.run_name)
-        from policysearch.objectives.latency import Constraints
 
         Constraints(max_latency=self.max_latency, min_top1=self.min_top1)  # validates both
 
     @property
     def constraints(self) -> Any:
         """The answer's :class:`~policysearch.objectives.latency.Constraints`."""
-        from policysearch.objectives.latency import Constraints
-
         return Constraints(max_latency=self.max_latency, min_top1=self.min_top1)
 
     @property
@@ -148,19 +178,12 @@ def _run_name(config: SearchConfig) -> str:
 
 def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     """Run the search ``config`` describes; see the module docstring."""
-    from policysearch.objectives import load_objective
-    from policysearch.objectives.latency import evaluator_objective
-    from policysearch.run import RunRecord, check_writable, lock_run, run_fingerprint
-    from policysearch.runners import create_runner
-    from policysearch.spec import EvaluatorSpec, resolve_device
-    from policysearch.strategies import STRATEGIES
-    from policysearch.study import StudyRecorder, default_storage, redact_url
 
     t_start = time.perf_counter()
     objective = load_objective(config.objective)
     strategy_cls = STRATEGIES.get(config.strategy)  # a bad name fails before any work
     latency = _latency_model(config, objective, strategy_cls)  # a missing profile too
-    runner = create_runner(config.runner, **config.runner_options)
+    runner = runners.create_runner(config.runner, **config.runner_options)
     resolve_device(config.device)
     run_name = _run_name(config)
     run_dir = Path(config.results_dir) / run_name
@@ -178,12 +201,8 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
             )
             record.update(config=config_dict(config), objective=objective.to_dict(),
                           storage=redact_url(storage), study=run_name)
-            spec = EvaluatorSpec(
-                model=config.model, checkpoint=config.checkpoint, model_args=tuple(config.model_args.items()),
-                wiring=config.wiring, data=config.data, objective=evaluator_objective(objective).to_dict(),
-                device=config.device,
-                calib_size=config.calib_size, eval_size=config.eval_size, batch_size=config.batch_size,
-                seed=config.seed, relu_repair=config.relu_repair,
+            spec = EvaluatorSpec.from_run(
+                record.doc, objective=evaluator_objective(objective).to_dict(),
                 repair_cache_dir=str(Path(config.results_dir) / "cache" / "relu_repair"),
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
@@ -192,12 +211,35 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
         raise
 
 
+def run_fingerprint(config: SearchConfig) -> dict[str, Any]:
+    """The fingerprint fields of a search config (``data_digest`` is added once data is loaded)."""
+    return {
+        "model": config.model,
+        "model_args": dict(config.model_args),
+        "weights": weights_identity(config.model, config.checkpoint),
+        "data": data_identity(config.data),
+        "calib_size": config.calib_size,
+        "eval_size": config.eval_size,
+        "seed": config.seed,
+        "weight_bits": config.weight_bits,
+        "act_bits": config.act_bits,
+        "wiring": config.wiring,
+        "numerics": NUMERICS_VERSION,
+        "relu_repair": _repair_identity(config),
+    }
+
+
+def _repair_identity(config: SearchConfig) -> dict[str, Any] | None:
+    """The ReLU repair settings that change results (None: ``relu`` only swaps the activation)."""
+    if not config.relu_repair:
+        return None
+    return {"version": REPAIR_VERSION, **RepairSettings().key_fields()}
+
+
 def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> Any:
     """The latency model the run needs (a latency objective, --max-latency, or --min-top1 for a
     strategy that budgets with costs), or the one --profile names; None otherwise."""
     from dataclasses import fields
-
-    from policysearch.objectives.latency import resolve_profile, uses_metric
 
     takes_profile = "profile" in {f.name for f in fields(strategy_cls.Options)}
     needed = (uses_metric(objective, "latency") or config.max_latency is not None
@@ -206,8 +248,6 @@ def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> A
 
 
 def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
-    from policysearch.run import RUN_FILE, RunRecord
-
     if not (run_dir / RUN_FILE).is_file():
         return
     try:
@@ -221,12 +261,6 @@ def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
 
 def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record: Any, recorder: Any,
             progress: bool, t_start: float, latency: Any = None) -> SearchResult:
-    from policysearch.objectives.latency import derive_metrics
-    from policysearch.run import sensitivity_rows, write_outputs
-    from policysearch.spaces import load_space
-    from policysearch.spec import get_evaluator
-    from policysearch.strategies import create_strategy
-
     evaluator = get_evaluator(spec)  # the driver needs the sites; local runners reuse it
     record.check_data(evaluator.data_digest)
     recorder.set_data_digest(evaluator.data_digest)
@@ -262,13 +296,13 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     record.data.update(_assess(config, record.name, space, objective, strategy, evaluator.float_metrics,
                                baselines, ceiling, policy, result))
     t_end = time.perf_counter()
-    write_outputs(record, config=config, objective=objective.to_dict(), space=space, policy=policy,
-                  result=result, baselines=baselines, sensitivity=sensitivity,
-                  float_metrics=dict(evaluator.float_metrics),
-                  timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
-                           "total_s": round(t_end - t_start, 3)},
-                  counts={"evaluated": loop.evaluated, "reused": loop.reused},
-                  feasibility=feasibility, strategy_report=strategy_report)
+    write_outputs(record, SearchOutputs(
+        objective=objective.to_dict(), space=space, policy=policy, result=result, baselines=baselines,
+        sensitivity=sensitivity, float_metrics=dict(evaluator.float_metrics),
+        timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
+                 "total_s": round(t_end - t_start, 3)},
+        counts={"evaluated": loop.evaluated, "reused": loop.reused},
+        feasibility=feasibility, strategy_report=strategy_report))
     _publish_answer(config, record, recorder, policy)
     return SearchResult(
         run_dir=record.run_dir, run_name=record.name, policy=policy, result=result, baselines=baselines,
@@ -319,8 +353,6 @@ def _assess(config: SearchConfig, run_name: str, space: Any, objective: Any, str
 def _kinds(space: Any, strategy: Any) -> Any:
     """``policy -> (kind, uniform method or None, run.json tag)``: what each trial is, for the
     study's readers (uniform baselines, an SQNR rule's pick, any other strategy's candidates)."""
-    from policysearch.strategies.sqnr import SQNRRule
-    from policysearch.study import KIND_CANDIDATE, KIND_CEILING, KIND_RULE, KIND_UNIFORM
 
     uniform = {p.key(): m for m, p in space.uniform_policies().items()}
     other = KIND_RULE if isinstance(strategy, SQNRRule) else KIND_CANDIDATE  # a rule asks uniforms + its pick
@@ -337,8 +369,6 @@ def _kinds(space: Any, strategy: Any) -> Any:
 
 def _publish_answer(config: SearchConfig, record: Any, recorder: Any, policy: Policy) -> None:
     """The answer as a trial of kind ``answer`` with policy.json attached; its numbers in run.json."""
-    from policysearch.report.dashboard import annotate, verdict_attrs
-
     artifact_dir = Path(config.results_dir) / "artifacts"
     attrs = verdict_attrs(record.data)  # the answer trial says what it is and how it compares
     pub = recorder.publish_answer(policy, stage="search", artifacts=[record.run_dir / "policy.json"],

@@ -3,31 +3,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-__all__ = ["EvaluatorSpec", "data_digest", "get_evaluator", "resolve_device"]
+from policysearch.data import load_data
+from policysearch.device import resolve_device
+from policysearch.identity import data_digest
+from policysearch.models.loading import check_compatible, load_model
+from policysearch.models.wiring import prepare
+from policysearch.models.zoo import weights_identity
+from policysearch.objectives import Evaluator, Objective, load_objective
+from policysearch.objectives.repair import RepairSettings
+
+if TYPE_CHECKING:
+    from policysearch.rundoc import RunDocument
+
+__all__ = ["EvaluatorSpec", "get_evaluator"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> cuda when present, else cpu; an unknown or unavailable device is one clear error."""
-    import re
-
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
-        from policysearch.errors import ConfigError
-
-        raise ConfigError(f"--device {str(device)[:40]!r} is not a device; use auto, cpu, cuda or cuda:N")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from policysearch.errors import ConfigError
-
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,25 +48,33 @@ class EvaluatorSpec:
     relu_repair: bool = False
     repair_cache_dir: str | None = None
 
+    @classmethod
+    def from_run(cls, doc: RunDocument, **overrides: Any) -> EvaluatorSpec:
+        """The spec of the run ``doc`` records (its model, weights, data, selections, objective),
+        with ``overrides`` (e.g. ``device``, ``eval_size``) on top."""
+        cfg, fp = doc.search.config or {}, doc.search.fingerprint()
+        known = {f.name for f in fields(cls)}
+        base = {k: cfg[k] for k in ("model", "checkpoint", "wiring", "data", "device", "calib_size", "eval_size",
+                                    "batch_size", "seed", "relu_repair") if cfg.get(k) is not None}
+        base["model_args"] = tuple(sorted((fp.get("model_args") or {}).items()))
+        base["objective"] = doc.search.objective or cfg.get("objective", "kl")
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"EvaluatorSpec has no field(s) {', '.join(unknown)}")
+        return cls(**{**base, **overrides})
+
     def key(self) -> str:
         return repr(sorted((k, repr(v)) for k, v in self.__dict__.items()))
 
     def _repair_settings(self) -> Any:
         if not self.relu_repair:
             return None
-        from policysearch.objectives.repair import RepairSettings
-        from policysearch.run import weights_identity
 
         return RepairSettings(cache_dir=self.repair_cache_dir,
                               weights_identity=weights_identity(self.model, self.checkpoint))
 
     def build(self) -> Any:
-        from policysearch.data import load_data
-        from policysearch.models.loading import check_compatible, load_model
-        from policysearch.objectives import Evaluator, Objective, load_objective
-
         torch.manual_seed(self.seed)
-        from policysearch.models.wiring import prepare
 
         model = load_model(self.model, checkpoint=self.checkpoint, **dict(self.model_args))
         prepare(model, wiring=self.wiring)
@@ -88,21 +91,6 @@ class EvaluatorSpec:
         )
         evaluator.data_digest = data_digest(calib_x, eval_x, eval_y)
         return evaluator
-
-
-def data_digest(*tensors: torch.Tensor | None) -> str:
-    """A content hash of the exact images and labels a run calibrates and evaluates on."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"none")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 _CACHE: dict[str, Any] = {}

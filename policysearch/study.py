@@ -30,6 +30,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from policysearch.errors import ConfigError
+from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 
@@ -126,8 +127,6 @@ class StudyRecorder:
     ) -> None:
         import sqlalchemy.exc as sa_exc
 
-        from policysearch.run import diff_fingerprints, refusal
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage_url = storage
         self.storage = open_storage(storage)
@@ -175,15 +174,11 @@ class StudyRecorder:
 
     def set_data_digest(self, digest: str) -> None:
         """Complete the fingerprint once the data is loaded (refusing a changed selection)."""
-        from policysearch.run import refusal
-
         old = self.study.user_attrs.get("fingerprint", {}).get("data_digest")
         if old is not None and old != digest:
             raise refusal(self.study_name, {"data_digest": old}, {"data_digest": digest}, ["data_digest"])
         self.fingerprint["data_digest"] = digest
         self.study.set_user_attr("fingerprint", self.fingerprint)
-        from policysearch.run import fingerprint_digest
-
         self.study.set_user_attr("fingerprint_digest", fingerprint_digest(self.fingerprint))
 
     def set_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
@@ -197,8 +192,6 @@ class StudyRecorder:
 
     def reusable(self, objective: Any) -> tuple[dict[str, EvalResult], list[str]]:
         """Results of other studies in this storage made by the same work (equal fingerprint)."""
-        from policysearch.run import fingerprint_digest
-
         digest = fingerprint_digest(self.fingerprint)
         out: dict[str, EvalResult] = {}
         donors = []

@@ -10,7 +10,7 @@ import hashlib
 
 from policysearch.policy import Policy
 from policysearch.result import EvalResult, SiteMetrics
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 from policysearch.spaces.space import SearchSpace
 
 __all__ = ["SITES", "SMALL", "fake_evaluate", "site_score", "small_space"]

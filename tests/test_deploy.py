@@ -287,7 +287,7 @@ def test_integer_export_agrees_mixed_policy(tmp_path, name, wiring):
     from policysearch.deploy.onnx_export import INTEGER_TOLERANCE, compare_onnx, export_float, export_integer
     from policysearch.models.loading import load_model
     from policysearch.policy import Policy
-    from policysearch.spaces.site import KIND_METHODS
+    from policysearch.sites import KIND_METHODS
 
     torch.manual_seed(0)
     model = prepare(load_model(name), wiring=wiring)

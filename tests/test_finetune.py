@@ -32,7 +32,7 @@ from policysearch.kernels._common import current_ste, ste_gradients
 from policysearch.models.loading import load_model
 from policysearch.numerics import NUMERICS_VERSION
 from policysearch.policy import Policy
-from policysearch.spaces.site import KIND_METHODS
+from policysearch.sites import KIND_METHODS
 from policysearch.train import train
 from scripts import load_script
 

@@ -114,7 +114,7 @@ def test_root_import_is_lazy_and_resolves_every_public_name():
 def test_strategies_import_optuna_only_when_an_optuna_strategy_is_built():
     res = run_python("""
         import sys
-        from policysearch.spaces.site import Site
+        from policysearch.sites import Site
         from policysearch.spaces.space import SearchSpace
         from policysearch.strategies import create_strategy
         space = SearchSpace(sites=[Site(name="a.softmax", kind="softmax"), Site(name="a.act", kind="gelu")],

@@ -22,7 +22,7 @@ from policysearch.kernels.fqvit import get_mn, log2_codes, log_round
 from policysearch.kernels.ibert import SOFTMAX_MIN_SCALE, IBertSoftmax
 from policysearch.kernels.ivit import IViTLayerNorm
 from policysearch.registry import UnknownNameError
-from policysearch.spaces.site import KIND_METHODS
+from policysearch.sites import KIND_METHODS
 
 ALL = [(k, m) for k in KIND_METHODS for m in KIND_METHODS[k]]
 

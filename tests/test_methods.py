@@ -21,7 +21,7 @@ from policysearch.schema import (
 from policysearch.schema import (
     main as schema_main,
 )
-from policysearch.spaces.site import KIND_METHODS, KINDS, Site, check_method
+from policysearch.sites import KIND_METHODS, KINDS, Site, check_method
 
 #: What each method consumed before the catalogue existed (policysearch.models.precision's rules).
 EXPECTS = {

@@ -11,7 +11,7 @@ from policysearch.policy import (
     read_policy,
     write_policy,
 )
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 
 SITES = (
     Site(name="blocks.0.norm1", kind="layernorm"),

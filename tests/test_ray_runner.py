@@ -157,7 +157,7 @@ def test_resume_across_runners_reuses_everything(ray_session, local_runs, tmp_pa
 
 
 def test_runner_is_not_part_of_the_fingerprint(tmp_path):
-    from policysearch.run import run_fingerprint
+    from policysearch.search import run_fingerprint
 
     base = run_fingerprint(config(tmp_path, "exhaustive"))
     assert run_fingerprint(ray_config(tmp_path, "exhaustive", options={"address": "auto"})) == base

@@ -21,7 +21,9 @@ import pytest
 from optuna.artifacts import get_all_artifact_meta
 
 from policysearch.cli import main
+from policysearch.deploy.record import LatencyStage
 from policysearch.errors import ConfigError
+from policysearch.finetune.record import FinetuneStage
 from policysearch.run import RunRecord
 from policysearch.search import SearchConfig, search
 from policysearch.study import KIND_ANSWER, KIND_RULE, KIND_UNIFORM
@@ -181,15 +183,15 @@ def test_report_shows_the_training_and_latency_stages(reported, tmp_path):
     shutil.copy(root / "studies.db", tmp_path / "studies.db")
     record = RunRecord.load(tmp_path / "results" / RUN)
     sites = {s: {"gamma": m.gamma + 1.0, "beta": m.beta + 3.0} for s, m in res.result.sites.items()}
-    record.set_stage("finetune", {"weights": "finetuned.safetensors", "eval_images": 48, "top1_before": 0.0833,
+    record.set_stage(FinetuneStage.from_json({"weights": "finetuned.safetensors", "eval_images": 48, "top1_before": 0.0833,
                                   "top1_after": 0.4321, "settings": {"epochs": 2, "lr": 1e-4},
                                   "before": {"top1": 0.0833, "agreement": 0.5, "kl": 0.5, "sites": res.result.to_dict()["sites"]},
-                                  "after": {"top1": 0.4321, "agreement": 0.9, "kl": 0.0123, "sites": sites}})
-    record.set_stage("latency", {"file": "latency.json", "provider": "cpu", "threads": 2,
-                                 "median_ms": {"float": {"1": 2.5, "8": 11.25}, "int8_gelu": {"1": 2.0, "8": 9.5},
-                                               "int8_relu": {"1": 1.75, "8": 7.75}},
-                                 "ratios": {"8": {"int8_relu/int8_gelu": 0.816}},
-                                 "top1": {"float": 0.9, "int8_gelu": 0.88, "int8_relu": 0.87}})
+                                  "after": {"top1": 0.4321, "agreement": 0.9, "kl": 0.0123, "sites": sites}}))
+    record.set_stage(LatencyStage(file="latency.json", provider="cpu", threads=2,
+                                  median_ms={"float": {"1": 2.5, "8": 11.25}, "int8_gelu": {"1": 2.0, "8": 9.5},
+                                             "int8_relu": {"1": 1.75, "8": 7.75}},
+                                  ratios={"8": {"int8_relu/int8_gelu": 0.816}},
+                                  top1={"float": 0.9, "int8_gelu": 0.88, "int8_relu": 0.87}))
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
     assert main(["report", RUN, "--results-dir", str(tmp_path / "results"), "--storage", storage,
                  "--no-histograms"]) == 0
@@ -207,14 +209,16 @@ def test_report_shows_the_training_and_latency_stages(reported, tmp_path):
 
 
 def test_pareto_front_and_stage_readers():
+    from policysearch.finetune.record import FinetuneStage
     from policysearch.report.figures import pareto_front
-    from policysearch.report.html import _after_training
 
     pts = [(1.0, 0.80), (2.0, 0.90), (1.5, 0.70), (3.0, 0.91), (2.5, 0.85)]
     assert pareto_front(pts) == [0, 1, 3]
-    assert _after_training({"top1_after": 0.5, "top1_before": 0.4}) == {"top1": 0.5}
-    assert _after_training({"metrics": {"top1": 0.6}})["top1"] == 0.6
-    assert _after_training({"checkpoint": "x"}) is None and _after_training(None) is None
+    # earlier layouts of the training stage's metrics are read as the typed stage's ``after``
+    assert FinetuneStage.from_json({"top1_after": 0.5, "top1_before": 0.4}).after == {"top1": 0.5}
+    assert FinetuneStage.from_json({"metrics": {"top1": 0.6}}).after["top1"] == 0.6
+    assert FinetuneStage.from_json({"after_training": {"kl": 0.1}}).after == {"kl": 0.1}
+    assert FinetuneStage.from_json({"checkpoint": "x"}).after is None
 
 
 def test_missing_extras_say_what_to_install(monkeypatch, tmp_path, capsys):

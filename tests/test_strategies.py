@@ -12,7 +12,7 @@ from policysearch.errors import ConfigError
 from policysearch.policy import Choice, Policy
 from policysearch.registry import UnknownNameError
 from policysearch.result import EvalResult, SiteMetrics
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 from policysearch.spaces.space import SearchSpace
 from policysearch.strategies import (
     create_strategy,

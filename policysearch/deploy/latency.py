@@ -32,8 +32,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
-import platform
 import re
 import statistics
 import tempfile
@@ -44,8 +42,17 @@ from typing import Any
 
 import numpy as np
 
+from policysearch.deploy import onnx_export, require_onnx
+from policysearch.deploy.onnx_export import export_float, gelu_paths, onnx_logits
+from policysearch.deploy.ort_int8 import quantize_int8
+from policysearch.deploy.record import LatencyStage
 from policysearch.errors import ConfigError
+from policysearch.identity import machine_info
 from policysearch.methods import get_method
+from policysearch.models.zoo import weights_identity
+from policysearch.policy import Policy, read_policy, write_policy
+from policysearch.run import RUN_FILE, RunRecord, lock_run, policy_document, resolve_run_dir
+from policysearch.rundoc import RUN_FORMAT
 
 __all__ = [
     "LATENCY_FILE",
@@ -72,8 +79,6 @@ _SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cud
 
 def available_providers() -> list[str]:
     """ONNX Runtime's execution providers here, in the order :func:`resolve_provider` prefers."""
-    from policysearch.deploy import require_onnx
-
     _, ort = require_onnx()
     have = set(ort.get_available_providers())
     return [p for p in _PREFERRED if p in have]
@@ -93,8 +98,6 @@ def resolve_provider(provider: str = "auto") -> str:
 
 
 def _session(path: str | Path, *, threads: int, provider: str) -> Any:
-    from policysearch.deploy import require_onnx
-
     _, ort = require_onnx()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
@@ -114,23 +117,6 @@ def _input_shape(sess: Any) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU, core count and load averages (report them beside any latency)."""
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        info["load"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        pass
-    return info
-
-
 # -- measurement ----------------------------------------------------------------------------
 
 def measure(models: Mapping[str, str | Path], *, batches: Sequence[int] = (1, 8), repeats: int = MIN_REPEATS,
@@ -141,8 +127,6 @@ def measure(models: Mapping[str, str | Path], *, batches: Sequence[int] = (1, 8)
     "ratios": ...}``-style dict (see :func:`_stats`), plus the settings and the machine's load
     before and after. ``repeats`` below :data:`MIN_REPEATS` is refused.
     """
-    from policysearch.deploy import require_onnx
-
     require_onnx()
     if repeats < MIN_REPEATS:
         raise ConfigError(f"--repeats must be at least {MIN_REPEATS} (a median needs them), got {repeats}")
@@ -248,9 +232,6 @@ def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu:
 
 def _finetune_folder_record(folder: Path) -> Any:
     """A standalone ``policysearch finetune --policy`` output folder, read as a finished run record."""
-    from policysearch.policy import read_policy
-    from policysearch.run import RunRecord, weights_identity
-
     try:
         rec = json.loads((folder / "finetune.json").read_text())
         doc = read_policy(folder / "policy.json")
@@ -260,7 +241,7 @@ def _finetune_folder_record(folder: Path) -> Any:
     checkpoint = doc.model.get("checkpoint")
     settings = rec.get("settings", {})
     return RunRecord(folder, {
-        "name": folder.name, "status": "finished", "standalone": True,
+        "format": RUN_FORMAT, "name": folder.name, "status": "finished", "standalone": True,
         "config": {"model": rec["model"], "checkpoint": checkpoint, "data": rec["data"], "seed": settings.get("seed", 0),
                    "calib_size": rec.get("calib_size"), "eval_size": rec.get("eval_size"), "batch_size": 256},
         "fingerprint": {"wiring": rec.get("wiring"), "model_args": dict(doc.model.get("args") or {}),
@@ -274,8 +255,6 @@ def _finetune_folder_record(folder: Path) -> Any:
 
 def _latency_record(run: str, results_dir: str | Path) -> tuple[Any, bool]:
     """``(record, standalone)``: a run's record, or that of a standalone fine-tuning folder."""
-    from policysearch.run import RUN_FILE, RunRecord, resolve_run_dir
-
     path = Path(run)
     if (path / "finetune.json").is_file() and not (path / RUN_FILE).is_file():
         return _finetune_folder_record(path), True
@@ -286,8 +265,6 @@ def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any]) -> None:
     """``latency.json``, then its summary in the run record and policy JSON (or ``finetune.json``)."""
     import dataclasses
 
-    from policysearch.policy import read_policy, write_policy
-    from policysearch.run import RunRecord, lock_run, policy_document
 
     run_dir = record.run_dir
     with lock_run(run_dir):
@@ -302,7 +279,7 @@ def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any]) -> None:
             write_policy(run_dir / "policy.json", dataclasses.replace(pdoc, metrics=metrics))
             return
         record = RunRecord.load(run_dir)
-        record.set_stage("latency", {"file": LATENCY_FILE, **summary(doc)})
+        record.set_stage(LatencyStage(file=LATENCY_FILE, **summary(doc)))
         outputs = record.data.setdefault("outputs", {})
         outputs["latency"] = LATENCY_FILE
         record.save()
@@ -325,11 +302,6 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
     defaults to the training stage's float ReLU model, else ``checkpoint``). ``keep_onnx``: keep the
     ONNX files in ``<run>/onnx/``. ``table``: also update that latency table (``results/latency.md``).
     """
-    from policysearch.deploy import require_onnx
-    from policysearch.deploy.onnx_export import export_float, gelu_paths, load_run_model, onnx_logits
-    from policysearch.deploy.ort_int8 import quantize_int8
-    from policysearch.policy import Policy
-    from policysearch.run import policy_document
 
     require_onnx()
     record, standalone = _latency_record(run, results_dir)
@@ -343,9 +315,9 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
         log.info("%s: int8 latency already measured on these weights and settings (%s); reusing it",
                  record.name, LATENCY_FILE)
         return done
-    model, data = load_run_model(record, integer=False, checkpoint=gelu_ckpt)
+    model, data = onnx_export.load_run_model(record, integer=False, checkpoint=gelu_ckpt)
     relu_model = (model if relu_ckpt == gelu_ckpt
-                  else load_run_model(record, integer=False, checkpoint=relu_ckpt, data=data)[0])
+                  else onnx_export.load_run_model(record, integer=False, checkpoint=relu_ckpt, data=data)[0])
     calib = data.calib_images()
     images, labels = data.eval_tensors()
     all_gelu = gelu_paths(model)
@@ -441,8 +413,6 @@ def _top1(logits: Any, labels: Any) -> float | None:
 
 
 def _versions() -> dict[str, str]:
-    from policysearch.deploy import require_onnx
-
     onnx, ort = require_onnx()
     import torch
 

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from policysearch.deploy import require_onnx
+from policysearch.errors import ConfigError
+
 __all__ = ["FORMATS", "ImageReader", "quantize_int8"]
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,6 @@ FORMATS = {"u8s8": ("QUInt8", "QInt8"), "s8s8": ("QInt8", "QInt8")}
 
 
 def _reader_base() -> type:
-    from policysearch.deploy import require_onnx
-
     require_onnx()
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -89,8 +90,6 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calib_images: to
     ``preprocess``: run ``quant_pre_process`` first (shape inference and graph optimization;
     symbolic shape inference skipped, Swin fails it).
     """
-    from policysearch.deploy import require_onnx
-    from policysearch.errors import ConfigError
 
     onnx, _ = require_onnx()
     from onnxruntime.quantization import QuantType

@@ -3,7 +3,6 @@
 ``policysearch profile --model M [--device cpu|cuda] [--batch B]`` (:func:`profile_model`) runs one
 float forward of ``M`` at batch ``B`` to record the input shape of every site
 (``policysearch.models.record_sites``) and of every linear layer, then times, on the device:
-
 * every method of the site's kind (``policysearch.kernels.create(kind, method)``, the default
   output bits) on a quantized copy of the site's recorded input, once per distinct
   (kind, shape) (LayerNorm: with the first site's ``nn.LayerNorm``);
@@ -27,7 +26,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import re
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -37,7 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from policysearch import kernels
+from policysearch.device import resolve_device
 from policysearch.errors import ConfigError
+from policysearch.identity import machine_info, profile_path
+from policysearch.methods import get_method
+from policysearch.models import float_mode, prepare, record_sites, sites_of
+from policysearch.models.loading import load_model, model_input_size
 
 __all__ = ["PROFILE_FORMAT", "method_costs", "policy_cost", "profile_model", "profile_path", "read_profile"]
 
@@ -45,13 +49,6 @@ log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = "policysearch.profile/v1"
 MIN_REPEATS = 20
-
-
-def profile_path(model: str, device: str, batch: int, results_dir: str | Path = "results") -> Path:
-    """``<results_dir>/profiles/<model>-<device>-b<batch>.json`` (the model name made file-safe)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-.") or "model"
-    dev = re.sub(r"[^A-Za-z0-9]+", "", device)
-    return Path(results_dir) / "profiles" / f"{safe}-{dev}-b{int(batch)}.json"
 
 
 def _sync(device: torch.device) -> None:
@@ -66,9 +63,6 @@ def _quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kernel_call(kind: str, method: str, x: torch.Tensor, norm: nn.LayerNorm | None) -> Callable[[], Any]:
-    from policysearch import kernels
-    from policysearch.methods import get_method
-
     spec = get_method(kind, method)
     kern = kernels.create(kind, method, norm=norm).to(x.device).eval()
     bits = 16 if spec.expects == "accumulator" or kind == "layernorm" else 8
@@ -88,8 +82,6 @@ def _kernel_call(kind: str, method: str, x: torch.Tensor, norm: nn.LayerNorm | N
 
 def _site_shapes(model: nn.Module, example: torch.Tensor) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Every site's name, kind and input shape in forward order, and one recorded input per site."""
-    from policysearch.models import float_mode, prepare, record_sites, sites_of
-
     prepare(model, wiring="native")  # site input shapes are those of the float model in any wiring
     inputs: dict[str, torch.Tensor] = {}
 
@@ -173,11 +165,6 @@ def profile_model(model: str, *, device: str = "cpu", batch: int = 8, repeats: i
     ``out`` defaults to :func:`profile_path`. ``threads``: torch intra-op threads while measuring
     (restored afterwards); ``None`` leaves torch's setting.
     """
-    from policysearch import kernels
-    from policysearch.deploy.latency import machine_info
-    from policysearch.models import sites_of
-    from policysearch.models.loading import load_model, model_input_size
-    from policysearch.spec import resolve_device
 
     if repeats < MIN_REPEATS:
         raise ConfigError(f"--repeats must be at least {MIN_REPEATS}, got {repeats}")

@@ -8,7 +8,6 @@ what its float model gives, which is what a quantized copy of that model should 
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from policysearch.train.surgery import freeze, frozen_copy
 
 __all__ = ["KDLoss", "agreement", "freeze", "frozen_copy", "kd_loss", "without_dropout"]
 
@@ -54,19 +55,6 @@ def without_dropout(model: nn.Module) -> int:
             m.drop_prob = 0.0
             changed += 1
     return changed
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """``model`` in eval mode with no parameter requiring a gradient (a teacher); returns it."""
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen deep copy of ``model`` (the student keeps training; the copy never changes)."""
-    return freeze(copy.deepcopy(model))
 
 
 @torch.no_grad()

@@ -4,7 +4,6 @@ The student is the wired model (``policysearch.prepare``), calibrated and runnin
 (``apply_policy``); the teacher is a frozen float copy. Per step the integer forward runs as in
 evaluation (value for value, see below), the loss is :func:`~policysearch.finetune.kd.kd_loss`, and
 the gradient passes the integer operators by a straight-through estimator:
-
 * ``ste="reference"`` (default): as I-BERT's and I-ViT's QAT code does it, the integer
   computation's own graph with every floor and round passed straight through
   (``policysearch.kernels._common``); activation quantizers and linear layers pass gradients
@@ -12,7 +11,6 @@ the gradient passes the integer operators by a straight-through estimator:
 * ``ste="float"``: the kernels' gradient is that of the float operator they replace (smooth).
 
 Activation ranges (``ranges``):
-
 * ``"ema"`` (default): as I-ViT's (and I-BERT's) ``QuantAct`` in training, every activation
   quantizer updates its range from each training batch by an exponential moving average
   (momentum 0.95) *before* quantizing that batch, starting from the calibrated range; in eval mode
@@ -33,6 +31,15 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from policysearch.finetune.kd import KDLoss, without_dropout
+from policysearch.kernels._common import STE_MODES, ste_gradients
+from policysearch.models.loading import load_model
+from policysearch.models.site import QuantSite
+from policysearch.models.wiring import apply_policy, calibrate, prepare
+from policysearch.quant import IntAct, PTFQuant, QuantAct
+from policysearch.quant.observers import Observer
+from policysearch.train import train
 
 __all__ = ["RANGE_MODES", "build_student", "qat_train", "track_ranges"]
 
@@ -70,8 +77,6 @@ def _ema_update(obs: Any, t: torch.Tensor, momentum: float) -> None:
 
 def _plain_range(obs: Any) -> bool:
     """Whether the observer's batch range is the plain min / max (``Observer.batch_range``)."""
-    from policysearch.quant.observers import Observer
-
     return type(obs).batch_range is Observer.batch_range
 
 
@@ -87,8 +92,6 @@ def track_ranges(model: nn.Module, *, momentum: float = MOMENTUM) -> Iterator[in
     QuantAct, on ``x + identity`` when it adds a residual), ``QuantAct`` and ``PTFQuant``; the
     ``native`` wiring's LayerNorm sites also track their output range (after the site: FQ-ViT's
     LayerNorm writes on that grid). Yields the number of hooks installed."""
-    from policysearch.models.site import QuantSite
-    from policysearch.quant import IntAct, PTFQuant, QuantAct
 
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"the range momentum must be in [0, 1), got {momentum}")
@@ -128,9 +131,6 @@ def build_student(model_name: str, *, checkpoint: str | None, model_args: dict[s
     weights to save. Dropout and stochastic depth are off (``kd.without_dropout``). One forward
     in eval mode fixes the caches calibration leaves to the first use (PTF factors), so that a
     resumed run sees the same."""
-    from policysearch.finetune.kd import without_dropout
-    from policysearch.models.loading import load_model
-    from policysearch.models.wiring import apply_policy, calibrate, prepare
 
     torch.manual_seed(seed)
     model = load_model(model_name, checkpoint=checkpoint, **model_args)
@@ -156,9 +156,6 @@ def qat_train(student: nn.Module, loader: Any, *, teacher: nn.Module, ste: str =
     """QAT of ``student`` on ``loader`` with distillation from ``teacher`` (frozen); the other
     options go to :func:`policysearch.train.train` (epochs or steps, lr, checkpoint_dir, ...).
     Returns its ``TrainResult``."""
-    from policysearch.finetune.kd import KDLoss
-    from policysearch.kernels._common import STE_MODES, ste_gradients
-    from policysearch.train import train
 
     if ste not in STE_MODES:
         raise ValueError(f"unknown --ste {ste!r}; valid: {', '.join(STE_MODES)}")

@@ -7,7 +7,6 @@ to absorb a small change and its teacher is already as close as possible to it. 
 float ReLU model is the one the int8 latency stage measures and the one QAT starts from.
 
 Options: ``blocks_per_stage`` (GELU sites switched per stage, default 1) and ``order``:
-
 * ``"forward"`` (default): input side first. A block's GELU is switched while the blocks after it
   still run GELU and can adapt to its change in the same stage; later stages then switch blocks
   whose inputs have already settled. Switching the output side first would change the inputs of
@@ -27,14 +26,16 @@ from typing import Any
 
 from torch import nn
 
-from policysearch.models.site import is_gelu
+from policysearch.finetune.errors import FinetuneStopped
+from policysearch.finetune.kd import KDLoss, frozen_copy, without_dropout
+from policysearch.train import train
+from policysearch.train.surgery import is_gelu, swap_to_relu
 
 __all__ = ["ORDERS", "gelu_paths", "relu_distill", "relu_plan", "swap_to_relu"]
 
 log = logging.getLogger(__name__)
 
 ORDERS = ("forward", "backward")
-
 
 
 def gelu_paths(model: nn.Module) -> list[str]:
@@ -53,17 +54,6 @@ def relu_plan(paths: Sequence[str], *, blocks_per_stage: int = 1, order: str = "
     return [ordered[i:i + blocks_per_stage] for i in range(0, len(ordered), blocks_per_stage)]
 
 
-def swap_to_relu(model: nn.Module, paths: Sequence[str]) -> nn.Module:
-    """Replace the GELUs at ``paths`` by ``nn.ReLU`` in place; returns ``model``."""
-    for path in paths:
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        if not is_gelu(getattr(parent, attr)):
-            raise ValueError(f"{path} is {type(getattr(parent, attr)).__name__}, not a GELU")
-        setattr(parent, attr, nn.ReLU())
-    return model
-
-
 def relu_distill(model: nn.Module, relu_paths: Sequence[str], loader: Any, *, blocks_per_stage: int = 1,
                  order: str = "forward", temperature: float = 1.0, weight: float = 1.0,
                  checkpoint_root: Path | None = None, on_stage: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
@@ -75,9 +65,6 @@ def relu_distill(model: nn.Module, relu_paths: Sequence[str], loader: Any, *, bl
     steps have run over all stages, as an interruption would. ``on_stage(k, record, model)`` is
     called at the end of each stage. Returns the final float ReLU model and one record per
     stage (its paths, teacher, training history)."""
-    from policysearch.finetune.errors import FinetuneStopped
-    from policysearch.finetune.kd import KDLoss, frozen_copy, without_dropout
-    from policysearch.train import train
 
     plan = relu_plan(relu_paths, blocks_per_stage=blocks_per_stage, order=order)
     teacher = frozen_copy(model)

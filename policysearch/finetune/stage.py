@@ -2,7 +2,6 @@
 
 For a finished run (``results/<run>/run.json``) or a policy file, on the data's training split
 (never an evaluation image):
-
 1. *before*: the policy evaluated as the search evaluated it (same model, data, calibration and
    evaluation images, wiring);
 2. where the policy runs ``relu`` at GELU sites: iterative GELU -> ReLU distillation in float
@@ -39,8 +38,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from policysearch.data import load_data
+from policysearch.device import resolve_device
+from policysearch.finetune.batches import TrainBatches
 from policysearch.finetune.errors import FinetuneError, FinetuneStopped
+from policysearch.finetune.kd import freeze
+from policysearch.finetune.qat import RANGE_MODES, build_student, qat_train
+from policysearch.finetune.record import FinetuneStage, finetune_metrics, finetune_provenance
+from policysearch.finetune.relu import ORDERS, relu_distill
+from policysearch.identity import machine_info
+from policysearch.kernels._common import STE_MODES
 from policysearch.methods import get_method
+from policysearch.models.loading import check_compatible, load_model, model_class_names
+from policysearch.models.zoo import weights_identity
+from policysearch.numerics import NUMERICS_VERSION
+from policysearch.policy import Policy, PolicyDocument, read_policy, write_policy
+from policysearch.run import RunRecord, check_writable, lock_run, policy_document, resolve_run_dir
+from policysearch.spec import EvaluatorSpec
 
 __all__ = ["FINETUNE_FORMAT", "FinetuneResult", "FinetuneSettings", "finetune", "float_weights"]
 
@@ -83,10 +97,6 @@ class FinetuneSettings:
     relu_lr: float | None = None
 
     def __post_init__(self) -> None:
-        from policysearch.finetune.qat import RANGE_MODES
-        from policysearch.finetune.relu import ORDERS
-        from policysearch.kernels._common import STE_MODES
-
         if self.epochs is not None and self.steps is not None:
             raise FinetuneError("give the QAT length as --epochs or --steps, not both")
         if self.relu_epochs is not None and self.relu_steps is not None:
@@ -183,9 +193,6 @@ class _Job:
 def _resolve(run: str | None, policy: Any, *, model: str | None, checkpoint: str | None, data: str | None,
              wiring: str | None, model_args: dict[str, Any] | None, results_dir: str | Path, out: str | Path | None,
              eval_size: Any, calib_size: Any) -> _Job:
-    from policysearch.policy import Policy, PolicyDocument, read_policy
-    from policysearch.run import RunRecord, policy_document, resolve_run_dir
-
     if (run is None) == (policy is None):
         raise FinetuneError("give a run (policysearch finetune RUN) or a policy file (--policy FILE), not both")
     if run is not None:
@@ -216,9 +223,6 @@ def _resolve(run: str | None, policy: Any, *, model: str | None, checkpoint: str
 
 
 def _identity(job: _Job, settings: FinetuneSettings) -> dict[str, Any]:
-    from policysearch.numerics import NUMERICS_VERSION
-    from policysearch.run import weights_identity
-
     return {"model": job.model, "model_args": job.model_args, "weights": weights_identity(job.model, job.checkpoint),
             "wiring": job.wiring, "data": job.data, "calib_size": job.calib_size, "policy": job.policy.key(),
             "numerics": NUMERICS_VERSION, "settings": settings.to_dict()}
@@ -254,8 +258,6 @@ def float_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _save_weights(state: dict[str, torch.Tensor], path: Path, model: nn.Module) -> None:
     from safetensors.torch import save_file
 
-    from policysearch.models.loading import model_class_names
-
     names = model_class_names(model)
     # one metadata key: safetensors writes several in random order, which would change the file hash
     meta = {"class_names": json.dumps(names)} if names else {"policysearch": "finetuned"}
@@ -287,8 +289,6 @@ def _metrics(result: Any) -> dict[str, Any]:
 
 
 def _evaluator(job: _Job, checkpoint: str | None, device: str, progress: bool) -> Any:
-    from policysearch.spec import EvaluatorSpec
-
     spec = EvaluatorSpec(model=job.model, checkpoint=checkpoint, model_args=tuple(sorted(job.model_args.items())),
                          wiring=job.wiring, data=job.data, device=device, calib_size=job.calib_size,
                          eval_size=job.eval_size, seed=job.seed, reuse=False, progress=progress)
@@ -342,9 +342,6 @@ def finetune(run: str | None = None, *, policy: Any = None, model: str | None = 
     that many optimizer steps over all training stages, as an interruption would; the same call
     without it resumes. ``predictions``: also save every evaluation image's predicted class (float
     model, before, float ReLU model, after) to ``finetune/predictions.npz`` (paired comparisons)."""
-    from policysearch.run import check_writable, lock_run
-    from policysearch.spec import resolve_device
-
     unknown = set(options) - {f.name for f in dataclasses.fields(FinetuneSettings)}
     if unknown:
         raise FinetuneError(f"unknown fine-tuning option(s): {', '.join(sorted(unknown))}")
@@ -360,13 +357,6 @@ def finetune(run: str | None = None, *, policy: Any = None, model: str | None = 
 
 def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name: str, *, progress: bool,
               restart: bool, stop_after: int | None, predictions: bool) -> FinetuneResult:
-    from policysearch.data import load_data
-    from policysearch.finetune.batches import TrainBatches
-    from policysearch.finetune.kd import freeze
-    from policysearch.finetune.qat import build_student, qat_train
-    from policysearch.finetune.relu import relu_distill
-    from policysearch.models.loading import check_compatible, load_model
-
     t0 = time.perf_counter()
     stage_dir = job.out_dir / STAGE_DIR
     identity = _identity(job, settings)
@@ -475,7 +465,6 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
 
 def _machine() -> dict[str, Any]:
     """Where the job ran: float results can differ in a few images between CPUs and BLAS builds."""
-    from policysearch.deploy.latency import machine_info
 
     info = machine_info()
     info.pop("load", None)
@@ -483,13 +472,9 @@ def _machine() -> dict[str, Any]:
 
 
 def _write_outputs(job: _Job, record: dict[str, Any]) -> Path:
-    from policysearch.finetune.record import finetune_metrics, finetune_provenance
-    from policysearch.policy import PolicyDocument, write_policy
-    from policysearch.run import RunRecord, policy_document
-
     if job.record is not None:  # run mode: stages.finetune, then policy.json rebuilt from the record
         rec = RunRecord.load(job.record.run_dir)
-        rec.set_stage("finetune", record)
+        rec.set_stage(FinetuneStage.from_json(record))
         outputs = rec.data.setdefault("outputs", {})
         outputs["finetuned"] = record["weights"]
         if record.get("relu_float"):

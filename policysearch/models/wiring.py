@@ -43,7 +43,7 @@ from policysearch.models.segments import install_forward
 from policysearch.models.site import QuantSite, Recorder, is_gelu
 from policysearch.policy import Policy, PolicyError
 from policysearch.quant import IntAct, IntConv2d, IntLinear, QuantConv2d, QuantLinear
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 
 __all__ = [
     "WIRINGS",

@@ -31,14 +31,22 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from policysearch.models.loading import ModelError
 from policysearch.models.segments import Segment, segments
-from policysearch.models.wiring import apply_policy, calibrate, find_sites, fitted_constants, float_mode, record_sites
+from policysearch.models.wiring import (
+    apply_policy,
+    calibrate,
+    find_sites,
+    fitted_constants,
+    float_mode,
+    record_sites,
+)
 from policysearch.objectives.objective import Objective, load_objective
 from policysearch.objectives.repair import ReluRepair, RepairSettings
 from policysearch.objectives.sqnr import asqnr, kl_per_image, logit_metrics
 from policysearch.policy import Policy
 from policysearch.result import EvalResult, PerImage, SiteMetrics
-from policysearch.spaces.site import Site
+from policysearch.sites import Site
 
 __all__ = ["Evaluator"]
 
@@ -115,8 +123,6 @@ class Evaluator:
             self.ref_logits += [self.model(b) for b in self._bar(self.batches[1:], "float reference")]
         self.ref_sites = store_copy
         if not all(bool(torch.isfinite(z).all()) for z in self.ref_logits):
-            from policysearch.models.loading import ModelError
-
             raise ModelError("the float model gives non-finite (NaN/inf) outputs on this data; "
                              "check the checkpoint's weights and the data's preprocessing")
         eval_ref = torch.cat(self.ref_logits[1:]) if len(self.batches) > 1 else self.ref_logits[0]

@@ -2,7 +2,6 @@
 
 A policy's **relative latency** is its predicted time divided by the float model's, both from a
 cost profile (``policysearch profile --model M``, ``policysearch.profile/v1``)::
-
     latency(policy) = (linear + sum over sites of t[site, method]) / (linear + sum over sites of t[site, fp32])
 
 where ``t[site, method]`` is the profiled median time of ``method``'s kernel at the site's input
@@ -16,7 +15,6 @@ The metric ``latency`` is derived by the search driver, not by the evaluator (it
 policy and the profile, no forward pass): :func:`evaluator_objective` strips it (and ``error``,
 ``1 - top1``) from what a worker computes, and :func:`derive_metrics` adds them to each result and
 recomputes its objective values. Presets:
-
 * ``latency``: relative latency, minimised;
 * ``latency_weighted``: ``error + lambda * latency``, minimised; ``lambda`` =
   :data:`DEFAULT_LAMBDA` (0.1: 10% less latency is worth one point of top-1), the weight of
@@ -41,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.identity import profile_path, rank_key
+from policysearch.methods import catalogue
 from policysearch.objectives.objective import METRICS, Objective
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
@@ -162,8 +162,6 @@ class LatencyModel:
     @classmethod
     def from_catalogue(cls) -> LatencyModel | None:
         """From the method catalogue's cost slots (``None`` when no cost is set)."""
-        from policysearch.methods import catalogue
-
         costs: dict[str, dict[str, float]] = {}
         for spec in catalogue():
             if spec.cost is not None:
@@ -238,7 +236,6 @@ def resolve_profile(profile: str | None, *, model: str, results_dir: str | Path,
         return LatencyModel.from_profile(profile)
     if not needed:
         return None
-    from policysearch.deploy.profile import profile_path
 
     default = profile_path(model, "cpu", 8, results_dir)
     if default.is_file():
@@ -333,7 +330,6 @@ class Constraints:
         """The answer and its feasibility record: ``best`` (the strategy's pick) when feasible,
         else the best feasible candidate by the objectives, else the candidate with the least total
         shortfall (ties by the objectives), marked ``"feasible": False`` with its ``shortfall``."""
-        from policysearch.strategies.base import rank_key
 
         ok = [(p, r) for p, r in candidates if r.ok]
         feasible = [(p, r) for p, r in ok if not self.shortfall(r.metrics)]

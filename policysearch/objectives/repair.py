@@ -25,7 +25,7 @@ repair serves both wirings and every observer.
 
 **Caches.** In memory per evaluator (a site is repaired once, whatever candidates follow) and on
 disk under ``RepairSettings.cache_dir`` (``results/cache/relu_repair/<site>-<hash>.safetensors``),
-the hash over the weights identity (``policysearch.run.weights_identity`` where the caller gives
+the hash over the weights identity (``policysearch.models.zoo.weights_identity`` where the caller gives
 it) and a content hash of the model's parameters (always: ``random:timm-init`` alone would not
 tell two seeds apart), the calibration images' digest (``policysearch.spec.data_digest``), the
 site name, the settings and :data:`REPAIR_VERSION`. A fresh evaluator, in this or another run,
@@ -54,8 +54,8 @@ took about 6 s each. The training stage's full iterative GELU -> ReLU distillati
 (``policysearch.finetune.relu``: end-to-end KD on training images, then QAT) was not re-run for
 this comparison; its figures for the same model belong in ``results/finetune.md``.
 
-Pieces reused from the training stage: ``finetune.relu.swap_to_relu`` makes the student's ReLU,
-``finetune.kd.frozen_copy`` the teacher, ``train.Schedule`` the learning-rate schedule.
+Pieces shared with the training stage: ``train.surgery.swap_to_relu`` makes the student's ReLU,
+``train.surgery.frozen_copy`` the teacher, ``train.Schedule`` the learning-rate schedule.
 """
 from __future__ import annotations
 
@@ -77,8 +77,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.errors import ConfigError, PolicySearchError
+from policysearch.identity import data_digest
 from policysearch.methods import get_method
+from policysearch.models.wiring import find_sites, float_mode
 from policysearch.policy import Policy
+from policysearch.quant.observers import Observer
+from policysearch.train.surgery import frozen_copy, swap_to_relu
+from policysearch.train.trainer import Schedule
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -111,7 +116,7 @@ class RepairSettings:
 
     ``steps`` Adam steps at ``lr`` (cosine decay to 0) on batches of ``batch_tokens`` tokens drawn
     (``seed``) from at most ``max_tokens`` recorded tokens. ``cache_dir``: the disk cache (None:
-    memory only). ``weights_identity``: ``policysearch.run.weights_identity(model, checkpoint)``
+    memory only). ``weights_identity``: ``policysearch.models.zoo.weights_identity(model, checkpoint)``
     where the caller knows it (it joins the parameters' content hash in the key)."""
 
     steps: int = 300
@@ -190,10 +195,6 @@ def repair_mlp(teacher: nn.Module, inputs: torch.Tensor, settings: RepairSetting
     ``teacher``: a float ``nn.Sequential(fc1=..., act=GELU, fc2=...)`` (left unchanged);
     ``inputs``: ``(tokens, dim)`` rows, on the device to train on. Deterministic for the same
     inputs, settings and device."""
-    from policysearch.finetune.kd import frozen_copy
-    from policysearch.finetune.relu import swap_to_relu
-    from policysearch.train.trainer import Schedule
-
     start = time.perf_counter()
     teacher = frozen_copy(teacher)
     student = swap_to_relu(copy.deepcopy(teacher), ["act"])
@@ -244,8 +245,6 @@ def _param_digest(model: nn.Module) -> str:
 
 
 def _observers(module: nn.Module) -> dict[str, nn.Module]:
-    from policysearch.quant.observers import Observer
-
     return {path: m for path, m in module.named_modules() if isinstance(m, Observer)}
 
 
@@ -279,8 +278,6 @@ class ReluRepair:
 
     def __init__(self, model: nn.Module, calib_images: torch.Tensor, *, batch_size: int,
                  settings: RepairSettings, device: torch.device, progress: bool = False) -> None:
-        from policysearch.models.wiring import find_sites
-
         self.model = model
         self.calib = calib_images
         self.batch_size = batch_size
@@ -322,7 +319,6 @@ class ReluRepair:
     # -- internals ----------------------------------------------------------------------------
     def _ids(self) -> dict[str, Any]:
         if self._identity is None:  # computed before any swap: the original parameters
-            from policysearch.spec import data_digest
 
             self._restore_all()
             self._identity = {"weights": self.settings.weights_identity, "params": _param_digest(self.model),
@@ -393,8 +389,6 @@ class ReluRepair:
 
     @torch.no_grad()
     def _float_pass(self, hooks: dict[str, Callable[..., None]]) -> None:
-        from policysearch.models.wiring import float_mode
-
         handles = [self._states[s].mlp.register_forward_hook(fn) for s, fn in hooks.items()]
         try:
             with float_mode(self.model):

@@ -23,6 +23,8 @@ from typing import Any
 
 from policysearch.errors import ConfigError
 from policysearch.report.verdict import headroom_sentence, verdict_sentence
+from policysearch.run import RunRecord, resolve_run_dir
+from policysearch.study import default_storage, open_storage
 
 __all__ = ["DashboardTarget", "annotate", "dashboard_target", "require_dashboard", "serve", "serving",
            "verdict_attrs"]
@@ -170,13 +172,9 @@ class DashboardTarget:
 def dashboard_target(run: str | None = None, *, results_dir: str | Path = "results", storage: str | None = None,
                      artifact_dir: str | Path | None = None) -> DashboardTarget:
     """What to serve: ``run``'s storage, study and artifact store (or the results folder's)."""
-    from policysearch.study import default_storage
-
     study = None
     recorded_artifacts = None
     if run is not None:
-        from policysearch.run import RunRecord, resolve_run_dir
-
         record = RunRecord.load(resolve_run_dir(run, results_dir))
         study = str(record.data.get("study") or record.name)
         recorded = record.data.get("storage")
@@ -200,8 +198,6 @@ def serving(target: DashboardTarget, *, port: int = 8080) -> Iterator[str]:
 
     dashboard = require_dashboard()
     from optuna.artifacts import FileSystemArtifactStore
-
-    from policysearch.study import open_storage
 
     storage = open_storage(target.storage)
     url_path = "/dashboard/"

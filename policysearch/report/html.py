@@ -30,8 +30,20 @@ from pathlib import Path
 from typing import Any
 
 import policysearch.methods as _catalogue
+from policysearch.data import load_data
 from policysearch.errors import ConfigError
+from policysearch.finetune.record import FinetuneStage
+from policysearch.models.wiring import apply_policy, float_mode, record_sites
+from policysearch.policy import Policy
+from policysearch.report import figures as F
+from policysearch.report.dashboard import annotate
+from policysearch.report.record import ReportStage
 from policysearch.report.verdict import headroom_rows, report_lines
+from policysearch.run import RunRecord, lock_run, policy_document, resolve_run_dir
+from policysearch.rundoc import RunDocument
+from policysearch.spaces import SearchSpace
+from policysearch.spec import EvaluatorSpec, get_evaluator
+from policysearch.study import KIND_UNIFORM, open_storage, publish_answer
 
 __all__ = ["REPORT_FILE", "Figure", "ReportData", "build_report", "gather"]
 
@@ -82,6 +94,16 @@ class ReportData:
     def stages(self) -> dict[str, Any]:
         return dict(self.run.get("stages") or {})
 
+    @property
+    def finetune(self) -> FinetuneStage | None:
+        """The training stage, typed (None when it has not run)."""
+        raw = self.stages.get("finetune")
+        return FinetuneStage.from_json(raw) if raw else None
+
+    def trained_sites(self) -> dict[str, dict[str, float]]:
+        """Per-site gamma/beta after training ({} without a training stage)."""
+        return _sites_dict(self.finetune.after_sites()) if self.finetune else {}
+
 
 # -- reading ------------------------------------------------------------------------------------
 
@@ -110,8 +132,6 @@ def _read_sensitivity(path: Path) -> list[dict[str, Any]]:
 
 def gather(run_dir: Path, *, storage: str | None = None) -> ReportData:
     """Read a finished run's record, sensitivity table and study."""
-    from policysearch.policy import Policy
-    from policysearch.run import RunRecord, policy_document
 
     record = RunRecord.load(run_dir)
     policy_document(record)  # refuses an unfinished run, naming the command that finishes it
@@ -135,8 +155,6 @@ def gather(run_dir: Path, *, storage: str | None = None) -> ReportData:
 def _read_study(data: ReportData, storage: str | None) -> None:
     import optuna
     from optuna.trial import TrialState
-
-    from policysearch.study import KIND_UNIFORM, open_storage
 
     data.study_name = str(data.run.get("study") or data.name)
     url = storage or data.run.get("storage")
@@ -180,28 +198,6 @@ def _read_study(data: ReportData, storage: str | None) -> None:
 
 
 # -- the training and latency stages ------------------------------------------------------------
-
-def _after_training(stage: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The fine-tuned policy's metrics from ``stages.finetune``, whatever nesting it uses
-    (``after`` / ``metrics_after`` / ``after_training`` / ``metrics`` dicts, or ``top1_after``...)."""
-    if not stage:
-        return None
-    for key in ("after", "metrics_after", "after_training", "metrics"):
-        d = stage.get(key)
-        if isinstance(d, Mapping) and any(k in d for k in ("top1", "kl", "agreement")):
-            return dict(d)
-    flat = {k[:-len("_after")]: v for k, v in stage.items() if k.endswith("_after")}
-    if flat:
-        return flat
-    if any(k in stage for k in ("top1", "kl", "agreement")):
-        return dict(stage)
-    return None
-
-
-def _after_training_sites(stage: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
-    after = _after_training(stage) or {}
-    return _sites_dict(after.get("sites") or (stage or {}).get("sites"))
-
 
 def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(d, Mapping):
@@ -282,21 +278,13 @@ def site_outputs(data: ReportData, sites: Sequence[str], *, images: int = 16, de
 
     import torch
 
-    from policysearch.data import load_data
-    from policysearch.models.wiring import apply_policy, float_mode, record_sites
-    from policysearch.policy import Policy
-    from policysearch.spaces import SearchSpace
-    from policysearch.spec import EvaluatorSpec, get_evaluator
 
-    cfg, fp = data.run.get("config", {}), data.run.get("fingerprint", {})
+    cfg = data.run.get("config", {})
     eval_size = cfg.get("eval_size")
-    spec = EvaluatorSpec(
-        model=cfg.get("model", "fmnist_vit"), checkpoint=cfg.get("checkpoint"),
-        model_args=tuple(sorted((fp.get("model_args") or {}).items())), wiring=cfg.get("wiring", "paper"),
-        data=cfg.get("data", "fmnist-sample"), objective=data.run.get("objective") or cfg.get("objective", "kl"),
-        device=device or cfg.get("device", "auto"), calib_size=cfg.get("calib_size"),
+    spec = EvaluatorSpec.from_run(
+        RunDocument.from_json(data.run), device=device or cfg.get("device", "auto"), relu_repair=False,
         eval_size=min(int(eval_size), images) if eval_size else images,  # the float reference is not needed
-        batch_size=int(cfg.get("batch_size") or 64), seed=int(cfg.get("seed", 0)),
+        batch_size=int(cfg.get("batch_size") or 64),
     )
     ev = get_evaluator(spec)
     model = ev.model
@@ -370,8 +358,6 @@ def _uniform_policies(data: ReportData, answer: Any, space_cls: Any) -> dict[str
 def make_figures(data: ReportData, *, histograms: bool = True, images: int = 16,
                  device: str | None = None) -> tuple[list[Figure], list[str]]:
     """The figures the run's data allows, and a note for each one left out."""
-    from policysearch.report import figures as F
-
     F.require_matplotlib()
     figs: list[Figure] = []
     missing: list[str] = []
@@ -399,7 +385,7 @@ def make_figures(data: ReportData, *, histograms: bool = True, images: int = 16,
                                F.histogram_figure(samples)))
     else:
         missing.append("Figure 2: left out (--no-histograms)")
-    after = _after_training_sites(data.stages.get("finetune"))
+    after = data.trained_sites()
     if data.answer_sites:
         figs.append(Figure("fig3_site_sqnr.png", "Figure 3. Per-site SQNR of the chosen policy and of each uniform one",
                            "Output SQNR β (top) and input SQNR γ (bottom) per site along depth. Markers: the "
@@ -472,11 +458,11 @@ def tables(data: ReportData) -> dict[str, Any]:
                                                                             "", "", "", ""])
     bold = len(acc)
     acc.append(row(f"result ({run.get('config', {}).get('strategy')})", metrics))
-    ft = data.stages.get("finetune") or {}
-    after = _after_training(ft)
-    on = f" ({ft['eval_images']} images)" if ft.get("eval_images") else ""  # the training stage's evaluation
-    if after and isinstance(ft.get("before"), Mapping):
-        acc.append(row(f"result before training{on}", ft["before"]))
+    ft = data.finetune
+    after = ft.after if ft is not None else None
+    on = f" ({ft.eval_images} images)" if ft is not None and ft.eval_images else ""  # the stage's evaluation
+    if after and ft is not None and isinstance(ft.before, Mapping):
+        acc.append(row(f"result before training{on}", ft.before))
     acc.append(row(f"result after training{on}", after) if after else ["result after training", NOT_RUN, "", "", "", ""])
     counts: dict[str, dict[str, int]] = {}
     for s, c in data.choices.items():
@@ -489,7 +475,7 @@ def tables(data: ReportData) -> dict[str, Any]:
     count_rows = [[k] + [str(counts[k].get(m, 0)) for m in methods] + [str(sum(counts[k].values()))]
                   for k in KINDS if k in counts]
     uni = list(data.uniform_sites)
-    trained = _after_training_sites(data.stages.get("finetune"))
+    trained = data.trained_sites()
     site_rows = []
     for s in data.order:
         m = data.answer_sites.get(s, {})
@@ -628,9 +614,6 @@ def build_report(run: str, *, results_dir: str | Path = "results", storage: str 
     ``storage``: the study's URL when run.json's is not usable (a hidden password). ``publish``:
     attach the page, figures and policy JSON to the answer's trial in the study.
     """
-    from policysearch.policy import Policy
-    from policysearch.run import RunRecord, lock_run, resolve_run_dir
-    from policysearch.study import open_storage, publish_answer
 
     run_dir = resolve_run_dir(run, results_dir)
     data = gather(run_dir, storage=storage)
@@ -661,15 +644,13 @@ def build_report(run: str, *, results_dir: str | Path = "results", storage: str 
                 write(answer_trial)
             import optuna
 
-            from policysearch.report.dashboard import annotate
-
             annotate(optuna.load_study(study_name=str(data.study_name), storage=rdb))
         else:
             write(answer_trial)
         record = RunRecord.load(run_dir)
-        record.set_stage("report", {"file": str(page if out is not None else REPORT_FILE),
-                                    "figures": [f"{FIGURES_DIR}/{f.name}" for f in figs],
-                                    "answer_trial": answer_trial, "missing": list(missing)})
+        record.set_stage(ReportStage(file=str(page if out is not None else REPORT_FILE),
+                                     figures=[f"{FIGURES_DIR}/{f.name}" for f in figs],
+                                     answer_trial=answer_trial, missing=list(missing)))
         record.data.setdefault("outputs", {})["report"] = str(page if out is not None else REPORT_FILE)
         record.save()
     log.info("report written: %s (%d figures)", page, len(figs))

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
-from policysearch.policy import read_policy
+from policysearch.objectives.sqnr import convert_db
+from policysearch.policy import read_policy, write_policy
 from policysearch.report.verdict import headroom_lines, verdict_lines
-from policysearch.spaces.site import KIND_METHODS
+from policysearch.run import RunRecord, policy_document, resolve_run_dir
+from policysearch.sites import KIND_METHODS
+from policysearch.spec import EvaluatorSpec, get_evaluator
 
 __all__ = ["PICKS", "check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
 
@@ -23,8 +26,6 @@ def _pct(v: float | None) -> str:
 
 def _dbs(value: float | None, db: int) -> str:
     """A stored (20·log10) dB value printed in the ``db``·log10 convention."""
-    from policysearch.objectives.sqnr import convert_db
-
     return "n/a" if value is None else f"{convert_db(float(value), 20, db):.2f}"
 
 
@@ -92,8 +93,6 @@ def export_run(run: str, *, out: str | None = None, results_dir: str = "results"
     ``pick``: ``answer`` (the strategy's own answer, written to the run's policy.json by default)
     or ``best`` (the best evaluated policy by the run's objective, uniform baselines included, from
     the record's verdict; written to the run's ``policy-best.json`` by default)."""
-    from policysearch.policy import write_policy
-    from policysearch.run import RunRecord, policy_document, resolve_run_dir
 
     if pick not in PICKS:
         raise ConfigError(f"--pick {pick[:40]!r} is unknown; valid: {', '.join(PICKS)}")
@@ -162,8 +161,6 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
     weights, on the images the stage evaluated, against the figures measured after training
     (``metrics.finetune.after``); ``checkpoint`` overrides the weights (and compares against the
     search's figures)."""
-    from policysearch.spec import EvaluatorSpec, get_evaluator
-
     doc = read_policy(policy) if policy else None
     finetuned = _finetuned_weights(doc, policy) if doc is not None and checkpoint is None else None
     if model is None:

@@ -111,8 +111,8 @@ class _Worker:
 def _identity(spec: Any) -> dict[str, Any]:
     """What decides an actor's results besides the spec itself: weights and numerics."""
     import policysearch
+    from policysearch.models.zoo import weights_identity
     from policysearch.numerics import NUMERICS_VERSION
-    from policysearch.run import weights_identity
 
     return {"weights": weights_identity(spec.model, spec.checkpoint), "numerics": NUMERICS_VERSION,
             "policysearch": policysearch.__version__}

@@ -1,15 +1,13 @@
-"""Sites and search spaces (torch-free).
+"""Search spaces (torch-free); the sites they range over are :mod:`policysearch.sites`.
 
-:mod:`policysearch.spaces.site` is imported eagerly; the space names load on first use
-(PEP 562), so ``policysearch.policy`` may import ``policysearch.spaces.site`` while
-``policysearch.spaces.space`` (which imports the policy module) is not loaded yet.
+The site names are re-exported here; the space names load on first use (PEP 562).
 """
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from policysearch.spaces.site import KIND_METHODS, KINDS, Site, check_method
+from policysearch.sites import KIND_METHODS, KINDS, Site, check_method
 
 if TYPE_CHECKING:
     from policysearch.spaces.space import (

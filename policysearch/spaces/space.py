@@ -36,7 +36,7 @@ from policysearch.errors import ConfigError
 from policysearch.policy import BITS_RANGE, Choice, Policy
 from policysearch.presets import builtin_presets, resolve_preset
 from policysearch.registry import Registry
-from policysearch.spaces.site import KIND_METHODS, Site, check_method
+from policysearch.sites import KIND_METHODS, Site, check_method
 
 __all__ = ["SPACES", "SearchSpace", "list_spaces", "load_space"]
 

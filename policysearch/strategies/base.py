@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 from policysearch.errors import ConfigError
+from policysearch.identity import rank_key
 from policysearch.policy import Choice, Policy
 from policysearch.registry import Registry
 from policysearch.result import EvalResult, SiteMetrics
@@ -62,13 +63,6 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 # -- ranking ------------------------------------------------------------------------------------
-def rank_key(result: EvalResult, directions: Sequence[str]) -> tuple[float, ...]:
-    """A tuple to *minimise*, objective by objective; failed results are all ``+inf``."""
-    if not result.ok or len(result.values) != len(directions):
-        return (math.inf,) * len(directions)
-    return tuple(-v if d == "maximize" else v for v, d in zip(result.values, directions))
-
-
 def dominates(a: EvalResult, b: EvalResult, directions: Sequence[str]) -> bool:
     """Whether ``a`` is at least as good as ``b`` in every objective and better in one."""
     ka, kb = rank_key(a, directions), rank_key(b, directions)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.identity import rank_key
 from policysearch.policy import Choice, Policy, PolicyError
 from policysearch.spaces.space import SearchSpace
-from policysearch.strategies.base import Strategy, rank_key, register
+from policysearch.strategies.base import Strategy, register
 
 __all__ = ["Exhaustive", "ExhaustiveOptions"]
 

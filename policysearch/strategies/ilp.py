@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.identity import rank_key
 from policysearch.objectives.latency import Constraints, LatencyModel, latency_model
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 from policysearch.spaces.space import SearchSpace
-from policysearch.strategies.base import rank_key, register
+from policysearch.strategies.base import register
 from policysearch.strategies.exhaustive import BaseSpec, Exhaustive
 
 __all__ = ["ILP", "ILPOptions", "ILPSolution"]

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from policysearch.errors import ConfigError
+from policysearch.identity import file_sha256
 from policysearch.registry import Registry
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "ZOO_DIR",
     "Recipe",
     "ZooEntry",
+    "weights_identity",
     "card_path",
     "get",
     "list_zoo",
@@ -208,3 +211,18 @@ _register(ZooEntry(
     description="test model: 2-stage Swin, random weights (seed 0); for tests, not accuracy",
     shipped_weights=False,
 ))
+
+
+def weights_identity(model: str, checkpoint: str | None) -> str:
+    """The content hash of the weights a run uses (checkpoint file, shipped zoo weights, or seed)."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ConfigError(f"checkpoint {checkpoint!r} does not exist; pass the path of a weights file")
+        return "sha256:" + file_sha256(path)
+    if model in ZOO:
+        entry = get(model)
+        if entry.shipped_weights:
+            return "sha256:" + file_sha256(weights_path(model))
+        return f"seeded:{entry.recipe.seed}"
+    return "random:timm-init"  # timm, pretrained=False, no checkpoint: seeded by the run's seed

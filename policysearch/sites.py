@@ -1,4 +1,5 @@
-"""Sites and the methods each kind may use (torch-free: strategies and policies import this)."""
+"""Sites and the methods each kind may use (torch-free and below policies and spaces: strategies,
+policies and spaces import this)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping

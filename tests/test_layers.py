@@ -1,0 +1,142 @@
+"""The package's layering: no import cycle between its top-level parts, counting every import.
+
+The graph is read from the source (AST), not from a running interpreter: an ``import`` inside a
+function counts as much as one at the top of a module (only ``if TYPE_CHECKING:`` blocks are left
+out), so a cycle cannot hide behind a deferred import. Modules are collapsed onto the package's
+top-level parts: ``policysearch.X`` for a subpackage ``X``, the module itself for a top-level one.
+"""
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import policysearch
+
+PACKAGE = Path(policysearch.__file__).parent
+ROOT = "policysearch"
+
+#: function-level imports of policysearch modules left (issue 21 started at 193); this number may
+#: only go down: move the helper a function needs below it instead of deferring the import
+MAX_DEFERRED_PACKAGE_IMPORTS = 43
+
+
+def _modules() -> Iterator[tuple[str, str, ast.Module]]:
+    """``(module name, path relative to the package, tree)`` for every module of the package."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        parts = [ROOT, *path.relative_to(PACKAGE).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield ".".join(parts), rel, ast.parse(path.read_text(), filename=str(path))
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST, in_function: bool = False) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement with whether it sits inside a function (TYPE_CHECKING blocks skipped)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                yield from _imports(ast.Module(body=[child], type_ignores=[]), in_function)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node, in_function
+        yield from _imports(node, in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)))
+
+
+def _targets(module: str, is_package: bool, node: ast.Import | ast.ImportFrom) -> list[str]:
+    """The absolute module names an import statement loads (relative imports resolved)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    if node.level:
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        name = ".".join(base + ([node.module] if node.module else []))
+    else:
+        name = node.module or ""
+    # `from policysearch.x import y` loads policysearch.x.y too when y is a submodule
+    return [name] + [f"{name}.{a.name}" for a in node.names if _exists(f"{name}.{a.name}")]
+
+
+def _exists(module: str) -> bool:
+    if not module.startswith(ROOT + "."):
+        return False
+    rel = Path(*module.split(".")[1:])
+    return (PACKAGE / rel).is_dir() or (PACKAGE / rel).with_suffix(".py").is_file()
+
+
+def _part(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _graph() -> dict[str, dict[str, list[str]]]:
+    """part -> imported part -> the files (``path (deferred)``) whose imports make the edge."""
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for module, rel, tree in _modules():
+        for node, deferred in _imports(tree):
+            for target in _targets(module, rel.endswith("__init__.py"), node):
+                if not target.startswith(ROOT + "."):
+                    continue
+                a, b = _part(module), _part(target)
+                if a != b:
+                    graph[a][b].append(f"{rel}{' (deferred)' if deferred else ''}")
+    return graph
+
+
+def _find_cycle(graph: dict[str, dict[str, list[str]]]) -> list[str] | None:
+    """One cycle of part names (first = last), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(v: str) -> list[str] | None:
+        state[v] = 1
+        stack.append(v)
+        for w in sorted(graph.get(v, {})):
+            if state.get(w) == 1:
+                return stack[stack.index(w):] + [w]
+            if w not in state and (found := visit(w)):
+                return found
+        stack.pop()
+        state[v] = 2
+        return None
+
+    for v in sorted(graph):
+        if v not in state and (found := visit(v)):
+            return found
+    return None
+
+
+def test_graph_sees_deferred_and_relative_imports():
+    tree = ast.parse("from . import a\nif TYPE_CHECKING:\n    import policysearch.zz\n"
+                     "def f():\n    from policysearch.run import x\n")
+    found = [(_targets("policysearch.report.html", False, n), d) for n, d in _imports(tree)]
+    assert found == [(["policysearch.report"], False), (["policysearch.run"], True)]
+    assert _find_cycle({"a": {"b": ["x"]}, "b": {"a": ["y"]}}) in (["a", "b", "a"], ["b", "a", "b"])
+    assert _find_cycle({"a": {"b": ["x"]}}) is None
+
+
+def test_no_cycle_between_top_level_parts():
+    graph = _graph()
+    assert graph, "the import graph is empty: the walk found no package imports"
+    cycle = _find_cycle(graph)
+    if cycle:
+        steps = [f"{a} -> {b} ({', '.join(sorted(set(graph[a][b]))[:3])})" for a, b in zip(cycle, cycle[1:])]
+        raise AssertionError("import cycle between parts of the package:\n  " + "\n  ".join(steps))
+
+
+def test_deferred_imports_only_go_down():
+    deferred = []
+    for module, rel, tree in _modules():
+        for node, in_function in _imports(tree):
+            targets = _targets(module, rel.endswith("__init__.py"), node)
+            if in_function and any(t == ROOT or t.startswith(ROOT + ".") for t in targets):
+                deferred.append(f"{rel}:{node.lineno}")
+    assert len(deferred) <= MAX_DEFERRED_PACKAGE_IMPORTS, (
+        f"{len(deferred)} function-level imports of policysearch modules (at most "
+        f"{MAX_DEFERRED_PACKAGE_IMPORTS}); do not add new ones: move the helper below its user")
