@@ -188,18 +188,16 @@ class _IntGemm:
         self.w_kn = (w2.t().to(torch.int8) if int8_fits(weight_bits) else w2.t().to(torch.float64)).contiguous()
 
     def acc(self, rows: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
-        """The exact accumulators ``rows @ w + b`` (float32, exact while below 2^24: larger
-        accumulators are rounded to float32 only in this dequantized hand-over)."""
+        """The exact integer accumulators ``rows @ w + b``: int32 (int8 operands, when the bound
+        ``K * 2^(bits-1) * wmax + max|b|`` fits int32), else int64."""
         if self.w_kn.dtype == torch.int8 and int8_fits(bits):
             acc = int_matmul(rows.to(torch.int8), self.w_kn)
-            if b_int is not None:
-                bound = self.K * 2 ** (bits - 1) * self.wmax + float(b_int.abs().amax())
-                acc = acc.add_(b_int.to(torch.int32)) if bound < 2**31 else acc.to(torch.int64).add_(b_int.to(torch.int64))
-            return acc.to(torch.float32)
-        acc = exact_matmul(rows, self.w_kn, 2 ** (bits - 1), self.wmax)
-        if b_int is not None:
-            acc = acc.to(torch.float64).add_(b_int.to(torch.float64))
-        return acc.to(torch.float32)
+            if b_int is None:
+                return acc
+            bound = self.K * 2 ** (bits - 1) * self.wmax + float(b_int.abs().amax())
+            return acc.add_(b_int.to(torch.int32)) if bound < 2**31 else acc.to(torch.int64).add_(b_int.to(torch.int64))
+        acc = exact_matmul(rows, self.w_kn, 2 ** (bits - 1), self.wmax).to(torch.int64)
+        return acc if b_int is None else acc.add_(b_int.to(torch.int64))
 
 
 class _STEGemm(torch.autograd.Function):
@@ -252,8 +250,20 @@ class _IntMixin:
                 cached = self._gcache = (key, _IntGemm(w_int, self.weight_bits))
         return cached[1]
 
-    def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+    def _int_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+        """The exact accumulator, as float32 (the dequantized hand-over's dtype)."""
+        return self._int_acc(q, bits, b_int).to(torch.float32)
+
+    def int_accumulator(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The exact integer accumulator (int32 or int64, bias included) for ``x`` on the grid
+        ``scale``: what :meth:`forward` dequantizes (tests, export checks)."""
+        with torch.no_grad():
+            _, s_acc, b = self._int_params(scale)
+            q = torch.div(x, scale).round_()
+            return self._int_acc(q, _bits_of([], q), b)
 
     def _qat(self, x: torch.Tensor, scale: torch.Tensor, op: object, float_op) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         """QAT forward: the exact integer value, the float STE graph's gradient."""
@@ -288,7 +298,7 @@ class IntLinear(_IntMixin, QuantLinear):
     def _acc_view(s_acc: torch.Tensor) -> torch.Tensor:
         return s_acc
 
-    def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+    def _int_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
         g = self._gemm()
         acc = g.acc(q.reshape(-1, q.shape[-1]), bits, b_int)
         return acc.view(*q.shape[:-1], g.N)
@@ -318,11 +328,11 @@ class IntConv2d(_IntMixin, QuantConv2d):
     def _acc_view(s_acc: torch.Tensor) -> torch.Tensor:
         return s_acc.view(1, -1, 1, 1)
 
-    def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+    def _int_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
         c = self.conv
         if c.groups != 1:  # grouped: no GEMM form; float64 is exact for these widths
             y = F.conv2d(q.double(), self._weight_int()[0].double(), None, c.stride, c.padding, c.dilation, c.groups)
-            return (y if b_int is None else y + b_int.double().view(1, -1, 1, 1)).float()
+            return (y if b_int is None else y + b_int.double().view(1, -1, 1, 1)).to(torch.int64)
         g = self._gemm()
         B = q.shape[0]
         q8 = q.to(torch.int8) if int8_fits(bits) and g.w_kn.dtype == torch.int8 else q
