@@ -24,7 +24,7 @@ from policysearch.models.site import QuantSite
 from policysearch.models.tiny import tiny_swin, tiny_vit
 from policysearch.objectives import Evaluator, asqnr
 from policysearch.policy import Choice, Policy
-from policysearch.quant import IntAct, IntConv2d, IntLinear
+from policysearch.quant import IntAct, IntConv2d, IntLinear, symmetric_scale
 
 #: the widest integers a hand-over may carry: the int32 accumulators and kernel outputs, except
 #: I-BERT's GELU (its integers grow as max|x| / s^3: 64-bit registers; kernels/ibert.py)
@@ -270,6 +270,169 @@ def test_float_mode_and_segments_of_the_paper_wiring_are_the_timm_model(make):
         for seg in segments(model):
             h = seg.fn(h)
     torch.testing.assert_close(h, full, rtol=0, atol=0)
+
+
+# -- an independent reference: the integer pipeline written out on int64 tensors -----------------
+
+def _dyadic(z: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
+    """HAWQ's fixedpoint_mul on int64 ``z``: ``round(z * m / 2^e)``, ``m / 2^e`` the 31-bit dyadic
+    form of ``s_in / s_out`` (float64 from the float32 scales; the product is exact in float64)."""
+    mant, ex = torch.frexp(s_in.double() / s_out.double())
+    m = torch.floor(mant * 2.0**31 + 0.5)
+    return torch.round(z.double() * m / torch.pow(2.0, 31 - ex.double())).long()
+
+
+def _int_weight(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    lim = 2 ** (bits - 1) - 1
+    s = (w.detach().abs().reshape(w.shape[0], -1).amax(1) / lim).clamp(min=1e-8)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return torch.clamp(torch.round(w.detach() / s.view(shape)), -lim, lim).long(), s
+
+
+class _RefViT:
+    """tiny_vit's ``paper`` pipeline (no distillation, token pooling) on int64 tensors: int64 GEMMs,
+    the dyadic requantization above, the calibrated scales read off the model's quantizers and the
+    site kernels called on the handed integers. Nothing of paper_forward, segments or IntLinear."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.m = model
+
+    @staticmethod
+    def act(a: IntAct, z: torch.Tensor, s: torch.Tensor, zi: torch.Tensor | None = None,
+            si: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s_out = a.static_scale()
+        q = _dyadic(z, s, s_out) + (0 if zi is None else _dyadic(zi, si, s_out))
+        lim = 2 ** (a.bits - 1)
+        return q.clamp(-lim, lim - 1), s_out
+
+    @staticmethod
+    def linear(lin: nn.Module, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, s_w = _int_weight(lin.weight)
+        s_acc = s * s_w
+        b = torch.clamp(torch.round(lin.bias.detach() / s_acc), -(2**31), 2**31 - 1).long()
+        return z @ w.t() + b, s_acc
+
+    @staticmethod
+    def site(site: QuantSite, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, t = site(z.float() * s, s)
+        return torch.round(y.double() / t.double()).long(), t
+
+    def block(self, b: nn.Module, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = b.attn
+        y, t = self.site(b.norm1, z, s)
+        y, t = self.act(b.norm1_act, y, t)
+        y, t = self.linear(a.qkv, y, t)
+        y, t = self.act(a.qkv_act, y, t)
+        B, N, _ = y.shape
+        q, k, v = y.reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y, t_l = self.act(a.attn_act, q @ k.transpose(-2, -1), t * t * a.scale)
+        p, t_p = self.site(a.softmax, y, t_l)
+        y, t = self.act(a.av_act, (p @ v).transpose(1, 2).reshape(B, N, -1), t_p * t)
+        y, t = self.linear(a.proj, y, t)
+        y, t = self.act(a.proj_act, y, t)
+        z, s = self.act(b.res1, y, t, z, s)
+        mlp = b.mlp
+        y, t = self.site(b.norm2, z, s)
+        y, t = self.act(b.norm2_act, y, t)
+        y, t = self.linear(mlp.fc1, y, t)
+        y, t = self.act(mlp.gelu_act, y, t)
+        y, t = self.site(mlp.act, y, t)
+        y, t = self.act(mlp.act_out, y, t)
+        y, t = self.linear(mlp.fc2, y, t)
+        y, t = self.act(mlp.out_act, y, t)
+        return self.act(b.res2, y, t, z, s)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        m, pe = self.m, self.m.patch_embed
+        s = pe.in_act.static_scale()
+        z = torch.clamp(torch.round(img / s), -128, 127).long()
+        w, s_w = _int_weight(pe.proj.weight)
+        s_acc = s * s_w
+        acc = torch.nn.functional.conv2d(z.double(), w.double(), stride=pe.proj.conv.stride).long()
+        acc = acc + torch.round(pe.proj.bias.detach() / s_acc).long().view(1, -1, 1, 1)
+        z, s = self.act(pe.out_act, acc.flatten(2).transpose(1, 2), s_acc)
+        cls = torch.clamp(torch.round(m.cls_token.detach() / s), -2**15, 2**15 - 1).long()
+        z = torch.cat([cls.expand(z.shape[0], -1, -1), z], dim=1)
+        pos, s_pos = m.paper_stem.pos_act.static_scale(), None
+        pos = torch.clamp(torch.round(m.pos_embed.detach() / pos), -2**15, 2**15 - 1).long()
+        s_pos = m.paper_stem.pos_act.static_scale()
+        z, s = self.act(m.paper_stem.sum_act, z, s, pos, s_pos)
+        for b in m.blocks:
+            z, s = self.block(b, z, s)
+        y, t = self.site(m.norm, z, s)
+        y, t = self.act(m.paper_head.norm_act, y, t)
+        logits, s_l = self.linear(m.head, y[:, 0], t)
+        return logits.float() * s_l
+
+
+@pytest.mark.parametrize("method", ["ivit", "ibert", "fqvit"])
+def test_model_equals_an_independent_integer_reference(method):
+    """``model(x)`` against :class:`_RefViT`, bit for bit (the model's quantizers in their exact
+    dyadic mode, which the reference implements)."""
+    model, x = _calibrated(tiny_vit, n=4)
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), method, fallback={"gelu": "ivit"}))
+    IntAct.exact = True
+    try:
+        with torch.no_grad():
+            got = model(x)
+            ref = _RefViT(model)(x)
+    finally:
+        IntAct.exact = False
+    assert torch.equal(got, ref)
+
+
+# -- documented deviations from I-ViT's wiring ---------------------------------------------------
+
+def test_vit_head_quantizer_ranges_over_every_token_not_only_the_class_token():
+    """Deviation (models/paper.py): ``paper_head.norm_act`` quantizes every token, then the class
+    token is taken; I-ViT takes ``x[:, 0]`` first, so its ``qact2`` range is the class token's only.
+    Same integers for a given scale; the calibrated scale here covers the patch tokens too."""
+    torch.manual_seed(0)
+    model = ps.prepare(tiny_vit())
+    x = torch.randn(8, 3, 32, 32)
+    seen = []
+    hook = model.norm.register_forward_hook(lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        ps.calibrate(model, [x])
+    finally:
+        hook.remove()
+    out = seen[-1]
+    obs = model.paper_head.norm_act.observer
+    assert float(obs.max_val) == float(out.max()) and float(obs.min_val) == float(out.min())
+    cls = out[:, 0]
+    assert max(float(cls.max()), -float(cls.min())) < max(float(out.max()), -float(out.min()))
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ivit"))
+    got = []
+    hook = model.paper_head.norm_act.register_forward_hook(lambda mod, args, o: got.append(o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    y, s = got[0]
+    assert y.shape[1] == out.shape[1]  # every token quantized
+    assert torch.equal(s, symmetric_scale(out.min(), out.max(), 8))
+
+
+def test_requantization_clamps_at_every_width_where_ivit_clamps_only_at_4_8_16_32():
+    """Deviation (quant/act.py): IntAct clamps a requantized value to its signed width at every
+    width; I-ViT's QuantAct clamps after fixedpoint_mul only for 4, 8, 16 and 32 bits, so at 6 bits
+    it would hand over integers beyond [-32, 31]."""
+    a = IntAct(bits=6)
+    a.calibrating = True
+    a(torch.tensor([-1.0, 1.0]))
+    a.calibrating, a.enabled = False, True
+    s_in = torch.tensor(1 / 64)
+    x = torch.tensor([-3.0, -1.0, 0.5, 1.5])  # on the s_in grid; 1.5 / (1 / 31) = 46.5
+    for exact in (False, True):
+        IntAct.exact = exact
+        try:
+            y, s = a(x, s_in)
+        finally:
+            IntAct.exact = False
+        q = torch.round(y / s)
+        assert float(s) == pytest.approx(1 / 31)
+        assert q.tolist() == [-32, -31, 16, 31]  # unclamped: -93, -31, 16 (15.5 rounds to even), 46
 
 
 def test_exact_dyadic_requantization_agrees_with_the_float32_simulation():
