@@ -152,9 +152,14 @@ def _frexp_symbolic(g: Any, x: Any) -> tuple[Any, Any]:
     return m, g.op("Cast", e, to_i=6)  # int32, as torch.frexp's exponent
 
 
+def _int_mm_symbolic(g: Any, a: Any, b: Any) -> Any:
+    return g.op("MatMulInteger", a, b)
+
+
 @contextlib.contextmanager
 def export_friendly() -> Iterator[None]:
-    """While exporting: traceable ``exp2_int`` and ``log_round_power``, an ONNX symbolic for ``aten::frexp``.
+    """While exporting: traceable ``exp2_int`` and ``log_round_power``, ONNX symbolics for
+    ``aten::frexp`` and ``aten::_int_mm`` (``MatMulInteger``: the linear layers stay int8 GEMMs).
 
     Swaps the function object in every loaded ``policysearch`` module that imported it (the kernel
     modules keep their code), and restores everything on exit.
@@ -172,10 +177,13 @@ def export_friendly() -> Iterator[None]:
     swapped.append((fqvit, "log_round_power", fqvit.log_round_power))
     fqvit.log_round_power = _log_round_power_export
     torch.onnx.register_custom_op_symbolic("aten::frexp", _frexp_symbolic, OPSET)
+    # the integer engine's int8 x int8 -> int32 GEMM (quant.intmm): ONNX's MatMulInteger
+    torch.onnx.register_custom_op_symbolic("aten::_int_mm", _int_mm_symbolic, OPSET)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::frexp", OPSET)
+        torch.onnx.unregister_custom_op_symbolic("aten::_int_mm", OPSET)
         for module, attr, value in swapped:
             setattr(module, attr, value)
 

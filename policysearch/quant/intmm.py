@@ -83,7 +83,8 @@ def _round_up(n: int, k: int) -> int:
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for ``a`` (M, K) and ``b`` (K, N): int32 from int8 operands via ``torch._int_mm``
-    (zero-padded to ``M >= 17`` and ``K``, ``N`` multiples of 8 on every device, as CUDA requires).
+    (zero-padded to ``M >= 17`` and ``K``, ``N`` multiples of 8 on every device, as CUDA requires;
+    not while tracing for ONNX export, where it becomes ``MatMulInteger``).
 
     Operands of another dtype take :func:`exact_matmul` (float32 or float64, exact by its bound)
     and the result is int64. int8 products accumulate in int32, which holds any ``K < 2^17``.
@@ -94,6 +95,8 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return exact_matmul(a, b).to(torch.int64)
     M, K = a.shape
     N = b.shape[1]
+    if torch.jit.is_tracing():  # ONNX export (MatMulInteger): no shape constraint, and a padding
+        return torch._int_mm(a, b)  # computed from the example's M would be baked into the graph
     Mp, Kp, Np = max(M, 17), _round_up(max(K, 1), 8), _round_up(max(N, 1), 8)
     if (Mp, Kp) != (M, K):
         a = F.pad(a, (0, Kp - K, 0, Mp - M))
