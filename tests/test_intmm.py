@@ -11,7 +11,14 @@ from torch import nn
 from policysearch.errors import PolicySearchError
 from policysearch.models.loading import load_model
 from policysearch.quant import IntConv2d, IntLinear
-from policysearch.quant.intmm import FLOAT32_EXACT, exact_matmul, get_engine, int_matmul, set_engine, use_engine
+from policysearch.quant.intmm import (
+    FLOAT32_EXACT,
+    exact_matmul,
+    get_engine,
+    int_matmul,
+    set_engine,
+    use_engine,
+)
 
 TIMM_MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224",
                "swin_tiny_patch4_window7_224"]
