@@ -246,3 +246,27 @@ def test_integer_onnx_export_writes_the_linear_layers_as_matmulinteger(tmp_path)
     assert ops.count("MatMulInteger") == n_gemm
     agree = compare_onnx(path, model, x, batch_size=6)
     assert agree.ok, agree
+
+
+@pytest.mark.parametrize("make", ["tiny_vit", "tiny_swin"])
+def test_engine_equals_the_old_simulation_where_that_was_exact(make):
+    """Where every float32 partial sum stayed below 2^24 (tiny models, K <= 64, 8-bit operands) the
+    integer engine gives the old float32 simulation's logits bit for bit (layouts included: the
+    kernels' float reductions follow them)."""
+    import policysearch as ps
+    from policysearch.models import tiny
+    from policysearch.policy import Policy
+
+    torch.manual_seed(0)
+    model = getattr(tiny, make)()
+    x = torch.randn(4, 3, 32, 32)
+    ps.calibrate(ps.prepare(model), [x])
+    for method in ("ivit", "ibert"):
+        for bits in (8, 6):
+            ps.apply_policy(model, Policy.uniform(ps.find_sites(model), method, weight_bits=bits, act_bits=bits,
+                                                  fallback={"gelu": "ivit"}))
+            with torch.no_grad():
+                new = model(x)
+                with use_engine("float"):
+                    old = model(x)
+            assert torch.equal(new, old), (method, bits)

@@ -338,7 +338,8 @@ class IntConv2d(_IntMixin, QuantConv2d):
         q8 = q.to(torch.int8) if int8_fits(bits) and g.w_kn.dtype == torch.int8 else q
         rows, (Ho, Wo) = _patches(q8, c)
         acc = g.acc(rows, bits, b_int)
-        return acc.view(B, Ho, Wo, g.N).permute(0, 3, 1, 2)
+        # contiguous NCHW, as F.conv2d's: the downstream kernels' float reductions follow the layout
+        return acc.view(B, Ho, Wo, g.N).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         c = self.conv
