@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from policysearch.finetune.errors import FinetuneError, FinetuneStopped
+from policysearch.numerics import NUMERICS_VERSION
 
 __all__ = ["FINETUNE_FORMAT", "FinetuneResult", "FinetuneSettings", "finetune", "float_weights"]
 
@@ -215,7 +216,6 @@ def _resolve(run: str | None, policy: Any, *, model: str | None, checkpoint: str
 
 
 def _identity(job: _Job, settings: FinetuneSettings) -> dict[str, Any]:
-    from policysearch.numerics import NUMERICS_VERSION
     from policysearch.run import weights_identity
 
     return {"model": job.model, "model_args": job.model_args, "weights": weights_identity(job.model, job.checkpoint),
@@ -464,7 +464,7 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         "before": before, "after": after, "trained_ranges": trained_ranges,
         "settings": settings.to_dict(), "relu_sites": relu_sites, "relu_stages": relu_records,
         "qat": res.info(), "device": dev_name, "seconds": round(time.perf_counter() - t0, 1), "finished": _now(),
-        "machine": _machine(),
+        "machine": _machine(), "numerics": NUMERICS_VERSION,
     }
     policy_file = _write_outputs(job, record)
     return FinetuneResult(out_dir=job.out_dir, policy=job.policy, weights=weights_path, relu_weights=relu_path,
