@@ -118,7 +118,7 @@ def numerics_line(version: str, *, commit: str | None = None, note: str | None =
     if version != NUMERICS_VERSION:
         return (f"Numerics: made with an earlier numerics version ({version}){at}; the current code's is "
                 f"{NUMERICS_VERSION}; not regenerated.")
-    return f"Numerics: made with numerics {version}{at}" + (f"; not regenerated: {note}" if note else ", the current code's.")
+    return f"Numerics: made with numerics {version}{at}" + (f"; not regenerated: {note}." if note else ", the current code's.")
 
 
 def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int, numerics: str = NUMERICS_VERSION,

@@ -85,7 +85,7 @@ def numerics_line(version: str | None, *, commit: str | None = None, note: str |
     if version != NUMERICS_VERSION:
         return (f"Numerics: made with an earlier numerics version ({version}){at}; the current code's is "
                 f"{NUMERICS_VERSION}; not regenerated.")
-    return f"Numerics: made with numerics {version}{at}" + (f"; not regenerated: {note}" if note else
+    return f"Numerics: made with numerics {version}{at}" + (f"; not regenerated: {note}." if note else
                                                              ", the current code's.")
 
 

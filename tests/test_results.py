@@ -7,12 +7,15 @@ version than the current code's says that it was not regenerated.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 
+from policysearch.errors import PolicySearchError
 from policysearch.numerics import NUMERICS_VERSION
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "results").glob("*.md"))
@@ -118,3 +121,38 @@ def test_the_checks_fail_usefully() -> None:
     assert "regenerate it" in numerics_problems("f.md", old)[0]
     assert not numerics_problems("f.md", "Numerics: made with an earlier numerics version (2000.1.1); not regenerated.")
     assert not numerics_problems("f.md", f"Numerics: made with numerics {NUMERICS_VERSION}, the current code's.")
+
+
+def test_zoo_md_is_rendered_from_its_committed_record(tmp_path: Path) -> None:
+    zoo = load_script("zoo_table")
+    out = tmp_path / "zoo.md"
+    zoo.render_file(ROOT / "results" / "zoo.json", out)
+    assert out.read_text() == (ROOT / "results" / "zoo.md").read_text(), \
+        "results/zoo.md differs from its record: python reproduce/zoo_table.py --render"
+
+
+def test_zoo_record_states_its_numerics_and_refuses_to_mix_versions(tmp_path: Path) -> None:
+    zoo = load_script("zoo_table")
+    record, out = tmp_path / "z.json", tmp_path / "z.md"
+    with pytest.raises(PolicySearchError, match="run this script first"):
+        zoo.render_file(record, out)
+    row = "| m | paper | W8A8 | 90.00 | **90.10** (best) | 1.00 | 2.00 | 3.00 |"
+    zoo.write_state(record, rows=[row], commands=["python reproduce/zoo_table.py --bits 8"], n=10, data="d",
+                    device="cpu", seconds=1.0)
+    state = json.loads(record.read_text())
+    assert state["numerics"] == NUMERICS_VERSION and state["n"] == 10
+    zoo.render_file(record, out)
+    text = out.read_text()
+    assert row in text and "`python reproduce/zoo_table.py --bits 8`" in text and "10 evaluation images of `d`" in text
+    assert not numerics_problems("z.md", text)
+    assert zoo._previous(record, "d")["rows"] == [row]
+    with pytest.raises(PolicySearchError, match="same data"):
+        zoo._previous(record, "other")
+    record.write_text(json.dumps({**state, "numerics": "2000.1.1"}))
+    with pytest.raises(PolicySearchError, match="regenerate them instead of --append"):
+        zoo._previous(record, "d")
+    zoo.render_file(record, out)
+    assert "earlier numerics version (2000.1.1)" in out.read_text() and not numerics_problems("z.md", out.read_text())
+    record.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(PolicySearchError, match="not a zoo table record"):
+        zoo.render_file(record, out)
