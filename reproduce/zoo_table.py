@@ -192,8 +192,8 @@ def _run(args: argparse.Namespace, out: Path, record: Path) -> None:
     device = resolve_device(args.device)
     old = read_state(record) or {}
     prev = _previous(record, args.data) if args.append else {"rows": [], "commands": [], "seconds": 0}
-    # an earlier measurement kept as its own table stays until a run covers its wiring
-    kept = [k for k in old.get("kept", []) if k.get("wiring") not in args.wirings]
+    # an earlier measurement of the same data kept as its own table stays until a run covers its wiring
+    kept = [k for k in old.get("kept", []) if k.get("wiring") not in args.wirings and old["data"] == args.data]
     commands = [*prev["commands"], "python reproduce/zoo_table.py " + " ".join(map(shlex.quote, sys.argv[1:]))]
 
     def write(rows: list[str], n: int) -> None:

@@ -156,3 +156,29 @@ def test_zoo_record_states_its_numerics_and_refuses_to_mix_versions(tmp_path: Pa
     record.write_text(json.dumps({"format": "other"}))
     with pytest.raises(PolicySearchError, match="not a zoo table record"):
         zoo.render_file(record, out)
+
+
+def test_a_zoo_run_keeps_an_earlier_table_until_it_covers_its_wiring(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    zoo = load_script("zoo_table")
+    record, out = tmp_path / "z.json", tmp_path / "z.md"
+    kept = {"title": "native, kept", "wiring": "native", "about": "measured earlier", "numerics": None,
+            "commit": "abc1234", "columns": ["model", "top-1"], "rows": ["| m | 80.00 |"]}
+    zoo.write_state(record, rows=[], commands=["old"], n=10, data="d", device="cpu", seconds=1.0, kept=[kept])
+
+    def fake_table(models, data, bits, device, wirings, eval_size=None, on_row=None):  # noqa: ANN001, ANN202
+        return [f"| m | {w} | W8A8 | 90.00 | **90.10** (best) | 1.00 | 2.00 | 3.00 |" for w in wirings], 10
+
+    monkeypatch.setattr(zoo, "build_table", fake_table)
+    monkeypatch.setattr(zoo, "resolve_device", lambda d: "cpu")
+
+    def run(*argv: str) -> dict:
+        monkeypatch.setattr("sys.argv", ["zoo_table.py", *argv])
+        zoo._run(zoo.argparse.Namespace(data="d", append="--append" in argv, wirings=[argv[0]], models=["m"],
+                                        bits=[8], eval_size=None, device="cpu"), out, record)
+        return json.loads(record.read_text())
+
+    state = run("paper")
+    assert state["kept"] == [kept] and "measured earlier" in out.read_text() and "before numerics versions" in \
+        out.read_text()
+    state = run("native", "--append")
+    assert state["kept"] == [] and len(state["rows"]) == 2 and len(state["commands"]) == 2
