@@ -493,6 +493,9 @@ def _render(rows: Sequence[Mapping[str, Any]]) -> str:
         "(`python reproduce/finetune_tables.py run geluless` first): float and int8 GELU on the model's",
         "own GELU weights, int8 ReLU on the distilled float ReLU model; top-1 on all 10,000 test images.",
         "",
+        "Numerics: the policysearch numerics version does not apply: ONNX Runtime computes these int8 figures, "
+        "not policysearch's integer kernels (the GELU-less rows' weights: see `results/finetune.md`).",
+        "",
         "| model | weights | batch | float ms | int8 GELU ms | int8 ReLU ms | ReLU/GELU | int8 GELU/float "
         "| top-1 float / int8 GELU / int8 ReLU | int8 | threads | load | date | by |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|---|",

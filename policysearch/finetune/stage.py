@@ -455,7 +455,7 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         "before": before, "after": after, "trained_ranges": trained_ranges,
         "settings": settings.to_dict(), "relu_sites": relu_sites, "relu_stages": relu_records,
         "qat": res.info(), "device": dev_name, "seconds": round(time.perf_counter() - t0, 1), "finished": _now(),
-        "machine": _machine(),
+        "machine": _machine(), "numerics": NUMERICS_VERSION,
     }
     policy_file = _write_outputs(job, record)
     return FinetuneResult(out_dir=job.out_dir, policy=job.policy, weights=weights_path, relu_weights=relu_path,
