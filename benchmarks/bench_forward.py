@@ -65,8 +65,10 @@ def bench(name: str, batch: int, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     base, size = load(name)
     plain = copy.deepcopy(base)
-    model = ps.prepare(copy.deepcopy(base), wiring=args.wiring)
-    x = torch.randn(batch, *size)
+    dev = torch.device(args.device)
+    plain = plain.to(dev)
+    model = ps.prepare(copy.deepcopy(base), wiring=args.wiring).to(dev)
+    x = torch.randn(batch, *size).to(dev)
     ps.calibrate(model, [x])
     sites = ps.find_sites(model)
     ev = Evaluator(model, calib_images=x, eval_images=x, batch_size=batch, sqnr_batch=batch, reuse=False)
@@ -109,9 +111,11 @@ def bench(name: str, batch: int, args: argparse.Namespace) -> None:
                     ps.apply_policy(model, fn.policy)
                 t0 = time.perf_counter()
                 fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
                 times[k].append((time.perf_counter() - t0) / getattr(fn, "per", 1))
     after = loadavg()
-    print(f"\n{name}: batch {batch}, {args.threads} threads, wiring {args.wiring}, medians of {args.repeats} "
+    print(f"\n{name}: batch {batch}, {args.device}, {args.threads} threads, wiring {args.wiring}, medians of {args.repeats} "
           f"interleaved rounds; load average before {before}, after {after}")
     print(f"  {'run':18s} {'median ms':>10s} {'x float':>8s}")
     for k in runs:
@@ -129,6 +133,7 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated uniform policies (default ibert,fqvit,ivit)")
     ap.add_argument("--wiring", default="paper", choices=("paper", "native"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: the same engine on a GPU")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7)")
     ap.add_argument("--quick", action="store_true", help="smoke check: small models, batch 2, one round")
     args = ap.parse_args()
