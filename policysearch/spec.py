@@ -73,6 +73,13 @@ class EvaluatorSpec:
         return RepairSettings(cache_dir=self.repair_cache_dir,
                               weights_identity=weights_identity(self.model, self.checkpoint))
 
+    def evaluator(self) -> Any:
+        """The process-wide evaluator of this spec, built on first use (:func:`get_evaluator`).
+
+        Runners call this method rather than import this module: listing and creating runners
+        stays free of torch, and a worker that unpickles the spec imports what it needs."""
+        return get_evaluator(self)
+
     def build(self) -> Any:
         torch.manual_seed(self.seed)
 
