@@ -265,7 +265,7 @@ def _schema() -> dict[str, Any]:
 
 def validate_json(data: Any, *, source: str = "policy") -> None:
     """Validate a decoded policy document against the schema; raise :class:`PolicyError`."""
-    import jsonschema
+    import jsonschema  # deferred: policysearch.policy stays light (CLI, strategies); ~0.1 s to load
 
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))

@@ -55,7 +55,7 @@ class PerImage:
 
     @classmethod
     def from_arrays(cls, *, correct: Any, agree: Any, kl: Any) -> "PerImage":
-        import numpy as np
+        import numpy as np  # deferred: result belongs to the light layer (policy, strategies); numpy only here
 
         kl = np.asarray(kl, dtype="<f4").reshape(-1)
         return cls(n=len(kl), correct=None if correct is None else _bits(correct), agree=_bits(agree),
@@ -63,7 +63,7 @@ class PerImage:
 
     def arrays(self) -> dict[str, Any]:
         """``{"correct": bool array or None, "agree": bool array, "kl": float64 array}``."""
-        import numpy as np
+        import numpy as np  # deferred: result belongs to the light layer (policy, strategies); numpy only here
 
         def bits(text: str) -> Any:
             raw = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
@@ -81,7 +81,7 @@ class PerImage:
 
 
 def _bits(values: Any) -> str:
-    import numpy as np
+    import numpy as np  # deferred: result belongs to the light layer (policy, strategies); numpy only here
 
     return base64.b64encode(np.packbits(np.asarray(values, dtype=bool).reshape(-1)).tobytes()).decode()
 

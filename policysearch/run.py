@@ -14,11 +14,14 @@ run that changes only the objective, under a new name, reuses the evaluations of
 """
 from __future__ import annotations
 
+import csv
 import datetime as _dt
+import fcntl
 import json
 import logging
 import math
 import os
+import platform
 import re
 import socket
 from collections.abc import Iterator, Mapping
@@ -26,6 +29,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import optuna
+import timm
+import torch
+import yaml
 
 import policysearch
 from policysearch.errors import ConfigError
@@ -83,8 +91,6 @@ def lock_run(run_dir: Path) -> Iterator[None]:
     ``flock`` locks die with their process, so a lock file left by a killed run never blocks a
     later resume. The file records who holds it, for the message a second process gets.
     """
-    import fcntl
-
     path = run_dir / ".lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -232,12 +238,6 @@ def sensitivity_rows(uniform: Mapping[str, Any], results: Mapping[str, Any]) -> 
 
 
 def _versions() -> dict[str, str]:
-    import platform
-
-    import optuna
-    import timm
-    import torch
-
     return {"policysearch": policysearch.__version__, "torch": torch.__version__, "timm": timm.__version__,
             "optuna": optuna.__version__, "python": platform.python_version()}
 
@@ -269,10 +269,6 @@ class SearchOutputs:
 
 def write_outputs(record: RunRecord, out: SearchOutputs) -> None:
     """config.yaml, policy.json, sensitivity.csv, and the finished run record."""
-    import csv
-
-    import yaml
-
     run_dir = record.run_dir
     objective, space, policy, result = out.objective, out.space, out.policy, out.result
     feasibility, strategy_report = out.feasibility, out.strategy_report

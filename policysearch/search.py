@@ -11,14 +11,17 @@ candidate); the answer is published as one more trial of kind ``answer`` with po
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import re
 import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from policysearch import runners
 from policysearch.device import DEVICE_PATTERN, resolve_device
@@ -239,8 +242,6 @@ def _repair_identity(config: SearchConfig) -> dict[str, Any] | None:
 def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> Any:
     """The latency model the run needs (a latency objective, --max-latency, or --min-top1 for a
     strategy that budgets with costs), or the one --profile names; None otherwise."""
-    from dataclasses import fields
-
     takes_profile = "profile" in {f.name for f in fields(strategy_cls.Options)}
     needed = (uses_metric(objective, "latency") or config.max_latency is not None
               or (config.min_top1 is not None and takes_profile))
@@ -381,8 +382,6 @@ def _publish_answer(config: SearchConfig, record: Any, recorder: Any, policy: Po
 
 
 def config_dict(config: SearchConfig) -> dict[str, Any]:
-    from dataclasses import asdict
-
     return {**asdict(config), "strategy_options": dict(config.strategy_options),
             "runner_options": dict(config.runner_options)}
 
@@ -522,8 +521,6 @@ def _close(results: Iterator[Any]) -> None:
 
 
 def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:
-    import hashlib
-
     metrics = {k: result.metrics.get(k) for k in ("top1", "agreement", "kl", "logit_sqnr", "latency")
                if k in result.metrics}
     return {"policy": hashlib.sha256(policy.key().encode()).hexdigest()[:12], "tag": tag,
@@ -534,6 +531,4 @@ def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> di
 def _progress(enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(desc="evaluations", unit="policy", leave=False)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 __all__ = ["best_of", "cell", "format_interval", "paired_difference", "paired_interval", "top1_percent"]
 
 
 def paired_interval(a: Any, b: Any, labels: Any) -> tuple[float, float, float]:
     """(difference, low, high) of top-1 ``a`` - ``b`` in points, from per-image predictions."""
-    import numpy as np
-
     a, b, y = (np.asarray(v).reshape(-1) for v in (a, b, labels))
     if not (a.shape == b.shape == y.shape):
         raise ValueError(f"paired_interval needs predictions on the same images: {a.shape}, {b.shape}, {y.shape}")
@@ -28,8 +28,6 @@ def paired_difference(a: Any, b: Any, *, scale: float = 1.0) -> tuple[float, flo
     """(difference, low, high) of the means of per-image values ``a`` - ``b`` (e.g. per-image
     correctness, or per-image KL), times ``scale``: the same normal 95% interval over
     ``d_i = a_i - b_i`` as :func:`paired_interval`."""
-    import numpy as np
-
     a, b = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (a, b))
     if a.shape != b.shape:
         raise ValueError(f"paired_difference needs values on the same images: {a.shape}, {b.shape}")
@@ -41,8 +39,6 @@ def paired_difference(a: Any, b: Any, *, scale: float = 1.0) -> tuple[float, flo
 
 
 def top1_percent(pred: Any, labels: Any) -> float:
-    import numpy as np
-
     return 100 * float((np.asarray(pred).reshape(-1) == np.asarray(labels).reshape(-1)).mean())
 
 

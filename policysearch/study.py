@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc as sa_exc
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from policysearch.errors import ConfigError
 from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
@@ -68,8 +71,6 @@ def default_storage(results_dir: str | Path = "results") -> str:
 def redact_url(url: str) -> str:
     """The URL without its password (for messages and records)."""
     try:
-        from sqlalchemy.engine import make_url
-
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # noqa: BLE001 - a malformed URL is reported elsewhere
         return url if len(url) <= 80 else url[:77] + "..."
@@ -77,8 +78,6 @@ def redact_url(url: str) -> str:
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage for ``url``; a malformed, unreachable or driverless URL is one line."""
-    import sqlalchemy.exc as sa_exc
-
     shown = redact_url(url)
     if url.startswith("sqlite:///"):
         target = url[len("sqlite:///"):].split("?", 1)[0]
@@ -125,8 +124,6 @@ class StudyRecorder:
         objective: Mapping[str, Any],
         attrs: Mapping[str, object] | None = None,
     ) -> None:
-        import sqlalchemy.exc as sa_exc
-
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage_url = storage
         self.storage = open_storage(storage)
@@ -249,8 +246,6 @@ class StudyRecorder:
     def publish_answer(self, policy: Policy, *, stage: str, artifacts: Sequence[Path],
                        artifact_dir: str | Path, attrs: Mapping[str, Any] | None = None) -> "AnswerTrial":
         """:func:`publish_answer` in this run's study (a storage error is one clear error)."""
-        import sqlalchemy.exc as sa_exc
-
         try:
             return publish_answer(self.storage, self.study_name, policy.key(), stage=stage,
                                   artifacts=artifacts, artifact_dir=artifact_dir, attrs=attrs)
@@ -304,8 +299,6 @@ def publish_answer(
     ``digest`` (a hash of the artifacts' content), one with the same digest is. The study's user
     attributes ``answer_trial`` and ``answer_of`` name the current copy and its evaluation.
     """
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
-
     if isinstance(storage, str):
         storage = open_storage(storage)
     study = optuna.load_study(study_name=study_name, storage=storage,

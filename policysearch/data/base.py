@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from policysearch.errors import PolicySearchError
@@ -196,8 +197,6 @@ class ImageFileDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
         path, label = self.samples[i]
         try:
             with Image.open(path) as img:

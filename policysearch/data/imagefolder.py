@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.data import create_transform, resolve_data_config
 
 from policysearch.data.base import (
     DEFAULT_CALIB_SIZE,
@@ -82,8 +83,6 @@ def split_dirs(root: Path) -> tuple[Path, Path] | None:
 
 
 def _timm_transform(model_cfg: dict[str, Any] | None) -> tuple[Callable[[Any], torch.Tensor], dict[str, Any]]:
-    from timm.data import create_transform, resolve_data_config
-
     cfg = resolve_data_config(pretrained_cfg=dict(model_cfg or {"input_size": (3, 224, 224)}))
     cfg["mean"] = tuple(per_channel(cfg["mean"], cfg["input_size"][0]))
     cfg["std"] = tuple(per_channel(cfg["std"], cfg["input_size"][0]))

@@ -29,6 +29,7 @@ and re-rendered, so each command that measures a model replaces only that model'
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from policysearch.deploy import onnx_export, require_onnx
 from policysearch.deploy.onnx_export import export_float, gelu_paths, onnx_logits
@@ -268,9 +270,6 @@ def _latency_record(run: str, results_dir: str | Path) -> tuple[Any, bool]:
 
 def _write_back(record: Any, standalone: bool, doc: Mapping[str, Any]) -> None:
     """``latency.json``, then its summary in the run record and policy JSON (or ``finetune.json``)."""
-    import dataclasses
-
-
     run_dir = record.run_dir
     with lock_run(run_dir):
         (run_dir / LATENCY_FILE).write_text(json.dumps(doc, indent=1) + "\n")
@@ -419,8 +418,6 @@ def _top1(logits: Any, labels: Any) -> float | None:
 
 def _versions() -> dict[str, str]:
     onnx, ort = require_onnx()
-    import torch
-
     return {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__}
 
 

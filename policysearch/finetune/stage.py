@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from policysearch.data import load_data
@@ -254,8 +256,6 @@ def float_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _save_weights(state: dict[str, torch.Tensor], path: Path, model: nn.Module) -> None:
-    from safetensors.torch import save_file
-
     names = model_class_names(model)
     # one metadata key: safetensors writes several in random order, which would change the file hash
     meta = {"class_names": json.dumps(names)} if names else {"policysearch": "finetuned"}
@@ -432,8 +432,6 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
     after = _metrics(ev.evaluate(job.policy))
     if predictions:
         predicted["after"] = _evaluator_predictions(ev, eval_x, after.get("top1"))
-        import numpy as np
-
         np.savez_compressed(stage_dir / "predictions.npz", **{k: v.numpy() for k, v in predicted.items()})
     del ev
 

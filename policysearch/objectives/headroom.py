@@ -24,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from policysearch.objectives.objective import Objective
 from policysearch.policy import Choice, Policy
 from policysearch.result import EvalResult
@@ -216,8 +218,6 @@ def per_image_objective(objective: Objective, result: EvalResult) -> Any:
     term has no per-image form, the objective has several values, or the result no scores."""
     if len(objective.values) != 1 or result.images is None or not result.ok:
         return None
-    import numpy as np
-
     arrays = result.images.arrays()
     total = np.zeros(result.images.n)
     for metric, weight in objective.values[0]:

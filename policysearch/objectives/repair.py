@@ -74,7 +74,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.identity import data_digest
@@ -211,8 +214,6 @@ def repair_mlp(teacher: nn.Module, inputs: torch.Tensor, settings: RepairSetting
     batch = min(settings.batch_tokens, inputs.shape[0])
     steps: Iterable[int] = range(settings.steps)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc=f"relu repair {site}", unit="step", leave=False)
     with torch.enable_grad():
         student.train()
@@ -453,8 +454,6 @@ class ReluRepair:
         path = self._file(site)
         if path is None or not path.is_file():
             return None
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
@@ -482,8 +481,6 @@ class ReluRepair:
         path = self._file(site)
         if path is None:
             return None
-        from safetensors.torch import save_file
-
         meta = {"format": _FORMAT, "version": REPAIR_VERSION, "site": site,
                 "settings": json.dumps(self.settings.key_fields(), sort_keys=True),
                 **{k: str(v) for k, v in self._ids().items()},

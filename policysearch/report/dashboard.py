@@ -19,7 +19,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
 
 from policysearch.errors import ConfigError
 from policysearch.report.verdict import headroom_sentence, verdict_sentence
@@ -138,8 +143,6 @@ def annotate(study: Any) -> bool:
     except ImportError:
         log.info("optuna-dashboard is not installed: no notes written (`policysearch dashboard` writes them)")
         return False
-    import optuna
-
     trials = study.get_trials(deepcopy=False)
     current = study.user_attrs.get("answer_trial")
     source = study.user_attrs.get("answer_of")
@@ -193,11 +196,7 @@ def dashboard_target(run: str | None = None, *, results_dir: str | Path = "resul
 def serving(target: DashboardTarget, *, port: int = 8080) -> Iterator[str]:
     """Serve optuna-dashboard for ``target`` on 127.0.0.1:``port`` (0: a free port) in a thread;
     yields the URL of the study page (or of the study list)."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
     dashboard = require_dashboard()
-    from optuna.artifacts import FileSystemArtifactStore
 
     storage = open_storage(target.storage)
     url_path = "/dashboard/"
@@ -207,8 +206,6 @@ def serving(target: DashboardTarget, *, port: int = 8080) -> Iterator[str]:
         except KeyError:
             raise ConfigError(f"study {target.study!r} is not in {target.storage}; "
                               "pass the run's --storage") from None
-        import optuna
-
         annotate(optuna.load_study(study_name=target.study, storage=storage))
         url_path = f"/dashboard/studies/{study_id}"
     store = None

@@ -19,6 +19,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 import policysearch.methods as _catalogue
 from policysearch.errors import ConfigError
 
@@ -144,8 +146,6 @@ def histogram_figure(samples: Mapping[str, Mapping[str, Any]], *, bins: int = 80
     """Histograms of site outputs, one panel per site: ``samples[site]`` = ``{"title": str,
     "float": array, "quantized": [(label, method, array, highlight), ...]}`` (1-d arrays); float
     filled grey, each quantized output a step line in its method's colour (``highlight``: black, wide)."""
-    import numpy as np
-
     if not samples:
         raise ValueError("no site outputs to draw")
     sites = list(samples)

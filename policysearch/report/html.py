@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import inspect
 import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import optuna
+import torch
+import yaml
 
 from policysearch.data import load_data
 from policysearch.models.wiring import apply_policy, float_mode, record_sites
@@ -83,11 +88,6 @@ def site_outputs(data: ReportData, sites: Sequence[str], *, images: int = 16, de
                  ) -> dict[str, dict[str, Any]]:
     """Outputs at ``sites`` on the first ``images`` calibration images: float, the chosen policy
     and each uniform policy of the run's space, from the run's rebuilt (calibrated) evaluator."""
-    import inspect
-
-    import torch
-
-
     cfg = data.run.get("config", {})
     eval_size = cfg.get("eval_size")
     spec = EvaluatorSpec.from_run(
@@ -151,8 +151,6 @@ def site_outputs(data: ReportData, sites: Sequence[str], *, images: int = 16, de
 
 def _uniform_policies(data: ReportData, answer: Any, space_cls: Any) -> dict[str, Any]:
     """The run's uniform policies, rebuilt from its config.yaml space (else from the catalogue)."""
-    import yaml
-
     path = data.run_dir / data.run.get("outputs", {}).get("config", "config.yaml")
     try:
         space = yaml.safe_load(path.read_text()).get("space")
@@ -262,8 +260,6 @@ def build_report(run: str, *, results_dir: str | Path = "results", storage: str 
             answer_trial = pub.number
             if not pub.created:
                 write(answer_trial)
-            import optuna
-
             annotate(optuna.load_study(study_name=str(data.study_name), storage=rdb))
         else:
             write(answer_trial)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
+
 import policysearch.methods as _catalogue
 from policysearch.errors import ConfigError
 from policysearch.finetune.record import FinetuneStage
@@ -125,9 +128,6 @@ def gather(run_dir: Path, *, storage: str | None = None) -> ReportData:
 
 
 def _read_study(data: ReportData, storage: str | None) -> None:
-    import optuna
-    from optuna.trial import TrialState
-
     data.study_name = str(data.run.get("study") or data.name)
     url = storage or data.run.get("storage")
     data.storage = url

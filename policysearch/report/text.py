@@ -5,6 +5,7 @@ SQNR values are stored in the 20·log10 convention (:func:`policysearch.objectiv
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,6 @@ def export_run(run: str, *, out: str | None = None, results_dir: str = "results"
 
 def _best_record(record: Any) -> Any:
     """A copy of ``record`` whose answer is the verdict's best evaluated policy by the objective."""
-    import copy
-
     judged = record.data.get("verdict")
     if record.data.get("status") == "finished" and not judged:
         raise ConfigError(f"run {record.name!r} records no verdict (made by an older policysearch); run the same "

@@ -2,27 +2,22 @@
 
 ``create_strategy(name, space, directions=..., seed=..., **options)`` builds one; see
 :mod:`policysearch.strategies.base` for the ask/tell contract.
+
+The strategies built on a heavy library (Optuna: ``tpe``, ``nsga2``, ``random``; SciPy's MILP:
+``ilp``) are registered lazily (``"module:attr"``) and their public names resolve on first use
+(PEP 562), so importing this package loads neither; their modules import the library at the top.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from policysearch.spaces.space import SearchSpace
 from policysearch.strategies.base import STRATEGIES, Strategy, dominates, rank_key, register
 from policysearch.strategies.exhaustive import Exhaustive, ExhaustiveOptions
-from policysearch.strategies.ilp import ILP, ILPOptions, ILPSolution
-from policysearch.strategies.optuna_based import (
-    NSGA2,
-    TPE,
-    NSGA2Options,
-    OptunaOptions,
-    OptunaStrategy,
-    RandomSearch,
-    TPEOptions,
-)
 from policysearch.strategies.sqnr import (
     SiteSelection,
     SQNRAbsDiff,
@@ -37,6 +32,18 @@ from policysearch.strategies.sqnr import (
 )
 from policysearch.strategies.unified import Unified, UnifiedOptions, UnifiedScore, harmonic_score
 from policysearch.strategies.uniform import Uniform
+
+if TYPE_CHECKING:
+    from policysearch.strategies.ilp import ILP, ILPOptions, ILPSolution
+    from policysearch.strategies.optuna_based import (
+        NSGA2,
+        TPE,
+        NSGA2Options,
+        OptunaOptions,
+        OptunaStrategy,
+        RandomSearch,
+        TPEOptions,
+    )
 
 __all__ = [
     "ILP",
@@ -76,6 +83,34 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_OPTUNA = "policysearch.strategies.optuna_based"
+_ILP = "policysearch.strategies.ilp"
+#: strategy name -> "module:attr" (the module registers the class itself when it is imported)
+_LAZY_STRATEGIES = {"tpe": f"{_OPTUNA}:TPE", "nsga2": f"{_OPTUNA}:NSGA2", "random": f"{_OPTUNA}:RandomSearch",
+                    "ilp": f"{_ILP}:ILP"}
+for _name, _target in _LAZY_STRATEGIES.items():
+    STRATEGIES.register_lazy(_name, _target)
+
+#: public name -> the module that defines it, imported on first attribute access
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("ILP", "ILPOptions", "ILPSolution"), _ILP),
+    **dict.fromkeys(("NSGA2", "TPE", "NSGA2Options", "OptunaOptions", "OptunaStrategy", "RandomSearch",
+                     "TPEOptions"), _OPTUNA),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 #: Options a driver may pass to any strategy; one that does not take it ignores it (logged).
 BUDGET_OPTIONS = ("trials",)

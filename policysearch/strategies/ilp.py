@@ -35,6 +35,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+
 from policysearch.errors import ConfigError
 from policysearch.identity import rank_key
 from policysearch.objectives.latency import Constraints, LatencyModel, latency_model
@@ -176,9 +179,6 @@ class ILP(Exhaustive):
         """Indices of the chosen rows (one per site) and a status text; lexicographic stages:
         least total shortfall of the budget (slack variables), then the primary objective, then
         fewest changes from the base."""
-        import numpy as np
-        from scipy.optimize import Bounds, LinearConstraint, milp
-
         n_sites, n = len(self.space.sites), len(rows)
         budget: list[tuple[np.ndarray, float, str]] = []  # (row over x, upper bound, name): row @ x - slack <= ub
         if self.constraints.max_latency is not None and self.latency is not None:

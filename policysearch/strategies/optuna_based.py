@@ -27,18 +27,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
 
 from policysearch.policy import Choice, Policy
 from policysearch.result import EvalResult
 from policysearch.spaces.space import SearchSpace
 from policysearch.strategies.base import Strategy, decode_policy, encode_policy, register
 from policysearch.strategies.sqnr import SQNRDiff
-
-if TYPE_CHECKING:
-    import optuna
 
 __all__ = ["NSGA2", "NSGA2Options", "OptunaOptions", "OptunaStrategy", "RandomSearch", "TPE", "TPEOptions"]
 
@@ -48,8 +50,6 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
     """Optuna logs at WARNING inside the block; the previous verbosity is restored after."""
-    import optuna  # imported on first use: importing the strategies never loads optuna
-
     old = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(max(old, optuna.logging.WARNING))
     try:
@@ -81,9 +81,6 @@ class OptunaStrategy(Strategy):
     Options = OptunaOptions
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
-        import optuna
-        from optuna.distributions import CategoricalDistribution
-
         super().__init__(space, **kw)
         self.distributions = {s.name: CategoricalDistribution([str(c) for c in opts])
                               for s, opts in zip(space.sites, space.options)}
@@ -109,9 +106,6 @@ class OptunaStrategy(Strategy):
             self._record(policy, result)
 
     def _record(self, policy: Policy, result: EvalResult) -> None:
-        import optuna
-        from optuna.trial import TrialState
-
         values = list(result.values) if result.ok else None
         state = TrialState.COMPLETE if result.ok else TrialState.FAIL
         number = self._trial_of.pop(policy.key(), None)
@@ -128,8 +122,6 @@ class OptunaStrategy(Strategy):
         return len(self._in_space | set(self.pending)) + batch >= self.space.size()
 
     def _propose(self, n: int) -> list[Policy]:
-        from optuna.trial import TrialState
-
         out: dict[str, Policy] = {}
         repeats = 0
         while len(out) < n and self.asked < self.options.trials and not self._exhausted(len(out)):
@@ -181,9 +173,6 @@ class OptunaStrategy(Strategy):
         return next(p for p in self._redo if p.key() == key)
 
     def _load_extra(self, state: Mapping[str, Any]) -> None:
-        import optuna
-        from optuna.trial import TrialState
-
         with quiet_optuna():
             for t in state["trials"]:
                 self.study.add_trial(optuna.trial.create_trial(
@@ -220,10 +209,6 @@ class TPE(OptunaStrategy):
         self.warm = SQNRDiff(space, directions=self.directions, seed=self.seed)
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        import warnings
-
-        import optuna
-
         # constant liar: while policies of a batch are pending (RUNNING trials), TPE counts them as
         # bad results, so one ask(n) spreads its n proposals instead of repeating the same region
         with warnings.catch_warnings():
@@ -266,8 +251,6 @@ class NSGA2(OptunaStrategy):
     Options = NSGA2Options
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        import optuna
-
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.options.population_size)
 
 
@@ -278,6 +261,4 @@ class RandomSearch(OptunaStrategy):
     name = "random"
 
     def _sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        import optuna
-
         return optuna.samplers.RandomSampler(seed=seed)
