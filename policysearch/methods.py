@@ -93,6 +93,10 @@ class MethodDescriptor:
     #: ``("module:attr", "module:attr")`` pairs: a function of the kernel that does not trace and
     #: the equal traceable one ``policysearch.deploy.onnx_export`` swaps in while exporting
     onnx_swaps: tuple[tuple[str, str], ...] = ()
+    #: whether the kernel has its reference's own QAT graph for ``ste_gradients("reference")``
+    #: (I-BERT, I-ViT; FQ-ViT by the same rule); without one (the float operators, ReLU, the
+    #: post-training data-aware methods) both STE modes give the float operator's gradient
+    reference_ste: bool = True
     summary: str = ""
     cost: float | None = None  # a measured relative cost (filled later from a latency profile)
 
@@ -290,8 +294,8 @@ def load_cost_profile(path: str | Path) -> dict[tuple[str, str], float]:
 _IBERT = dict(order=10, fallback=10, colour="#1f77b4")
 _FQVIT = dict(order=20, fallback=30, colour="#ff7f0e")
 _IVIT = dict(order=30, fallback=20, colour="#2ca02c")
-_RELU = dict(order=40, fallback=40, colour="#d62728")
-_FP32 = dict(order=50, fallback=50, colour="#7f7f7f", expects="float", integer_only=False)
+_RELU = dict(order=40, fallback=40, colour="#d62728", reference_ste=False)
+_FP32 = dict(order=50, fallback=50, colour="#7f7f7f", expects="float", integer_only=False, reference_ste=False)
 _K = "policysearch.kernels."
 
 # expects: as policysearch.models.precision wires each method (the official references' inputs).
@@ -331,9 +335,9 @@ register_method("layernorm", "ivit", **_IVIT, expects="requant", kernel=_K + "iv
 
 # Data-aware methods (IPTQ-ViT, policysearch.kernels.data_aware): constants fitted per site to the
 # range the site sees on the calibration images. LayerNorm has none (docs/architecture.md).
-_FIT_EXP = dict(order=60, fallback=60, colour="#9467bd")
-_POLY = dict(order=70, fallback=70, colour="#8c564b")
-_POLY_FIXED = dict(order=80, fallback=80, colour="#e377c2")
+_FIT_EXP = dict(order=60, fallback=60, colour="#9467bd", reference_ste=False)
+_POLY = dict(order=70, fallback=70, colour="#8c564b", reference_ste=False)
+_POLY_FIXED = dict(order=80, fallback=80, colour="#e377c2", reference_ste=False)
 register_method("softmax", "fit_exp", **_FIT_EXP, kernel=_K + "data_aware:fit_exp", expects="accumulator", out_bits=(8, 16), default_bits=8,
                 summary="I-BERT softmax with the i-exp polynomial fitted to the site's shifted inputs")
 register_method("gelu", "poly_gelu", **_POLY, kernel=_K + "data_aware:poly_gelu", expects="requant",

@@ -47,6 +47,10 @@ approximation whose constants a range could tune (see ``docs/architecture.md``).
 
 Without a calibrated range (an uncalibrated model quantizes dynamically) the kernel fits on the
 range of each call's own input, like the dynamic activation ranges.
+
+Gradients: IPTQ-ViT is post-training and publishes no training graph, so in QAT both STE modes
+give the float operator's gradient (the descriptors say ``reference_ste=False``); the forward
+value is the integer one in every mode.
 """
 from __future__ import annotations
 
