@@ -190,14 +190,16 @@ def zoo_block(model: str, *, data: str, bits: int, strategies: Sequence[str], sp
     """Run every (space, strategy) search, then evaluate every row on the final images."""
     t0 = time.perf_counter()
     answers = []
-    for space in spaces:
-        for strategy in strategies:
-            size = sizes.single_site if strategy in SINGLE_SITE else sizes.search
-            ts = time.perf_counter()
-            res = search(_search_config(model, data, bits, space, strategy, size, sizes, work, device), progress=False)
-            answers.append((space, strategy, size, res.policy, time.perf_counter() - ts, res.evaluated))
-            log.info("%s W%dA%d %s/%s on %s images: %s (%.0f s, %d evaluated)", model, bits, bits, space, strategy,
-                     size or "all", _short(res.policy), answers[-1][4], res.evaluated)
+    # grouped by image count: the driver keeps one evaluator per process, rebuilt when the count changes
+    runs = [(space, strategy, sizes.single_site if strategy in SINGLE_SITE else sizes.search)
+            for space in spaces for strategy in strategies]
+    for space, strategy, size in sorted(runs, key=lambda r: (r[2] is None, r[2] or 0)):
+        ts = time.perf_counter()
+        res = search(_search_config(model, data, bits, space, strategy, size, sizes, work, device), progress=False)
+        answers.append((space, strategy, size, res.policy, time.perf_counter() - ts, res.evaluated))
+        log.info("%s W%dA%d %s/%s on %s images: %s (%.0f s, %d evaluated)", model, bits, bits, space, strategy,
+                 size or "all", _short(res.policy), answers[-1][4], res.evaluated)
+    answers.sort(key=lambda a: (list(spaces).index(a[0]), list(strategies).index(a[1])))
     rows, best = _baselines(final, bits, spaces)
     for space, strategy, size, policy, secs, evaluated in answers:
         result, _ = final.evaluate(policy)
@@ -371,12 +373,30 @@ def summary(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def missing(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What the issue's full table asks for and the record does not hold."""
+    have = {(b["model"], b["weights"], int(b["bits"])) for b in blocks}
+    out = [f"{m}{' (random weights)' if w == 'random' else ''} W{b}A{b}"
+           for w, models in (("zoo", ("fmnist_vit", "fmnist_swin")), ("random", RANDOM_MODELS))
+           for m in models for b in (8, 6) if (m, w, b) not in have]
+    for b in blocks:
+        if b["weights"] == "zoo":
+            gone = [f"space {s}" for s in SPACES if s not in b["spaces"]]
+            gone += [f"strategy {s}" for s in STRATEGIES if s not in b["strategies"]]
+            if gone:
+                out.append(f"{b['model']} W{b['bits']}A{b['bits']}: " + ", ".join(gone))
+    return out
+
+
 def render(rec: Mapping[str, Any]) -> str:
     blocks = rec["blocks"]
+    absent = missing(blocks)
     lines = ["# Headroom: where the choice of non-linear methods can matter", "",
              "Produced by " + ", then ".join(f"`{c}`" for c in rec["commands"])
              + f" (numerics {rec['numerics']}, torch {rec['torch']}); rendered from `results/headroom.json` "
              "by `python reproduce/headroom.py --render`.", "", "## Summary", "", *summary(blocks), "",
+             *(["Not measured (not run within this record's compute budget): " + "; ".join(absent) + ".", ""]
+               if absent else []),
              "## How to read the tables", "",
              "Wiring `paper` (one integer pipeline for every method), the same quantized linear layers in every "
              "row of a table. *ceiling*: every non-linear site in float (`fp32`) on those layers, the best any "
@@ -508,7 +528,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
     def write(block: dict[str, Any]) -> None:
         done.append(block)
-        write_record(record, commands=commands, data=args.data, blocks=merge(old, done))
+        # re-read under --append: another process (e.g. the random-weight models) may have added blocks
+        now = read_record(record) if args.append else None
+        base, cmds = (now["blocks"], now["commands"]) if now else (old, [])
+        cmds = [*cmds, *(c for c in commands if c not in cmds)]
+        write_record(record, commands=cmds, data=args.data, blocks=merge(base, done))
         render_file(record, out)
         log.info("%s: %s W%dA%d written (%.0f s)", out, block["model"], block["bits"], block["bits"], block["seconds"])
 
