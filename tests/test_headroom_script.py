@@ -24,6 +24,7 @@ def quick(tmp_path_factory):
     return out, json.loads(out.with_suffix(".json").read_text())
 
 
+@pytest.mark.slow
 def test_record(quick):
     _, rec = quick
     assert rec["format"] == headroom.FORMAT and rec["numerics"] == NUMERICS_VERSION
@@ -56,6 +57,7 @@ def test_record(quick):
     assert rnd["best_uniform"] == min(kls, key=kls.get)
 
 
+@pytest.mark.slow
 def test_markdown_renders_from_the_record(quick, tmp_path):
     out, rec = quick
     text = out.read_text()
