@@ -8,6 +8,11 @@ import shlex
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from policysearch import methods as catalogue
+from policysearch.errors import ConfigError, user_errors
+from policysearch.registry import Registry
 
 __all__ = ["main"]
 
@@ -15,29 +20,48 @@ log = logging.getLogger("policysearch")
 
 Handler = Callable[[argparse.Namespace], int]
 
+#: The library functions the commands call, as lazy ``"module:attr"`` entries (the registry's
+#: mechanism for heavy code): the search stack imports torch, timm and optuna, about 4.5 s here
+#: against 0.2 s for ``--help``, so each command loads only the part of the library it calls, on
+#: its first call. Light modules (the method catalogue, errors, the registry) are imported above.
+API: Registry[Any] = Registry("CLI entry point")
+for _name, _target in {
+    "find_sites": "policysearch.models:find_sites",
+    "load_model": "policysearch.models.loading:load_model",
+    "list_zoo": "policysearch.models.zoo:list_zoo",
+    "list_strategies": "policysearch.strategies:list_strategies",
+    "SearchConfig": "policysearch.search:SearchConfig",
+    "search": "policysearch.search:search",
+    "feasibility_text": "policysearch.objectives.latency:feasibility_text",
+    "finetune": "policysearch.finetune:finetune",
+    "run_latency": "policysearch.deploy.latency:run_latency",
+    "profile_model": "policysearch.deploy.profile:profile_model",
+    "summary_text": "policysearch.report:summary_text",
+    "export_run": "policysearch.report:export_run",
+    "build_report": "policysearch.report:build_report",
+    "dashboard_target": "policysearch.report:dashboard_target",
+    "serve": "policysearch.report:serve",
+    "check_policy_file": "policysearch.report:check_policy_file",
+}.items():
+    API.register_lazy(_name, _target)
+API.register_lazy("export_run_onnx", "policysearch.deploy.onnx_export:export_run_onnx", extra="onnx")
+del _name, _target
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
-        from policysearch import kernels
-
-        for kind in kernels.kinds():
-            print(f"{kind:10s} {', '.join(kernels.methods(kind))}")
+        for kind in catalogue.kinds():
+            print(f"{kind:10s} {', '.join(catalogue.methods(kind))}")
         return 0
     if args.what == "models":
-        from policysearch.models.zoo import list_zoo
-
-        for name in list_zoo():
+        for name in API.get("list_zoo")():
             print(name)
         print("(and any timm ViT/DeiT/Swin name with --checkpoint PATH)")
         return 0
     if args.what == "strategies":
-        from policysearch.strategies import list_strategies
-
-        print("\n".join(list_strategies()))
+        print("\n".join(API.get("list_strategies")()))
         return 0
-    from policysearch import find_sites
-    from policysearch.models.loading import load_model
-
+    load_model, find_sites = API.get("load_model"), API.get("find_sites")
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                        img_size=args.img_size, in_chans=args.in_chans)
     sites = find_sites(model)
@@ -50,9 +74,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from policysearch.search import SearchConfig, search
-
-    config = SearchConfig(
+    search, search_config = API.get("search"), API.get("SearchConfig")
+    config = search_config(
         strategy=args.strategy, model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
         img_size=args.img_size, in_chans=args.in_chans, data=args.data, space=args.space,
         objective=args.objective, runner=args.runner, trials=args.trials, seed=args.seed,
@@ -68,19 +91,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     res = search(config, progress=not args.no_progress)
     _print_summary(res, db=args.db)
     if res.feasibility:
-        from policysearch.objectives.latency import feasibility_text
-
-        print(feasibility_text(res.feasibility))
+        print(API.get("feasibility_text")(res.feasibility))
     if args.finetune:  # the next stage, on the run record the search just finished (resumes on its own)
-        from policysearch.finetune import finetune
-
+        finetune = API.get("finetune")
         ft = finetune(str(res.run_dir), device=args.device, progress=not args.no_progress,
                       **_finetune_options(args, batch_size=args.train_batch_size))
         print()
         print(ft.summary())
     if args.latency:  # then the int8 latency check (reuses a latency.json measured on the same weights)
-        from policysearch.deploy.latency import run_latency
-
+        run_latency = API.get("run_latency")
         doc = run_latency(str(res.run_dir), results_dir=args.results_dir, batches=latency_batches,
                           threads=args.latency_threads, reuse=True,
                           command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
@@ -100,12 +119,11 @@ def _finetune_options(args: argparse.Namespace, *, batch_size: int) -> dict:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from policysearch.finetune import finetune
-
     model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
                                     ("in_chans", args.in_chans)) if v is not None}
     sizes = {k: (None if v == 0 else v) for k, v in (("eval_size", args.eval_size), ("calib_size", args.calib_size))
              if v is not None}
+    finetune = API.get("finetune")
     res = finetune(args.run, policy=args.policy, model=args.model, checkpoint=args.checkpoint, data=args.data,
                    wiring=args.wiring, model_args=model_args or None, results_dir=args.results_dir, out=args.out,
                    device=args.device, progress=not args.no_progress, restart=args.restart, **sizes,
@@ -115,28 +133,21 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _print_summary(res: "object", *, db: int = 20) -> None:
-    from policysearch.report import summary_text
-
-    print(summary_text(res, db=db))
+    print(API.get("summary_text")(res, db=db))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from policysearch.report import export_run
-
     if args.onnx is None or args.out is not None:
-        print(export_run(args.run, out=args.out, results_dir=args.results_dir, pick=args.pick))
+        print(API.get("export_run")(args.run, out=args.out, results_dir=args.results_dir, pick=args.pick))
     if args.onnx is not None:
-        from policysearch.deploy.onnx_export import export_run_onnx
-
-        print(export_run_onnx(args.run, args.onnx, results_dir=args.results_dir))
+        print(API.get("export_run_onnx")(args.run, args.onnx, results_dir=args.results_dir))
     return 0
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from policysearch.deploy.profile import profile_model
-
     model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
                                     ("in_chans", args.in_chans)) if v is not None}
+    profile_model = API.get("profile_model")
     doc = profile_model(args.model, device=args.device, batch=args.batch, repeats=args.repeats,
                         threads=args.threads, checkpoint=args.checkpoint, model_args=model_args,
                         results_dir=args.results_dir, out=args.out)
@@ -155,8 +166,6 @@ def _batches(text: str, flag: str = "--batches") -> list[int]:
     except ValueError:
         batches = []
     if not batches or min(batches) < 1:
-        from policysearch.errors import ConfigError
-
         raise ConfigError(f"{flag} {text!r}: give positive batch sizes separated by commas, e.g. 1,8")
     return batches
 
@@ -173,8 +182,7 @@ def _print_latency(doc: dict) -> None:
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
-    from policysearch.deploy.latency import run_latency
-
+    run_latency = API.get("run_latency")
     doc = run_latency(args.run, results_dir=args.results_dir, batches=_batches(args.batches), repeats=args.repeats,
                       threads=args.threads, provider=args.provider, fmt=args.int8, checkpoint=args.checkpoint,
                       relu_checkpoint=args.relu_checkpoint, keep_onnx=not args.no_keep_onnx, table=args.table,
@@ -184,8 +192,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from policysearch.report import build_report
-
+    build_report = API.get("build_report")
     path = build_report(args.run, results_dir=args.results_dir, storage=args.storage, out=args.out,
                         device=args.device, histograms=not args.no_histograms, images=args.images)
     print(path)
@@ -193,8 +200,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from policysearch.report import dashboard_target, serve
-
+    dashboard_target, serve = API.get("dashboard_target"), API.get("serve")
     target = dashboard_target(args.run, results_dir=args.results_dir, storage=args.storage,
                               artifact_dir=args.artifact_dir)
 
@@ -206,10 +212,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from policysearch.report import check_policy_file
-
     model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
                                     ("in_chans", args.in_chans)) if v is not None}
+    check_policy_file = API.get("check_policy_file")
     report, reproduced = check_policy_file(
         args.policy, model=args.model, checkpoint=args.checkpoint, data=args.data, device=args.device,
         eval_size=args.eval_size, model_args=model_args or None, wiring=args.wiring,
@@ -450,8 +455,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    from policysearch.errors import user_errors
-
     try:
         return int(args.func(args) or 0)
     except (*user_errors(), PermissionError, IsADirectoryError, NotADirectoryError, RecursionError) as exc:

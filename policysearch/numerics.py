@@ -8,4 +8,7 @@ from __future__ import annotations
 
 __all__ = ["NUMERICS_VERSION"]
 
-NUMERICS_VERSION = "2026.12.2"
+#: 2026.12.3: the ``paper`` wiring's linear layers and attention matmuls run on the exact integer
+#: engine (``quant.intmm``; the float32 simulation rounded partial sums beyond 2^24, K > 1040), and
+#: I-BERT's / I-ViT's GELU take ``x_int = round(x / s)`` (their outputs lie exactly on their grids)
+NUMERICS_VERSION = "2026.12.3"

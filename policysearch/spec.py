@@ -18,6 +18,7 @@ from policysearch.objectives import Evaluator, Objective, load_objective
 from policysearch.objectives.repair import RepairSettings
 
 if TYPE_CHECKING:
+    from policysearch.policy import PolicyDocument
     from policysearch.rundoc import RunDocument
 
 __all__ = ["EvaluatorSpec", "get_evaluator"]
@@ -53,12 +54,27 @@ class EvaluatorSpec:
         """The spec of the run ``doc`` records (its model, weights, data, selections, objective),
         with ``overrides`` (e.g. ``device``, ``eval_size``) on top."""
         cfg, fp = doc.search.config or {}, doc.search.fingerprint()
-        known = {f.name for f in fields(cls)}
         base = {k: cfg[k] for k in ("model", "checkpoint", "wiring", "data", "device", "calib_size", "eval_size",
                                     "batch_size", "seed", "relu_repair") if cfg.get(k) is not None}
         base["model_args"] = tuple(sorted((fp.get("model_args") or {}).items()))
         base["objective"] = doc.search.objective or cfg.get("objective", "kl")
-        unknown = sorted(set(overrides) - known)
+        return cls._with(base, overrides)
+
+    @classmethod
+    def from_policy(cls, doc: PolicyDocument, **overrides: Any) -> EvaluatorSpec:
+        """The spec a policy file records (its model, weights, architecture, wiring, data, image
+        counts and seed: a run's policy JSON names those of its run), with ``overrides`` on top."""
+        model, prov = doc.model, doc.provenance
+        base = {"model": model.get("name"), "checkpoint": model.get("checkpoint"), "wiring": doc.wiring,
+                "data": prov.get("data"), "calib_size": prov.get("calib_size"), "eval_size": prov.get("eval_size")}
+        base = {k: v for k, v in base.items() if v is not None}
+        base["model_args"] = tuple(sorted((model.get("args") or {}).items()))
+        base["seed"] = int(prov.get("seed") or 0)
+        return cls._with(base, overrides)
+
+    @classmethod
+    def _with(cls, base: dict[str, Any], overrides: Mapping[str, Any]) -> EvaluatorSpec:
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
         if unknown:
             raise TypeError(f"EvaluatorSpec has no field(s) {', '.join(unknown)}")
         return cls(**{**base, **overrides})
@@ -72,6 +88,13 @@ class EvaluatorSpec:
 
         return RepairSettings(cache_dir=self.repair_cache_dir,
                               weights_identity=weights_identity(self.model, self.checkpoint))
+
+    def evaluator(self) -> Any:
+        """The process-wide evaluator of this spec, built on first use (:func:`get_evaluator`).
+
+        Runners call this method rather than import this module: listing and creating runners
+        stays free of torch, and a worker that unpickles the spec imports what it needs."""
+        return get_evaluator(self)
 
     def build(self) -> Any:
         torch.manual_seed(self.seed)

@@ -524,7 +524,8 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
              f"Rendered by `{MODULE} render` from the jobs under `{root}/` (torch {torch.__version__}, "
              f"Python {platform.python_version()}). Each table names the command that produces it; a job "
              "that is not there is listed with its command. A job whose folder is not in this checkout shows "
-             f"the figures recorded in `{kept_path}` (a Table 5 row marked *).", ""]
+             f"the figures recorded in `{kept_path}` (a Table 5 row marked *).", "",
+             _numerics_line(root, records), ""]
     for key, body in parts:
         lines += [MARK.format(key), *body, ""]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -532,6 +533,20 @@ def render(root: Path = ROOT, out: Path = Path("results/finetune.md"), *, models
     if record and recorded:
         write_kept(kept_path, {**records, **recorded})
     return out
+
+
+def _numerics_line(root: Path, records: dict[tuple[str, str], Kept]) -> str:
+    """Which numerics versions made the kept records and the job records under ``root``."""
+    jobs = [json.loads(p.read_text()) for p in sorted(root.rglob("finetune.json"))] if root.is_dir() else []
+    versions = sorted({r.numerics for r in records.values()} | {j["numerics"] for j in jobs if j.get("numerics")})
+    line = "Numerics: made with numerics " + (", ".join(versions) or "(none recorded)")
+    if any(v != NUMERICS_VERSION for v in versions):
+        line += f"; the current code's is {NUMERICS_VERSION}: rows of the other versions were not regenerated"
+    unstated = sorted(str(j.get("finished", "?"))[:10] for j in jobs if not j.get("numerics"))
+    if unstated:
+        line += (f"; {len(unstated)} job records (finished {unstated[0]} to {unstated[-1]}) were written before "
+                 "`finetune.json` recorded its numerics version")
+    return line + "."
 
 
 def _ints(text: str) -> list[int]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
+from policysearch.numerics import NUMERICS_VERSION
 from policysearch.report.figures import pareto_front
 
 __all__ = ["pareto_rows", "pareto_table"]
@@ -40,6 +41,15 @@ def _counts(e: dict[str, Any]) -> str:
                      for k, v in e.get("counts", {}).items())
 
 
+def _numerics_line(version: str | None) -> str:
+    if version is None:
+        return "Numerics: the run records no numerics version; not regenerated."
+    if version != NUMERICS_VERSION:
+        return (f"Numerics: made with an earlier numerics version ({version}); the current code's is "
+                f"{NUMERICS_VERSION}; not regenerated.")
+    return f"Numerics: made with numerics {version}, the current code's."
+
+
 def pareto_table(run: str, *, results_dir: str | Path = "results", command: str | None = None,
                  run_command: str | None = None) -> str:
     from policysearch.run import RunRecord, resolve_run_dir
@@ -57,6 +67,7 @@ def pareto_table(run: str, *, results_dir: str | Path = "results", command: str 
              "predicted from the run's cost profile (`policysearch profile`; emulated kernels, a proxy: the "
              "int8 runtime check is the ground truth)."
              + (f" The run: `{run_command}`." if run_command else ""), "",
+             _numerics_line(record.get("numerics")), "",
              "| relative latency | top-1 (%) | KL | methods per kind | policy |", "|---:|---:|---:|---|---|"]
     for e in front:
         kl = e.get("kl")

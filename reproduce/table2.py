@@ -112,8 +112,18 @@ def run(models: list[str], data: str, bits: list[int], device: str, eval_size: i
 STATE_FORMAT = "policysearch.table2/v1"
 
 
-def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) -> str:
-    """The markdown file: header naming every command whose rows it holds, and the table."""
+def numerics_line(version: str, *, commit: str | None = None, note: str | None = None) -> str:
+    """Which numerics version made the rows, and whether the current code still does."""
+    at = f" (commit {commit})" if commit else ""
+    if version != NUMERICS_VERSION:
+        return (f"Numerics: made with an earlier numerics version ({version}){at}; the current code's is "
+                f"{NUMERICS_VERSION}; not regenerated.")
+    return f"Numerics: made with numerics {version}{at}" + (f"; not regenerated: {note}." if note else ", the current code's.")
+
+
+def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int, numerics: str = NUMERICS_VERSION,
+           commit: str | None = None, note: str | None = None) -> str:
+    """The markdown file: header naming every command whose rows it holds, its numerics, and the table."""
     head = [*HEAD, f"logit SQNR (dB, {db}·log10)", f"mean beta - gamma (dB, {db}·log10)"]
     return ("# SQNR rules compared (the paper's Table 2 on the zoo models)\n\n"
             "Produced by " + ", then ".join(f"`{c}`" for c in commands) + f" (torch {torch.__version__}). "
@@ -124,6 +134,7 @@ def render(rows: list[str], *, commands: list[str], n: int, data: str, db: int) 
             "and bits (in bold), in points, with a paired 95% interval over the same images; `*` marks an "
             "interval that excludes 0, a difference that is not noise. The methods column is the paper's "
             "Table 3 (counts per kind).\n\n"
+            + numerics_line(numerics, commit=commit, note=note) + "\n\n"
             + "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
             + "\n\nThe earlier `native`-wiring table (the shipped sample, no intervals) is kept in "
             "`results/table2-native.md`.\n")
@@ -152,7 +163,8 @@ def render_file(state_path: Path, out: Path) -> None:
     if state is None:
         raise PolicySearchError(f"{state_path} does not exist: run this script first")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(state["rows"], commands=state["commands"], n=state["n"], data=state["data"], db=state["db"]))
+    out.write_text(render(state["rows"], commands=state["commands"], n=state["n"], data=state["data"], db=state["db"],
+                          numerics=state["numerics"], commit=state.get("commit"), note=state.get("note")))
 
 
 def main() -> None:
@@ -185,6 +197,9 @@ def main() -> None:
     prev = read_state(record) if args.append else None
     if prev is not None and (prev["data"], prev["db"]) != (args.data, args.db):
         raise SystemExit(f"error: {record} holds rows of --data {prev['data']} --db {prev['db']}; --append needs the same")
+    if prev is not None and (prev["numerics"] != NUMERICS_VERSION or prev.get("note")):
+        raise SystemExit(f"error: {record} holds rows made with numerics {prev['numerics']} that this code "
+                         f"({NUMERICS_VERSION}) does not reproduce; regenerate them instead of --append")
     old_rows, commands = (prev["rows"], [*prev["commands"], cmd]) if prev else ([], [cmd])
 
     def write(rows: list[str], n: int) -> None:

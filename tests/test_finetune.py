@@ -206,7 +206,8 @@ def test_gradients_reach_every_weight_through_every_method(model_name: str, wiri
     sites = ps.find_sites(model)
     policies = [Policy.uniform(sites, {"softmax": m, "gelu": g, "layernorm": n})
                 for m, g, n in (("ibert", "ibert", "ibert"), ("fqvit", "relu", "fqvit"), ("ivit", "ivit", "ivit"),
-                                ("fp32", "fp32", "fp32"))]
+                                ("fp32", "fp32", "fp32"), ("fit_exp", "poly_gelu", "ibert"),
+                                ("fit_exp", "poly_gelu_fixed", "ibert"))]
     covered = {(s.kind, c.method) for p in policies for s, c in p.items()}
     assert covered == {(k, m) for k in KIND_METHODS for m in KIND_METHODS[k]}
     model.train()

@@ -133,6 +133,28 @@ def test_python_dash_m_policysearch_help():
     assert res.stdout.startswith("usage: policysearch") and "list" in res.stdout
 
 
+def test_cli_loads_the_library_on_use_and_names_only_real_entry_points():
+    """``--help`` stays light (the CLI's entry points are lazy registry entries), and every entry
+    resolves to a callable: a typo in a "module:attr" string fails here, not in a user's command."""
+    res = run_python("""
+        import sys
+        import policysearch.cli
+        heavy = sorted(m for m in ("torch", "optuna", "timm", "policysearch.search") if m in sys.modules)
+        assert not heavy, heavy
+    """)
+    assert res.returncode == 0, res.stderr
+    from policysearch.cli import API
+
+    assert {"search", "SearchConfig", "finetune", "run_latency", "build_report", "export_run_onnx"} <= set(API)
+    unchecked = {}
+    for name in API:
+        try:
+            assert callable(API.get(name)), name
+        except MissingExtraError:
+            unchecked[name] = "onnx"
+    note_unchecked(unchecked)
+
+
 def test_no_import_cycles_whatever_module_is_imported_first():
     """Each module is imported first into a fresh package state (torch stays loaded: fast)."""
     modules = package_modules()

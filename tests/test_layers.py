@@ -17,9 +17,21 @@ import policysearch
 PACKAGE = Path(policysearch.__file__).parent
 ROOT = "policysearch"
 
-#: function-level imports of policysearch modules left (issue 21 started at 193); this number may
-#: only go down: move the helper a function needs below it instead of deferring the import
-MAX_DEFERRED_PACKAGE_IMPORTS = 43
+#: The optional heavy backends: the only modules a function may import instead of its module (a
+#: package module that needs one is registered lazily, ``Registry.register_lazy("module:attr")``).
+OPTIONAL_BACKENDS = frozenset({"ray", "onnx", "onnxruntime", "matplotlib", "optuna_dashboard"})
+
+#: Function-level imports of the package still allowed, as (file, imported module). Only
+#: deploy/onnx_export.py's, left while another branch rewrites that module: the rewrite hoists them
+#: (or moves the helpers down) and empties this list. Issue 21 started at 193 such imports.
+PENDING_DEFERRED = frozenset({
+    ("deploy/onnx_export.py", "policysearch.models.loading"),
+    ("deploy/onnx_export.py", "policysearch.deploy"),
+    ("deploy/onnx_export.py", "policysearch.data"),
+    ("deploy/onnx_export.py", "policysearch.models"),
+    ("deploy/onnx_export.py", "policysearch.policy"),
+    ("deploy/onnx_export.py", "policysearch.run"),
+})
 
 
 def _modules() -> Iterator[tuple[str, str, ast.Module]]:
@@ -130,13 +142,39 @@ def test_no_cycle_between_top_level_parts():
         raise AssertionError("import cycle between parts of the package:\n  " + "\n  ".join(steps))
 
 
-def test_deferred_imports_only_go_down():
-    deferred = []
+def _deferred_package_imports() -> Iterator[tuple[str, int, str]]:
+    """``(file, line, module)`` for every function-level import of a policysearch module."""
     for module, rel, tree in _modules():
         for node, in_function in _imports(tree):
+            if not in_function:
+                continue
             targets = _targets(module, rel.endswith("__init__.py"), node)
-            if in_function and any(t == ROOT or t.startswith(ROOT + ".") for t in targets):
-                deferred.append(f"{rel}:{node.lineno}")
-    assert len(deferred) <= MAX_DEFERRED_PACKAGE_IMPORTS, (
-        f"{len(deferred)} function-level imports of policysearch modules (at most "
-        f"{MAX_DEFERRED_PACKAGE_IMPORTS}); do not add new ones: move the helper below its user")
+            if any(t == ROOT or t.startswith(ROOT + ".") for t in targets):
+                yield rel, node.lineno, targets[0]
+
+
+def _is_optional_backend(module: str) -> bool:
+    return module.split(".")[0] in OPTIONAL_BACKENDS
+
+
+def test_function_level_imports_of_the_package_are_gone():
+    """A function imports a package module only where it is an optional backend (none is: such
+    code is registered lazily) or on the commented PENDING_DEFERRED list."""
+    found = list(_deferred_package_imports())
+    assert found, "the walk found no function-level package import at all (PENDING_DEFERRED has some)"
+    offenders = [f"{rel}:{line} imports {mod}" for rel, line, mod in found
+                 if (rel, mod) not in PENDING_DEFERRED and not _is_optional_backend(mod)]
+    assert not offenders, (
+        "function-level imports of policysearch modules (import at the top of the module, move the helper "
+        "below its user, or register it lazily as 'module:attr'):\n  " + "\n  ".join(offenders))
+    stale = PENDING_DEFERRED - {(rel, mod) for rel, _, mod in found}
+    assert not stale, f"PENDING_DEFERRED lists imports that are gone; remove them: {sorted(stale)}"
+
+
+def test_deferred_import_check_sees_function_level_package_imports():
+    tree = ast.parse("import ray\nfrom policysearch.x import y\ndef f():\n    import onnx\n"
+                     "    from policysearch.run import z\n    from . import w\n")
+    found = [(_targets("policysearch.a.b", False, n)[0], d) for n, d in _imports(tree)]
+    assert found == [("ray", False), ("policysearch.x", False), ("onnx", True), ("policysearch.run", True),
+                     ("policysearch.a", True)]
+    assert _is_optional_backend("onnxruntime.quantization") and not _is_optional_backend("optuna")

@@ -24,9 +24,12 @@ from policysearch.models.site import QuantSite
 from policysearch.models.tiny import tiny_swin, tiny_vit
 from policysearch.objectives import Evaluator, asqnr
 from policysearch.policy import Choice, Policy
-from policysearch.quant import IntAct, IntConv2d, IntLinear
+from policysearch.quant import IntAct, IntConv2d, IntLinear, symmetric_scale
 
-RTOL = 1e-6  # float32 carries integers up to 2^24 exactly; larger ones within a few ulps
+#: the widest integers a hand-over may carry: the int32 accumulators and kernel outputs, except
+#: I-BERT's GELU (its integers grow as max|x| / s^3: 64-bit registers; kernels/ibert.py)
+WIDTH = 32
+WIDTH_IBERT_GELU = 36
 
 
 def shifted_swin() -> nn.Module:
@@ -43,14 +46,31 @@ def _calibrated(make, seed: int = 0, n: int = 8):
     return model, x
 
 
-def _off_grid(x: torch.Tensor, s: torch.Tensor, nchw: bool = False) -> tuple[float, float]:
-    """(largest distance of x / s from an integer, relative to max(1, |x/s|); largest |x / s|)."""
-    s = s.detach().double()
+def _grid_ints(x: torch.Tensor, s: torch.Tensor, nchw: bool = False) -> tuple[torch.Tensor, bool]:
+    """``(q, exact)``: the integers of ``x`` on the grid ``s`` (``x / s`` rounded in float64) and
+    whether ``x`` is exactly their float32 dequantization, bit for bit. Below 2^24 that is
+    ``float32(q) * s == x``; wider integers reach float32 rounded to a representable integer, so
+    one of the float32 integers next to ``q`` must reproduce ``x`` exactly. No tolerance."""
+    x, s = x.detach(), s.detach()
     if nchw and s.numel() > 1:
         s = s.view(1, -1, 1, 1)  # the conv accumulator, per-channel on dim 1
-    v = x.detach().double() / s
-    dist = ((v - v.round()).abs() / v.abs().clamp(min=1.0)).max()
-    return float(dist), float(v.abs().max())
+    q = torch.round(x.double() / s.double())
+    qf = q.float()
+    if bool((q.abs() < 2**24).all()):
+        return q, torch.equal(qf * s, x)
+    step = torch.clamp(torch.nextafter(qf.abs(), torch.tensor(float("inf"))) - qf.abs(), min=1.0)
+    hit = torch.zeros_like(x, dtype=torch.bool)
+    for k in range(-3, 4):
+        hit |= (qf + k * step) * s == x
+    return q, bool(hit.all())
+
+
+def _width(q: torch.Tensor) -> int:
+    """Signed (two's complement) bits needed for the integers ``q``."""
+    if not q.numel():
+        return 1
+    hi, lo = int(q.max()), int(q.min())
+    return max(max(hi, 0).bit_length(), max(-lo - 1, 0).bit_length()) + 1
 
 
 _CHECKED = (IntAct, IntLinear, IntConv2d, QuantSite, PaperAttention, PaperWindowAttention, PaperMlp,
@@ -59,41 +79,56 @@ _CHECKED = (IntAct, IntLinear, IntConv2d, QuantSite, PaperAttention, PaperWindow
 _FLOAT_INPUTS = ("patch_embed.in_act", "paper_stem.pos_act", "table_act")
 
 
-def _walk(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], set[str]]:
-    """One forward with hooks on every module of the pipeline; asserts every hand-over lies on its
-    integer grid within its bit range; returns how many hand-overs each module type made, and the
-    names of the modules that made them."""
+def _walk(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], set[str], dict[str, int]]:
+    """One forward with hooks on every module of the pipeline; asserts every hand-over is exactly
+    the dequantization of integers on its grid within its bit range; returns how many hand-overs
+    each module type made, the names of the modules that made them, and the widest integers (in
+    signed bits) each module type handed over."""
     seen: dict[str, int] = {}
     ran: set[str] = set()
+    widths: dict[str, int] = {}
     problems: list[str] = []
     names = {m: n for n, m in model.named_modules()}
 
-    def check(where: str, t: torch.Tensor, s: torch.Tensor | None, bits: int, nchw: bool = False) -> None:
+    def key_of(mod: nn.Module) -> str:
+        if isinstance(mod, QuantSite):
+            return f"QuantSite:{mod.kind}:{mod.choice.method}"
+        return type(mod).__name__
+
+    def check(where: str, key: str, t: torch.Tensor, s: torch.Tensor | None, bits: int, nchw: bool = False) -> None:
         if s is None:
             problems.append(f"{where}: a float tensor (no scale)")
             return
-        dist, top = _off_grid(t, s, nchw)
-        if dist > RTOL:
-            problems.append(f"{where}: off its grid by {dist:.2e} (relative)")
-        if top > 2 ** (bits - 1):
-            problems.append(f"{where}: |q| = {top:.0f} beyond {bits} bits")
+        q, exact = _grid_ints(t, s, nchw)
+        if not exact:
+            problems.append(f"{where}: not exactly integers times its scale")
+        w = _width(q)
+        widths[key] = max(widths.get(key, 0), w)
+        if w > bits:
+            problems.append(f"{where}: |q| = {float(q.abs().max()):.0f} needs {w} bits, beyond {bits}")
+
+    def limit(mod: nn.Module) -> int:
+        if isinstance(mod, IntAct):
+            return mod.bits
+        if isinstance(mod, QuantSite) and mod.kind == "gelu" and mod.choice.method == "ibert":
+            return WIDTH_IBERT_GELU
+        return WIDTH
 
     def pre(mod, args):
         name = names[mod]
         if isinstance(mod, (PaperPatchMerging,)):
             args = args[0]
         if len(args) >= 2 and isinstance(args[1], torch.Tensor):
-            check(f"{name} input", args[0], args[1], 32)
+            check(f"{name} input", "input", args[0], args[1], WIDTH_IBERT_GELU)
         elif isinstance(mod, IntAct) and not any(name.endswith(f) for f in _FLOAT_INPUTS):
             problems.append(f"{name}: handed a float tensor")
         if isinstance(mod, IntAct) and len(args) >= 4 and args[2] is not None:
-            check(f"{name} identity", args[2], args[3], 32)
+            check(f"{name} identity", "identity", args[2], args[3], WIDTH)
 
     def post(mod, args, out):
         name = names[mod]
         y, s = out
-        bits = mod.bits if isinstance(mod, IntAct) else 32
-        check(f"{name} output", y, s, bits, nchw=isinstance(mod, IntConv2d))
+        check(f"{name} output", key_of(mod), y, s, limit(mod), nchw=isinstance(mod, IntConv2d))
         key = type(mod).__name__ + (f":{mod.kind}" if isinstance(mod, QuantSite) else "")
         seen[key] = seen.get(key, 0) + 1
         ran.add(name)
@@ -110,7 +145,7 @@ def _walk(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], set[str]]:
             h.remove()
     assert torch.isfinite(logits).all()
     assert not problems, "\n".join(problems[:20])
-    return seen, ran
+    return seen, ran, widths
 
 
 @pytest.mark.parametrize("make", [tiny_vit, tiny_swin, shifted_swin, lambda: tiny_vit(distilled=True)],
@@ -120,7 +155,7 @@ def test_every_hand_over_lies_on_its_integer_grid(make, method):
     model, x = _calibrated(make)
     sites = ps.find_sites(model)
     ps.apply_policy(model, Policy.uniform(sites, method, fallback={"gelu": "ivit"}))
-    seen, ran = _walk(model, x)
+    seen, ran, _ = _walk(model, x)
     # every site ran once and handed over an integer output; every linear and quantizer was checked
     for kind in ("softmax", "gelu", "layernorm"):
         assert seen[f"QuantSite:{kind}"] == sum(s.kind == kind for s in sites)
@@ -134,13 +169,38 @@ def test_every_hand_over_lies_on_its_integer_grid(make, method):
     assert seen["IntAct"] >= 8 * len(sites) // 3
 
 
+@pytest.mark.parametrize("name", ["fmnist_vit", "fmnist_swin"])
+def test_zoo_models_hand_over_exact_integers_of_stated_widths(name):
+    """The exact grid check on the trained zoo models (real ranges): every hand-over is integers
+    times its scale; they fit int32 but I-BERT's GELU output, which needs more (64-bit registers)."""
+    from policysearch.data import load_data
+    from policysearch.models.loading import load_model
+
+    torch.manual_seed(0)
+    model = ps.prepare(load_model(name))
+    data = load_data("fmnist-sample", model=model, calib_size=16, eval_size=4)
+    ps.calibrate(model, [data.calib_images()])
+    x, _ = data.eval_tensors()
+    sites = ps.find_sites(model)
+    widths = {}
+    for method in ("ibert", "fqvit", "ivit"):
+        ps.apply_policy(model, Policy.uniform(sites, method, fallback={"gelu": "ivit"}))
+        _, _, w = _walk(model, x)
+        widths.update({k: max(v, widths.get(k, 0)) for k, v in w.items()})
+    assert widths["IntLinear"] <= 32 and widths["IntConv2d"] <= 32
+    over = {k: v for k, v in widths.items() if v > 32}
+    assert set(over) <= {"QuantSite:gelu:ibert", "input"}, over
+    if name == "fmnist_vit":  # I-BERT's GELU reaches 6.8e9 here: past int32, within its stated width
+        assert 32 < widths["QuantSite:gelu:ibert"] <= WIDTH_IBERT_GELU
+
+
 def test_relu_and_mixed_bits_stay_integer():
     model, x = _calibrated(tiny_swin)
     sites = ps.find_sites(model)
     policy = Policy.uniform(sites, "ivit", fallback={"gelu": "relu"})
     policy = policy.replace({sites[2].name: Choice(method="ibert", bits=6), sites[0].name: Choice(method="ivit", bits=10)})
     ps.apply_policy(model, policy)
-    _, ran = _walk(model, x)
+    _, ran, _ = _walk(model, x)
     assert "patch_embed.norm.in_act" in ran
 
 
@@ -210,6 +270,169 @@ def test_float_mode_and_segments_of_the_paper_wiring_are_the_timm_model(make):
         for seg in segments(model):
             h = seg.fn(h)
     torch.testing.assert_close(h, full, rtol=0, atol=0)
+
+
+# -- an independent reference: the integer pipeline written out on int64 tensors -----------------
+
+def _dyadic(z: torch.Tensor, s_in: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
+    """HAWQ's fixedpoint_mul on int64 ``z``: ``round(z * m / 2^e)``, ``m / 2^e`` the 31-bit dyadic
+    form of ``s_in / s_out`` (float64 from the float32 scales; the product is exact in float64)."""
+    mant, ex = torch.frexp(s_in.double() / s_out.double())
+    m = torch.floor(mant * 2.0**31 + 0.5)
+    return torch.round(z.double() * m / torch.pow(2.0, 31 - ex.double())).long()
+
+
+def _int_weight(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    lim = 2 ** (bits - 1) - 1
+    s = (w.detach().abs().reshape(w.shape[0], -1).amax(1) / lim).clamp(min=1e-8)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    return torch.clamp(torch.round(w.detach() / s.view(shape)), -lim, lim).long(), s
+
+
+class _RefViT:
+    """tiny_vit's ``paper`` pipeline (no distillation, token pooling) on int64 tensors: int64 GEMMs,
+    the dyadic requantization above, the calibrated scales read off the model's quantizers and the
+    site kernels called on the handed integers. Nothing of paper_forward, segments or IntLinear."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.m = model
+
+    @staticmethod
+    def act(a: IntAct, z: torch.Tensor, s: torch.Tensor, zi: torch.Tensor | None = None,
+            si: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s_out = a.static_scale()
+        q = _dyadic(z, s, s_out) + (0 if zi is None else _dyadic(zi, si, s_out))
+        lim = 2 ** (a.bits - 1)
+        return q.clamp(-lim, lim - 1), s_out
+
+    @staticmethod
+    def linear(lin: nn.Module, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, s_w = _int_weight(lin.weight)
+        s_acc = s * s_w
+        b = torch.clamp(torch.round(lin.bias.detach() / s_acc), -(2**31), 2**31 - 1).long()
+        return z @ w.t() + b, s_acc
+
+    @staticmethod
+    def site(site: QuantSite, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, t = site(z.float() * s, s)
+        return torch.round(y.double() / t.double()).long(), t
+
+    def block(self, b: nn.Module, z: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = b.attn
+        y, t = self.site(b.norm1, z, s)
+        y, t = self.act(b.norm1_act, y, t)
+        y, t = self.linear(a.qkv, y, t)
+        y, t = self.act(a.qkv_act, y, t)
+        B, N, _ = y.shape
+        q, k, v = y.reshape(B, N, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y, t_l = self.act(a.attn_act, q @ k.transpose(-2, -1), t * t * a.scale)
+        p, t_p = self.site(a.softmax, y, t_l)
+        y, t = self.act(a.av_act, (p @ v).transpose(1, 2).reshape(B, N, -1), t_p * t)
+        y, t = self.linear(a.proj, y, t)
+        y, t = self.act(a.proj_act, y, t)
+        z, s = self.act(b.res1, y, t, z, s)
+        mlp = b.mlp
+        y, t = self.site(b.norm2, z, s)
+        y, t = self.act(b.norm2_act, y, t)
+        y, t = self.linear(mlp.fc1, y, t)
+        y, t = self.act(mlp.gelu_act, y, t)
+        y, t = self.site(mlp.act, y, t)
+        y, t = self.act(mlp.act_out, y, t)
+        y, t = self.linear(mlp.fc2, y, t)
+        y, t = self.act(mlp.out_act, y, t)
+        return self.act(b.res2, y, t, z, s)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        m, pe = self.m, self.m.patch_embed
+        s = pe.in_act.static_scale()
+        z = torch.clamp(torch.round(img / s), -128, 127).long()
+        w, s_w = _int_weight(pe.proj.weight)
+        s_acc = s * s_w
+        acc = torch.nn.functional.conv2d(z.double(), w.double(), stride=pe.proj.conv.stride).long()
+        acc = acc + torch.round(pe.proj.bias.detach() / s_acc).long().view(1, -1, 1, 1)
+        z, s = self.act(pe.out_act, acc.flatten(2).transpose(1, 2), s_acc)
+        cls = torch.clamp(torch.round(m.cls_token.detach() / s), -2**15, 2**15 - 1).long()
+        z = torch.cat([cls.expand(z.shape[0], -1, -1), z], dim=1)
+        pos, s_pos = m.paper_stem.pos_act.static_scale(), None
+        pos = torch.clamp(torch.round(m.pos_embed.detach() / pos), -2**15, 2**15 - 1).long()
+        s_pos = m.paper_stem.pos_act.static_scale()
+        z, s = self.act(m.paper_stem.sum_act, z, s, pos, s_pos)
+        for b in m.blocks:
+            z, s = self.block(b, z, s)
+        y, t = self.site(m.norm, z, s)
+        y, t = self.act(m.paper_head.norm_act, y, t)
+        logits, s_l = self.linear(m.head, y[:, 0], t)
+        return logits.float() * s_l
+
+
+@pytest.mark.parametrize("method", ["ivit", "ibert", "fqvit"])
+def test_model_equals_an_independent_integer_reference(method):
+    """``model(x)`` against :class:`_RefViT`, bit for bit (the model's quantizers in their exact
+    dyadic mode, which the reference implements)."""
+    model, x = _calibrated(tiny_vit, n=4)
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), method, fallback={"gelu": "ivit"}))
+    IntAct.exact = True
+    try:
+        with torch.no_grad():
+            got = model(x)
+            ref = _RefViT(model)(x)
+    finally:
+        IntAct.exact = False
+    assert torch.equal(got, ref)
+
+
+# -- documented deviations from I-ViT's wiring ---------------------------------------------------
+
+def test_vit_head_quantizer_ranges_over_every_token_not_only_the_class_token():
+    """Deviation (models/paper.py): ``paper_head.norm_act`` quantizes every token, then the class
+    token is taken; I-ViT takes ``x[:, 0]`` first, so its ``qact2`` range is the class token's only.
+    Same integers for a given scale; the calibrated scale here covers the patch tokens too."""
+    torch.manual_seed(0)
+    model = ps.prepare(tiny_vit())
+    x = torch.randn(8, 3, 32, 32)
+    seen = []
+    hook = model.norm.register_forward_hook(lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        ps.calibrate(model, [x])
+    finally:
+        hook.remove()
+    out = seen[-1]
+    obs = model.paper_head.norm_act.observer
+    assert float(obs.max_val) == float(out.max()) and float(obs.min_val) == float(out.min())
+    cls = out[:, 0]
+    assert max(float(cls.max()), -float(cls.min())) < max(float(out.max()), -float(out.min()))
+    ps.apply_policy(model, Policy.uniform(ps.find_sites(model), "ivit"))
+    got = []
+    hook = model.paper_head.norm_act.register_forward_hook(lambda mod, args, o: got.append(o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    y, s = got[0]
+    assert y.shape[1] == out.shape[1]  # every token quantized
+    assert torch.equal(s, symmetric_scale(out.min(), out.max(), 8))
+
+
+def test_requantization_clamps_at_every_width_where_ivit_clamps_only_at_4_8_16_32():
+    """Deviation (quant/act.py): IntAct clamps a requantized value to its signed width at every
+    width; I-ViT's QuantAct clamps after fixedpoint_mul only for 4, 8, 16 and 32 bits, so at 6 bits
+    it would hand over integers beyond [-32, 31]."""
+    a = IntAct(bits=6)
+    a.calibrating = True
+    a(torch.tensor([-1.0, 1.0]))
+    a.calibrating, a.enabled = False, True
+    s_in = torch.tensor(1 / 64)
+    x = torch.tensor([-3.0, -1.0, 0.5, 1.5])  # on the s_in grid; 1.5 / (1 / 31) = 46.5
+    for exact in (False, True):
+        IntAct.exact = exact
+        try:
+            y, s = a(x, s_in)
+        finally:
+            IntAct.exact = False
+        q = torch.round(y / s)
+        assert float(s) == pytest.approx(1 / 31)
+        assert q.tolist() == [-32, -31, 16, 31]  # unclamped: -93, -31, 16 (15.5 rounds to even), 46
 
 
 def test_exact_dyadic_requantization_agrees_with_the_float32_simulation():

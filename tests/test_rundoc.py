@@ -122,3 +122,26 @@ def test_evaluator_spec_from_run():
     assert spec.model_args == tuple(sorted(doc.search.fingerprint()["model_args"].items()))
     with pytest.raises(TypeError, match="no field"):
         EvaluatorSpec.from_run(doc, nope=1)
+
+
+def test_evaluator_spec_from_policy_reads_what_the_run_evaluated(tmp_path):
+    """A run's policy JSON names the run's model, weights, architecture, wiring, data, image
+    counts and seed: the spec from the policy file and the spec from the run agree on them."""
+    record = RunRecord(tmp_path, _v1())
+    doc = policy_document(record)
+    from_policy = EvaluatorSpec.from_policy(doc, device="cpu")
+    from_run = EvaluatorSpec.from_run(record.doc, device="cpu")
+    same = ("model", "checkpoint", "model_args", "wiring", "data", "calib_size", "eval_size", "seed", "device")
+    assert [getattr(from_policy, f) for f in same] == [getattr(from_run, f) for f in same]
+    custom = dataclasses.replace(doc, model={"name": "vit_tiny", "checkpoint": "w.safetensors",
+                                             "args": {"num_classes": 3, "img_size": 32}},
+                                 provenance={"data": "fmnist", "eval_size": 7, "calib_size": 5, "seed": 4},
+                                 wiring="native")
+    spec = EvaluatorSpec.from_policy(custom, eval_size=None, progress=True)
+    assert (spec.model, spec.checkpoint, spec.model_args, spec.wiring, spec.data) == (
+        "vit_tiny", "w.safetensors", (("img_size", 32), ("num_classes", 3)), "native", "fmnist")
+    assert (spec.eval_size, spec.calib_size, spec.seed, spec.progress) == (None, 5, 4, True)
+    bare = EvaluatorSpec.from_policy(dataclasses.replace(doc, model={}, provenance={}, wiring=None))
+    assert bare == EvaluatorSpec()  # nothing recorded: the defaults
+    with pytest.raises(TypeError, match="no field"):
+        EvaluatorSpec.from_policy(doc, nope=1)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from policysearch.errors import PolicySearchError
+from policysearch.models.loading import model_class_names, model_data_config
 from policysearch.registry import Registry
 
 if TYPE_CHECKING:
@@ -321,8 +322,6 @@ def load_data(spec: str | DataSpec = DEFAULT_SOURCE, *, model: nn.Module | None 
     """
     parsed = DataSpec.parse(spec)
     if model is not None:
-        from policysearch.models.loading import model_class_names, model_data_config
-
         if model_cfg is None:
             model_cfg = model_data_config(model)
         if class_names is None:

@@ -30,6 +30,7 @@ from policysearch.data.base import (
     take,
 )
 from policysearch.data.classes import map_classes
+from policysearch.models.zoo import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 
 __all__ = ["FMNIST_DIR", "FMNIST_ENV", "FmnistSource", "fmnist_dir", "read_fmnist", "read_idx"]
 
@@ -103,8 +104,6 @@ def read_fmnist(root: Path | None = None, split: str = "train") -> tuple[np.ndar
 
 def gray_preprocess(model_cfg: dict[str, Any] | None) -> GrayPreprocess:
     """The model's input size and normalization for uint8 grayscale images (Fashion-MNIST's by default)."""
-    from policysearch.models.zoo import FMNIST_MEAN, FMNIST_STD
-
     cfg = model_cfg or {}
     size = tuple(int(v) for v in cfg.get("input_size", (1, 28, 28)))
     if len(size) != 3:
@@ -129,8 +128,6 @@ def fmnist_bundle(spec: DataSpec, request: LoadRequest, calib: tuple[np.ndarray,
     """A bundle of Fashion-MNIST arrays, labelled in the model's class order when its names match.
 
     ``train`` is a callable ``(preprocess, relabel) -> ArrayDataset`` (or None)."""
-    from policysearch.models.zoo import FMNIST_CLASSES
-
     mapping = map_classes(
         FMNIST_CLASSES, request.class_names, what="the Fashion-MNIST classes", noun="Fashion-MNIST classes",
         unmatched_fix="", strict=False,

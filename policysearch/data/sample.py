@@ -26,6 +26,7 @@ from policysearch.data.base import (
     take,
 )
 from policysearch.data.fmnist import Relabel, fmnist_bundle, gray_preprocess
+from policysearch.models.zoo import sample_path
 
 __all__ = ["SampleSource", "read_sample"]
 
@@ -34,8 +35,6 @@ _KEYS = ("calib_images", "calib_labels", "eval_images", "eval_labels")
 
 def read_sample(path: Path | None = None) -> dict[str, np.ndarray]:
     """The sample's arrays: calib_images, calib_labels, eval_images, eval_labels."""
-    from policysearch.models.zoo import sample_path
-
     path = path or sample_path()
     fix = ("reinstall policysearch, or regenerate it with "
            "`python reproduce/make_sample.py` (needs dataset-fashion-mnist)")
@@ -62,8 +61,6 @@ class SampleSource(Source):
     usage = "fmnist-sample (default, shipped)"
 
     def load(self, spec: DataSpec, request: LoadRequest) -> DataBundle:
-        from policysearch.models.zoo import sample_path
-
         path = sample_path()
         arrays = read_sample(path)
         hint = "use `--data fmnist` (the full set) for more"

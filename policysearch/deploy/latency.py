@@ -47,6 +47,7 @@ from policysearch.deploy.onnx_export import export_float, gelu_paths, onnx_logit
 from policysearch.deploy.ort_int8 import quantize_int8
 from policysearch.deploy.record import LatencyStage
 from policysearch.errors import ConfigError
+from policysearch.finetune.record import FinetuneStage
 from policysearch.identity import machine_info
 from policysearch.methods import get_method
 from policysearch.models.zoo import weights_identity
@@ -191,30 +192,34 @@ def _relu_sites(policy: Any) -> list[str]:
     return [site.name for site, choice in policy.items() if get_method(site.kind, choice.method).replaces_op]
 
 
-def _stage_file(record: Any, name: str | None) -> str | None:
+def _stage_file(record: RunRecord, name: str | None) -> str | None:
     if not name:
         return None
     path = Path(name)
     return str(path if path.is_absolute() or path.exists() else record.run_dir / path)
 
 
-def _finetuned_checkpoint(record: Any) -> str | None:
+def _finetune_stage(record: RunRecord) -> FinetuneStage:
+    """The run's training stage (an empty one when the run has not been fine-tuned)."""
+    return record.doc.stage(FinetuneStage) or FinetuneStage()
+
+
+def _finetuned_checkpoint(record: RunRecord) -> str | None:
     """The training stage's weights, when the run record names them (``stages.finetune.checkpoint``)."""
-    return _stage_file(record, record.data.get("stages", {}).get("finetune", {}).get("checkpoint"))
+    return _stage_file(record, _finetune_stage(record).checkpoint)
 
 
-def _variant_weights(record: Any, checkpoint: str | None, relu_checkpoint: str | None) -> tuple[str | None, str | None]:
+def _variant_weights(record: RunRecord, checkpoint: str | None,
+                     relu_checkpoint: str | None) -> tuple[str | None, str | None]:
     """``(GELU weights, ReLU weights)``: see the module docstring; None = the run's own weights."""
-    stage = record.data.get("stages", {}).get("finetune", {})
-    relu_float = _stage_file(record, stage.get("relu_float"))
+    relu_float = _stage_file(record, _finetune_stage(record).relu_float)
     if checkpoint is None and not relu_float:
         checkpoint = _finetuned_checkpoint(record)
     return checkpoint, relu_checkpoint or relu_float or checkpoint
 
 
-def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu: list[str],
+def _weights_label(record: RunRecord, gelu: str | None, relu: str | None, policy_relu: list[str],
                    all_gelu: list[str]) -> str:
-    stage = record.data.get("stages", {}).get("finetune", {})
     own = str(record.data.get("fingerprint", {}).get("weights"))[:20]
     run_weights = (f"{record.data.get('config', {}).get('model')}'s own ({own})" if record.data.get("standalone")
                    else f"run {record.name} ({own})")
@@ -223,7 +228,7 @@ def _weights_label(record: Any, gelu: str | None, relu: str | None, policy_relu:
                   else f"checkpoint {Path(gelu).name}")
     if relu == gelu or not all_gelu:
         return gelu_label
-    if relu == _stage_file(record, stage.get("relu_float")):
+    if relu == _stage_file(record, _finetune_stage(record).relu_float):
         kind = ("GELU-less distilled" if set(policy_relu) == set(all_gelu)
                 else f"partly GELU-less ({len(policy_relu)}/{len(all_gelu)} ReLU)")
         return f"{kind} (training stage): {Path(relu).name}; GELU: {gelu_label}"
@@ -492,6 +497,9 @@ def _render(rows: Sequence[Mapping[str, Any]]) -> str:
         "Rows on `results/finetune/geluless/...` measure the GELU-less jobs of `results/finetune.md`",
         "(`python reproduce/finetune_tables.py run geluless` first): float and int8 GELU on the model's",
         "own GELU weights, int8 ReLU on the distilled float ReLU model; top-1 on all 10,000 test images.",
+        "",
+        "Numerics: the policysearch numerics version does not apply: ONNX Runtime computes these int8 figures, "
+        "not policysearch's integer kernels (the GELU-less rows' weights: see `results/finetune.md`).",
         "",
         "| model | weights | batch | float ms | int8 GELU ms | int8 ReLU ms | ReLU/GELU | int8 GELU/float "
         "| top-1 float / int8 GELU / int8 ReLU | int8 | threads | load | date | by |",

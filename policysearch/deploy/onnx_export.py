@@ -146,12 +146,15 @@ _COMMON_SWAPS = (("policysearch.kernels._common:exp2_int", "policysearch.kernels
 def _resolve(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+def _int_mm_symbolic(g: Any, a: Any, b: Any) -> Any:
+    return g.op("MatMulInteger", a, b)
 
 
 @contextlib.contextmanager
 def export_friendly() -> Iterator[None]:
     """While exporting: traceable twins of the kernel functions that do not trace (``exp2_int``,
-    and each catalogue method's ``onnx_swaps``), an ONNX symbolic for ``aten::frexp``.
+    and each catalogue method's ``onnx_swaps``), ONNX symbolics for ``aten::frexp`` and
+    ``aten::_int_mm`` (``MatMulInteger``: the linear layers stay int8 GEMMs).
 
     Swaps the function object in every loaded ``policysearch`` module that holds it under its name
     (the kernel modules keep their code), and restores everything on exit.
@@ -166,10 +169,13 @@ def export_friendly() -> Iterator[None]:
                 swapped.append((module, attr, original))
                 setattr(module, attr, replacement)
     torch.onnx.register_custom_op_symbolic("aten::frexp", _frexp_symbolic, OPSET)
+    # the integer engine's int8 x int8 -> int32 GEMM (quant.intmm): ONNX's MatMulInteger
+    torch.onnx.register_custom_op_symbolic("aten::_int_mm", _int_mm_symbolic, OPSET)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::frexp", OPSET)
+        torch.onnx.unregister_custom_op_symbolic("aten::_int_mm", OPSET)
         for module, attr, value in swapped:
             setattr(module, attr, value)
 

@@ -176,14 +176,8 @@ class FinetuneResult:
 
 @dataclass(kw_only=True)
 class _Job:
-    model: str
-    checkpoint: str | None
-    model_args: dict[str, Any]
-    wiring: str
-    data: str
-    calib_size: int | None
-    eval_size: int | None
-    seed: int
+    #: the model, weights, architecture, wiring, data, image counts and seed the job trains and evaluates on
+    spec: EvaluatorSpec
     policy: Any
     out_dir: Path
     record: Any = None  # RunRecord in run mode
@@ -198,33 +192,37 @@ def _resolve(run: str | None, policy: Any, *, model: str | None, checkpoint: str
     if run is not None:
         run_dir = resolve_run_dir(run, results_dir)
         record = RunRecord.load(run_dir)
-        policy_document(record)  # refuses an unfinished run
-        config, fp = record.data.get("config", {}), record.data.get("fingerprint", {})
-        return _Job(model=model or config.get("model"), checkpoint=checkpoint or config.get("checkpoint"),
-                    model_args=dict(model_args if model_args is not None else fp.get("model_args") or {}),
-                    wiring=wiring or fp.get("wiring") or "paper", data=data or config.get("data") or "fmnist-sample",
-                    calib_size=config.get("calib_size") if calib_size is _UNSET else calib_size,
-                    eval_size=config.get("eval_size") if eval_size is _UNSET else eval_size,
-                    seed=int(config.get("seed") or 0), policy=Policy.from_dict(record.data["answer"]["policy"]),
-                    out_dir=Path(out) if out is not None else run_dir, record=record)
+        run_doc = policy_document(record)  # refuses an unfinished run; names the run's model, data, ...
+        spec = _job_spec(run_doc, model=model, checkpoint=checkpoint, data=data, wiring=wiring,
+                         model_args=model_args, eval_size=eval_size, calib_size=calib_size)
+        return _Job(spec=spec, policy=run_doc.policy, out_dir=Path(out) if out is not None else run_dir,
+                    record=record)
     doc = policy if isinstance(policy, PolicyDocument) else (
         PolicyDocument(policy=policy) if isinstance(policy, Policy) else read_policy(policy))
-    prov = dict(doc.provenance)
-    name = model or doc.model.get("name") or "fmnist_vit"
-    args = dict(model_args if model_args is not None else (doc.model.get("args") or {}) if model is None else {})
+    spec = _job_spec(doc, model=model, checkpoint=checkpoint, data=data, wiring=wiring, model_args=model_args,
+                     eval_size=eval_size, calib_size=calib_size)
     digest = hashlib.sha256(doc.policy.key().encode()).hexdigest()[:8]
-    default_out = Path(results_dir) / f"finetune-{name.replace('/', '-')}-{digest}"
-    return _Job(model=name, checkpoint=checkpoint or (doc.model.get("checkpoint") if model is None else None),
-                model_args=args, wiring=wiring or doc.wiring or "paper", data=data or prov.get("data") or "fmnist-sample",
-                calib_size=prov.get("calib_size") if calib_size is _UNSET else calib_size,
-                eval_size=prov.get("eval_size") if eval_size is _UNSET else eval_size,
-                seed=int(prov.get("seed") or 0), policy=doc.policy,
-                out_dir=Path(out) if out is not None else default_out, doc=doc)
+    default_out = Path(results_dir) / f"finetune-{spec.model.replace('/', '-')}-{digest}"
+    return _Job(spec=spec, policy=doc.policy, out_dir=Path(out) if out is not None else default_out, doc=doc)
+
+
+def _job_spec(doc: PolicyDocument, *, model: str | None, checkpoint: str | None, data: str | None,
+              wiring: str | None, model_args: dict[str, Any] | None, eval_size: Any, calib_size: Any) -> EvaluatorSpec:
+    """What the policy file (or the run's policy JSON) records, with the arguments given on top:
+    another ``model`` than the file's uses none of its weights or architecture."""
+    given: dict[str, Any] = {"model": model, "checkpoint": None, "model_args": ()} if model else {}
+    given.update({k: v for k, v in (("checkpoint", checkpoint), ("data", data), ("wiring", wiring)) if v})
+    given.update({k: v for k, v in (("eval_size", eval_size), ("calib_size", calib_size)) if v is not _UNSET})
+    if model_args is not None:
+        given["model_args"] = tuple(sorted(model_args.items()))
+    return EvaluatorSpec.from_policy(doc, **given)
 
 
 def _identity(job: _Job, settings: FinetuneSettings) -> dict[str, Any]:
-    return {"model": job.model, "model_args": job.model_args, "weights": weights_identity(job.model, job.checkpoint),
-            "wiring": job.wiring, "data": job.data, "calib_size": job.calib_size, "policy": job.policy.key(),
+    spec = job.spec
+    return {"model": spec.model, "model_args": dict(spec.model_args),
+            "weights": weights_identity(spec.model, spec.checkpoint), "wiring": spec.wiring, "data": spec.data,
+            "calib_size": spec.calib_size, "policy": job.policy.key(),
             "numerics": NUMERICS_VERSION, "settings": settings.to_dict()}
 
 
@@ -289,10 +287,7 @@ def _metrics(result: Any) -> dict[str, Any]:
 
 
 def _evaluator(job: _Job, checkpoint: str | None, device: str, progress: bool) -> Any:
-    spec = EvaluatorSpec(model=job.model, checkpoint=checkpoint, model_args=tuple(sorted(job.model_args.items())),
-                         wiring=job.wiring, data=job.data, device=device, calib_size=job.calib_size,
-                         eval_size=job.eval_size, seed=job.seed, reuse=False, progress=progress)
-    return spec.build()
+    return dataclasses.replace(job.spec, checkpoint=checkpoint, device=device, reuse=False, progress=progress).build()
 
 
 @torch.no_grad()
@@ -362,9 +357,10 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
     identity = _identity(job, settings)
     _check_resume(stage_dir, identity, restart)
 
-    torch.manual_seed(job.seed)
-    teacher = freeze(load_model(job.model, checkpoint=job.checkpoint, **job.model_args)).to(dev)
-    bundle = load_data(job.data, model=teacher, calib_size=job.calib_size, eval_size=job.eval_size)
+    spec = job.spec
+    torch.manual_seed(spec.seed)
+    teacher = freeze(load_model(spec.model, checkpoint=spec.checkpoint, **dict(spec.model_args))).to(dev)
+    bundle = load_data(spec.data, model=teacher, calib_size=spec.calib_size, eval_size=spec.eval_size)
     check_compatible(teacher, bundle)
     if not bundle.has_train:
         raise FinetuneError(f"the data {bundle.spec} has no training split ({bundle.train_missing}); fine-tuning "
@@ -375,7 +371,7 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
     predicted: dict[str, torch.Tensor] = {"labels": eval_y.to(torch.int16)}
 
     # before: the policy as the search evaluated it
-    ev = _evaluator(job, job.checkpoint, dev_name, progress)
+    ev = _evaluator(job, spec.checkpoint, dev_name, progress)
     before = _metrics(ev.evaluate(job.policy))
     float_top1 = float(ev.float_metrics["top1"])
     eval_images = int(ev.labels.numel()) if ev.labels is not None else 0
@@ -393,7 +389,7 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
     relu_path: Path | None = None
     relu_top1: float | None = None
     relu_records: list[dict[str, Any]] = []
-    start_checkpoint = job.checkpoint
+    start_checkpoint = spec.checkpoint
     if relu_sites:
         loader = TrainBatches(train_set, settings.batch_size, seed=settings.seed)
         length = settings.relu_length()
@@ -413,9 +409,9 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         del relu_model
 
     # QAT of the policy's integer model, taught by the original float model
-    student, float_state = build_student(job.model, checkpoint=start_checkpoint, model_args=job.model_args,
-                                         wiring=job.wiring, policy=job.policy, calib_images=calib, device=dev,
-                                         seed=job.seed)
+    student, float_state = build_student(spec.model, checkpoint=start_checkpoint, model_args=dict(spec.model_args),
+                                         wiring=spec.wiring, policy=job.policy, calib_images=calib, device=dev,
+                                         seed=spec.seed)
     loader = TrainBatches(train_set, settings.batch_size, seed=settings.seed + 1)
     length = settings.qat_length()
     res = qat_train(student, loader, teacher=teacher, ste=settings.ste, ranges=settings.ranges,
@@ -445,8 +441,8 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         return p.name if p is not None and p.parent == job.out_dir else (str(p) if p else None)
 
     record = {
-        "format": FINETUNE_FORMAT, "model": job.model, "wiring": job.wiring, "data": job.data,
-        "eval_size": job.eval_size, "calib_size": job.calib_size, "eval_images": eval_images,
+        "format": FINETUNE_FORMAT, "model": spec.model, "wiring": spec.wiring, "data": spec.data,
+        "eval_size": spec.eval_size, "calib_size": spec.calib_size, "eval_images": eval_images,
         "weights": relpath(weights_path), "relu_float": relpath(relu_path),
         # the weights the int8 latency stage measures: the float ReLU model where GELU-less, else these
         "checkpoint": relpath(relu_path) if relu_path is not None else relpath(weights_path),
@@ -455,7 +451,7 @@ def _finetune(job: _Job, settings: FinetuneSettings, dev: torch.device, dev_name
         "before": before, "after": after, "trained_ranges": trained_ranges,
         "settings": settings.to_dict(), "relu_sites": relu_sites, "relu_stages": relu_records,
         "qat": res.info(), "device": dev_name, "seconds": round(time.perf_counter() - t0, 1), "finished": _now(),
-        "machine": _machine(),
+        "machine": _machine(), "numerics": NUMERICS_VERSION,
     }
     policy_file = _write_outputs(job, record)
     return FinetuneResult(out_dir=job.out_dir, policy=job.policy, weights=weights_path, relu_weights=relu_path,
@@ -485,11 +481,12 @@ def _write_outputs(job: _Job, record: dict[str, Any]) -> Path:
         return dst
     (job.out_dir / "finetune.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
     doc = job.doc
-    model = {**dict(doc.model), "name": job.model, "args": job.model_args, "checkpoint": job.checkpoint,
+    spec = job.spec
+    model = {**dict(doc.model), "name": spec.model, "args": dict(spec.model_args), "checkpoint": spec.checkpoint,
              "finetuned": record["weights"], **({"relu_float": record["relu_float"]} if record["relu_float"] else {})}
     metrics = {**dict(doc.metrics), "finetune": finetune_metrics(record)}
     provenance = {**dict(doc.provenance), "finetune": finetune_provenance(record)}
     dst = job.out_dir / "policy.json"
     write_policy(dst, PolicyDocument(policy=doc.policy, model=model, metrics=metrics, provenance=provenance,
-                                     wiring=job.wiring))
+                                     wiring=spec.wiring))
     return dst

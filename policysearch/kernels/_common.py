@@ -254,7 +254,10 @@ class IntSqrtLayerNorm(nn.Module):
     """The LayerNorm shared by I-BERT and I-ViT; they differ in the integer std and numerator.
 
     ``y = floor((x_int - round(mean)) * floor(NUMERATOR / std_int) / 2) + floor(b / w / s_o)`` with
-    ``out_scale = sqrt(C) / 2^30 * weight``, reduced over the last dim of any rank.
+    ``out_scale = sqrt(C) / 2^30 * weight``, reduced over the last dim of any rank. Width: the
+    normalized term is at most ``2^30`` in magnitude (``|x_i - mean| <= std_int``, the root of the
+    row's sum of squares), so with a bias term below ``2^30`` the output integers fit int32
+    (formed in float32 as in the references).
     """
 
     NUMERATOR: float = 2**31

@@ -17,6 +17,9 @@ Deviations, each tested:
   uniform row. ``-inf`` or ``-100``-masked entries in a row with a finite maximum are clamped to
   ``n * x0_int`` exactly as in the reference (no deviation).
 * ``out_scale`` is created on ``x.device`` (the reference calls ``.cuda()``).
+* GELU: ``x_int = round(x / s)`` (the reference: ``x / s`` in float32, within 2^-23 of the
+  integer), so the output ``sig_int * x_int`` lies exactly on its grid (the reference's is off it
+  by up to ``|x_int| * 127 * 2^-23``; the next requantization rounds that away but for ties).
 
 Not a deviation: at fine input scales a very negative GELU row makes ``2^(n - q)`` overflow to
 ``inf`` in the reference (its output is then 0 or garbage); the same ``inf`` is reproduced here.
@@ -38,6 +41,7 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     floor_ste,
+    round_ste,
     shift_exp,
     shift_exp_ste,
     with_ste,
@@ -90,7 +94,7 @@ class IViTGELU(nn.Module):
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
         with torch.no_grad():
-            pre_x_int = x.detach() / s
+            pre_x_int = torch.div(x.detach(), s).round_()  # the integers (see the deviation)
             s_sig = s * self.SIGMOID_K
             x_max = pre_x_int.amax(dim=-1, keepdim=True)
             exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N, inplace=True)
@@ -104,8 +108,8 @@ class IViTGELU(nn.Module):
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``IntGELU.forward``'s autograd graph (straight-through floors; the row maximum and
-        ``e^(-x_max)`` carry gradient as there)."""
-        pre_x_int = x / s
+        ``e^(-x_max)`` carry gradient as there; ``x_int`` rounded straight through, as forward)."""
+        pre_x_int = round_ste(x / s)
         s_sig = s * self.SIGMOID_K
         x_max = pre_x_int.max(dim=-1, keepdim=True).values
         exp_int = shift_exp_ste(pre_x_int - x_max, s_sig, self.N)

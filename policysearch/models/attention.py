@@ -16,8 +16,10 @@ table quantized to 8 bits (``table_act``, ``qact_table``), both requantized and 
 -> ``p_int·v_int`` on the softmax's output grid times ``s_qkv`` -> 8-bit ``av_act``
 (``qact2`` / ``qact3``) -> ``proj`` -> 16-bit ``proj_act`` (``qact3`` / ``qact4``). The site's
 input quantizer (``attn_act`` in ViT, ``bias_act`` in Swin) runs at the site's ``Choice.bits``
-(else ``act_bits``). Matmuls run on the integers (exact in float32 at these widths) without
-autograd, on the dequantized tensors with it. Disabled, every step is the float timm computation.
+(else ``act_bits``). Without autograd both matmuls run on the integers with
+``quant.intmm.exact_matmul``: float32 where ``K * max|a| * max|b| < 2^24`` proves it exact (8-bit
+``q·kᵀ`` over a head of 64: 2^20; ``attn·v`` over 197 tokens with softmax integers measured per
+call), float64 otherwise (wider policies); with autograd on the dequantized tensors. Disabled, every step is the float timm computation.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from torch import nn
 
 from policysearch.models.site import QuantSite
 from policysearch.quant import IntAct, IntLinear, QuantAct, QuantLinear
+from policysearch.quant.intmm import exact_matmul
 
 __all__ = ["PaperAttention", "PaperWindowAttention", "QuantAttention", "QuantWindowAttention"]
 
@@ -158,7 +161,8 @@ class _PaperAttnBase(nn.Module):
         if qkv_int is not None:
             qi, ki, _ = qkv_int.unbind(0)
             acc_scale = s * s * self.scale
-            return (qi @ ki.transpose(-2, -1)).mul_(acc_scale), acc_scale
+            lim = 2 ** (self.qkv_act.bits - 1)
+            return exact_matmul(qi, ki.transpose(-2, -1), lim, lim).to(torch.float32).mul_(acc_scale), acc_scale
         attn = (q * self.scale) @ k.transpose(-2, -1)
         return attn, (s * s * self.scale) if s is not None else None
 
@@ -181,7 +185,8 @@ class _PaperAttnBase(nn.Module):
         p = self.attn_drop(p)
         s_out = s_p * s if (s_p is not None and s is not None) else None
         if integer and s_p is not None:
-            out = (_ints(p, s_p) @ qkv_int[2]).mul_(s_out)
+            lim = 2 ** (self.qkv_act.bits - 1)
+            out = exact_matmul(_ints(p, s_p), qkv_int[2], None, lim).to(torch.float32).mul_(s_out)
         else:
             out = p @ v
         out = out.transpose(1, 2).reshape(B, N, -1)

@@ -40,7 +40,10 @@ Deviations from I-ViT's code, each deliberate: ranges are calibrated on float fo
 trains them by QAT, EMA 0.95); the class token is clamped to the 16-bit patch grid (I-ViT
 rounds it without a clamp before requantizing); Swin without an absolute position embedding skips
 I-ViT's second back-to-back 16-bit requantization (``qact1`` right after ``PatchEmbed.qact``);
-an average pool is requantized from its exact integer sum rather than from the rounded mean.
+an average pool is requantized from its exact integer sum rather than from the rounded mean;
+the ViT head's ``norm_act`` quantizes every token and then takes the class token (I-ViT takes
+``x[:, 0]`` before its ``qact2``: same integers for a given scale, but here the calibrated range
+covers the patch tokens too); every requantization clamps to its width (``quant.IntAct``).
 Not supported in this wiring (one clear error): attention pooling, max pooling, dynamic image
 size, an MLP with an inner norm, other block types.
 """

@@ -162,13 +162,14 @@ class Evaluator:
         if self.relu_repair is not None:
             self.relu_repair.apply(policy)  # repaired MLP weights at relu sites, the originals elsewhere
         base, start = self._best_run(policy)
-        recorded: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        recorded: dict[str, SiteMetrics] = {}
         inputs: list[list[torch.Tensor]] = []
         logits: list[torch.Tensor] = []
         for b, x in enumerate(self._bar(self.batches, "evaluate")):
             seg_inputs = list(base.inputs[b][:start]) if base is not None else []
             h = base.inputs[b][start] if base is not None else x
-            rec = (lambda n, xi, yo, v: recorded.__setitem__(n, (xi, yo, v))) if b == 0 else (lambda *a: None)
+            rec = (lambda n, xi, yo, v: recorded.__setitem__(n, self._site_metrics(n, xi, yo, v))) if b == 0 \
+                else (lambda *a: None)
             with record_sites(self.model, rec, masks=True):
                 for seg in self.segments[start:]:
                     seg_inputs.append(h)
@@ -178,13 +179,7 @@ class Evaluator:
             logits.append(h)
         site_metrics = {n: m for n, m in (base.sites.items() if base is not None else ())
                         if self._site_segment[n] < start}
-        for name, (xq, yq, valid) in recorded.items():
-            x_ref, y_ref, valid_ref = self.ref_sites[name]
-            if valid is None:
-                valid = valid_ref
-            elif valid_ref is not None:
-                valid = valid & valid_ref
-            site_metrics[name] = SiteMetrics(gamma=asqnr(x_ref, xq, valid=valid), beta=asqnr(y_ref, yq, valid=valid))
+        site_metrics.update(recorded)
         run = _Run(policy=policy, inputs=inputs, logits=logits, sites=site_metrics)
         self._remember(run)
         self.evaluations += 1
@@ -192,6 +187,16 @@ class Evaluator:
         # data-aware methods: the constants fitted per site (the policy JSON's metrics carry them)
         fitted = fitted_constants(self.model)
         return replace(result, metrics={**result.metrics, **fitted}) if fitted else result
+
+    def _site_metrics(self, name: str, xq: torch.Tensor, yq: torch.Tensor, valid: torch.Tensor | None) -> SiteMetrics:
+        """gamma and beta of one site, computed as the site runs (its quantized input and output are
+        not kept past this call: one pass, no copies of every site's activations)."""
+        x_ref, y_ref, valid_ref = self.ref_sites[name]
+        if valid is None:
+            valid = valid_ref
+        elif valid_ref is not None:
+            valid = valid & valid_ref
+        return SiteMetrics(gamma=asqnr(x_ref, xq, valid=valid), beta=asqnr(y_ref, yq, valid=valid))
 
     def _remember(self, run: _Run) -> None:
         if not self.reuse:

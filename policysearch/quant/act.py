@@ -161,6 +161,10 @@ class IntAct(nn.Module):
     half-integer, where the two may differ by one. :attr:`exact` (class-wide; tests) runs the
     float64 dyadic multiply instead, at many times the cost.
 
+    Deviation from I-ViT's ``QuantAct``: the requantized integers are clamped to the signed
+    ``bits`` range at every width; I-ViT clamps after ``fixedpoint_mul`` only at 4, 8, 16 and 32
+    bits, so its 6-bit (or 10-bit...) requantizations hand on integers beyond their width.
+
     ``bits`` is set by the wiring (the policy's ``act_bits``, 16 for the residual stream, the
     site's ``Choice.bits`` for a site's input). Disabled (float mode) and while calibrating it
     returns the float ``x`` (+ ``identity``) and ``None``; calibrating also observes it.

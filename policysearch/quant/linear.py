@@ -6,10 +6,13 @@ bias quantized to 32 bits on the accumulator scale (as in I-ViT / HAWQ-V3). ``ac
 
 :class:`IntLinear` / :class:`IntConv2d` are the ``paper`` wiring's versions (I-ViT's
 ``QuantLinear`` / ``QuantConv2d``): they take an input already on its grid, ``(x, s)``, and return
-``(acc * s_acc, s_acc)`` with ``s_acc = s * s_w[c]``. Without autograd the accumulator is computed
-on the integers themselves (``round(x / s)`` times the integer weights, plus the int32 bias), which
-float32 holds exactly while partial sums stay below 2^24 (8-bit operands up to 1040 input
-channels); with autograd (QAT) it is the dequantized product, with STE weights.
+``(acc * s_acc, s_acc)`` with ``s_acc = s * s_w[c]``. The accumulator ``acc`` (integer
+products plus the int32 bias) is computed exactly by the integer engine
+(:mod:`policysearch.quant.intmm`: an int8 x int8 -> int32 GEMM, a convolution as a GEMM over its
+patches; wider operands by an exact float64 GEMM), without autograd and with it: in QAT the value
+is the same integer result and the gradient is the float straight-through graph's. The
+dequantized hand-over ``acc * s_acc`` is float32, so accumulators beyond 2^24 reach the next
+quantizer rounded to float32 (relative 2^-24), like its own float32 requantization.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.quant.act import QuantAct
+from policysearch.quant.intmm import exact_matmul, get_engine, int8_fits, int_matmul
 from policysearch.quant.ste import ste
 
 __all__ = ["IntConv2d", "IntLinear", "QuantConv2d", "QuantLinear", "quantize_weight"]
@@ -147,16 +151,157 @@ def _needs_grad(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-class IntLinear(QuantLinear):
+def _bits_of(source: list, q: torch.Tensor) -> int:
+    """The signed width of the integers ``q``: the handing quantizer's ``bits``, else measured."""
+    if source:
+        return source[0].bits
+    m = int(q.detach().abs().amax()) if q.numel() else 0
+    return max(m.bit_length() + 1, 2)
+
+
+def _patches(q: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, tuple[int, int]]:
+    """im2col: ``(B * L, C * kh * kw)`` rows in the weight's ``(C, kh, kw)`` order, and ``(Ho, Wo)``."""
+    B, C, H, W = q.shape
+    kh, kw = conv.kernel_size
+    if tuple(conv.stride) == (kh, kw) and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1) \
+            and H % kh == 0 and W % kw == 0:  # non-overlapping patches (a patch embedding): a reshape
+        Ho, Wo = H // kh, W // kw
+        rows = q.reshape(B, C, Ho, kh, Wo, kw).permute(0, 2, 4, 1, 3, 5).reshape(B * Ho * Wo, C * kh * kw)
+        return rows, (Ho, Wo)
+    cols = F.unfold(q.to(torch.float32) if q.dtype == torch.int8 else q, (kh, kw), conv.dilation, conv.padding,
+                    conv.stride)
+    Ho = (H + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+    Wo = (W + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    rows = cols.transpose(1, 2).reshape(B * Ho * Wo, -1)
+    return (rows.to(q.dtype) if q.dtype == torch.int8 else rows), (Ho, Wo)
+
+
+class _IntGemm:
+    """The integer weights of an Int layer in GEMM form, cached until the weight changes:
+    ``w_kn`` ``(K, N)`` int8 contiguous (``weight_bits <= 8``) or the integer values in float64,
+    and the int32 bias on the accumulator grid with its bound."""
+
+    def __init__(self, w_int: torch.Tensor, weight_bits: int) -> None:
+        w2 = w_int.reshape(w_int.shape[0], -1)
+        self.K, self.N = w2.shape[1], w2.shape[0]
+        self.wmax = 2 ** (weight_bits - 1) - 1
+        self.w_kn = (w2.t().to(torch.int8) if int8_fits(weight_bits) else w2.t().to(torch.float64)).contiguous()
+
+    def acc(self, rows: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+        """The exact integer accumulators ``rows @ w + b``: int32 (int8 operands, when the bound
+        ``K * 2^(bits-1) * wmax + max|b|`` fits int32), else int64."""
+        if self.w_kn.dtype == torch.int8 and int8_fits(bits):
+            acc = int_matmul(rows.to(torch.int8), self.w_kn)
+            if b_int is None:
+                return acc
+            bound = self.K * 2 ** (bits - 1) * self.wmax + float(b_int.abs().amax())
+            return acc.add_(b_int.to(torch.int32)) if bound < 2**31 else acc.to(torch.int64).add_(b_int.to(torch.int64))
+        acc = exact_matmul(rows, self.w_kn, 2 ** (bits - 1), self.wmax).to(torch.int64)
+        return acc if b_int is None else acc.add_(b_int.to(torch.int64))
+
+
+class _STEGemm(torch.autograd.Function):
+    """QAT: the value is the integer engine's exact output ``value_fn()``; the gradient is that
+    of the float op ``op`` on the STE-quantized operands (``x``, ``wq``, ``bq``)."""
+
+    @staticmethod
+    def forward(ctx, x, wq, bq, value_fn, op):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, wq)
+        ctx.op, ctx.has_bias = op, bq is not None
+        return value_fn()
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x, wq = ctx.saved_tensors
+        gx, gw, gb = ctx.op.grads(x, wq, gy, ctx.needs_input_grad)
+        return gx, gw, (gb if ctx.has_bias and ctx.needs_input_grad[2] else None), None, None
+
+
+class _LinearGrads:
+    @staticmethod
+    def grads(x, wq, gy, need):  # noqa: ANN001, ANN205
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = (gy @ wq) if need[0] else None
+        gw = (g2.t() @ x.reshape(-1, x.shape[-1])) if need[1] else None
+        return gx, gw, g2.sum(0)
+
+
+class _ConvGrads:
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.c = conv
+
+    def grads(self, x, wq, gy, need):  # noqa: ANN001, ANN205
+        c = self.c
+        args = (c.stride, c.padding, c.dilation, c.groups)
+        gx = torch.nn.grad.conv2d_input(x.shape, wq, gy, *args) if need[0] else None
+        gw = torch.nn.grad.conv2d_weight(x, wq.shape, gy, *args) if need[1] else None
+        return gx, gw, gy.sum((0, 2, 3))
+
+
+class _IntMixin:
+    """The integer accumulator of an Int layer (shared by :class:`IntLinear` and :class:`IntConv2d`)."""
+
+    def _gemm(self) -> _IntGemm:
+        w_int, _ = self._weight_int()
+        key = self._icache[0]
+        cached = getattr(self, "_gcache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._gcache = (key, _IntGemm(w_int, self.weight_bits))
+        return cached[1]
+
+    def _int_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+        """The exact accumulator, as float32 (the dequantized hand-over's dtype)."""
+        return self._int_acc(q, bits, b_int).to(torch.float32)
+
+    def int_accumulator(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The exact integer accumulator (int32 or int64, bias included) for ``x`` on the grid
+        ``scale``: what :meth:`forward` dequantizes (tests, export checks)."""
+        with torch.no_grad():
+            _, s_acc, b = self._int_params(scale)
+            q = torch.div(x, scale).round_()
+            return self._int_acc(q, _bits_of([], q), b)
+
+    def _qat(self, x: torch.Tensor, scale: torch.Tensor, op: object, float_op) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        """QAT forward: the exact integer value, the float STE graph's gradient."""
+        wq, s_w = self._weight()
+        s_acc = (scale * s_w).detach()
+        bq = quantize_bias(self.bias, s_acc)
+        if get_engine() == "float":
+            return float_op(x, wq, bq), s_acc
+
+        def value() -> torch.Tensor:
+            with torch.no_grad():
+                q = torch.div(x.detach(), scale).round_()
+                b = bias_int(self.bias, s_acc) if self.bias is not None else None
+                return self._exact_acc(q, _bits_of([], q), b).mul_(self._acc_view(s_acc))
+
+        return _STEGemm.apply(x, wq, bq, value, op), s_acc
+
+
+class IntLinear(_IntMixin, QuantLinear):
     """A Linear of the ``paper`` wiring: ``forward(x, scale) -> (acc * s_acc, s_acc)``.
 
     ``x`` lies on the grid ``scale`` (an :class:`~policysearch.quant.act.IntAct` output);
     ``s_acc = scale * s_w`` per output channel. A float input (``scale`` None) is quantized here to
-    ``act_bits`` first. Disabled: the float linear and ``None``.
+    ``act_bits`` first. The accumulator is an exact integer GEMM (:mod:`policysearch.quant.intmm`),
+    the same value with autograd (QAT: float STE gradient). Disabled: the float linear and ``None``.
     """
 
     #: the quantizer handing over the input (``IntAct``), whose kept integers are used; set by the wiring
     source: list = []
+
+    @staticmethod
+    def _acc_view(s_acc: torch.Tensor) -> torch.Tensor:
+        return s_acc
+
+    def _int_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+        g = self._gemm()
+        acc = g.acc(q.reshape(-1, q.shape[-1]), bits, b_int)
+        return acc.view(*q.shape[:-1], g.N)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.enabled or self.act.calibrating:
@@ -164,19 +309,37 @@ class IntLinear(QuantLinear):
         if scale is None:
             x, scale = self.act(x, self.act_bits)
         if _needs_grad(x, self.weight, self.bias):
-            wq, s_w = self._weight()
-            s_acc = scale * s_w
-            return F.linear(x, wq, quantize_bias(self.bias, s_acc)), s_acc
+            return self._qat(x, scale, _LinearGrads, F.linear)
         w_int, s_acc, b = self._int_params(scale)
         q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
-        return F.linear(q, w_int, b).mul_(s_acc), s_acc
+        if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
+            return F.linear(q, w_int, b).mul_(s_acc), s_acc
+        return self._exact_acc(q, _bits_of(self.source, q), b).mul_(s_acc), s_acc
 
 
-class IntConv2d(QuantConv2d):
+class IntConv2d(_IntMixin, QuantConv2d):
     """The patch-embedding Conv2d of the ``paper`` wiring: ``forward(x, scale) -> (y, s_acc)``,
-    ``y`` NCHW with the per-channel ``s_acc = scale * s_w`` (shape ``(C,)``) along dim 1."""
+    ``y`` NCHW with the per-channel ``s_acc = scale * s_w`` (shape ``(C,)``) along dim 1. The
+    accumulator is an integer GEMM over the patches (im2col), exact as :class:`IntLinear`'s."""
 
     source: list = []  # as IntLinear.source
+
+    @staticmethod
+    def _acc_view(s_acc: torch.Tensor) -> torch.Tensor:
+        return s_acc.view(1, -1, 1, 1)
+
+    def _int_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
+        c = self.conv
+        if c.groups != 1:  # grouped: no GEMM form; float64 is exact for these widths
+            y = F.conv2d(q.double(), self._weight_int()[0].double(), None, c.stride, c.padding, c.dilation, c.groups)
+            return (y if b_int is None else y + b_int.double().view(1, -1, 1, 1)).to(torch.int64)
+        g = self._gemm()
+        B = q.shape[0]
+        q8 = q.to(torch.int8) if int8_fits(bits) and g.w_kn.dtype == torch.int8 else q
+        rows, (Ho, Wo) = _patches(q8, c)
+        acc = g.acc(rows, bits, b_int)
+        # contiguous NCHW, as F.conv2d's: the downstream kernels' float reductions follow the layout
+        return acc.view(B, Ho, Wo, g.N).permute(0, 3, 1, 2).contiguous()
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         c = self.conv
@@ -185,11 +348,13 @@ class IntConv2d(QuantConv2d):
         if scale is None:
             x, scale = self.act(x, self.act_bits)
         if _needs_grad(x, self.weight, self.bias):
-            wq, s_w = self._weight()
-            s_acc = scale * s_w
-            y = F.conv2d(x, wq, quantize_bias(self.bias, s_acc), c.stride, c.padding, c.dilation, c.groups)
-            return y, s_acc
+            def conv(x_, w_, b_):  # noqa: ANN001, ANN202
+                return F.conv2d(x_, w_, b_, c.stride, c.padding, c.dilation, c.groups)
+            return self._qat(x, scale, _ConvGrads(c), conv)
         w_int, s_acc, b = self._int_params(scale)
         q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
-        y = F.conv2d(q, w_int, b, c.stride, c.padding, c.dilation, c.groups)
+        if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
+            y = F.conv2d(q, w_int, b, c.stride, c.padding, c.dilation, c.groups)
+            return y.mul_(s_acc.view(1, -1, 1, 1)), s_acc
+        y = self._exact_acc(q, _bits_of(self.source, q), b)
         return y.mul_(s_acc.view(1, -1, 1, 1)), s_acc

@@ -11,7 +11,7 @@ from typing import Any
 
 from policysearch.errors import ConfigError
 from policysearch.objectives.sqnr import convert_db
-from policysearch.policy import read_policy, write_policy
+from policysearch.policy import PolicyDocument, read_policy, write_policy
 from policysearch.report.verdict import headroom_lines, verdict_lines
 from policysearch.run import RunRecord, policy_document, resolve_run_dir
 from policysearch.sites import KIND_METHODS
@@ -151,6 +151,23 @@ def _finetuned_weights(doc: Any, policy_path: str) -> Path | None:
     return path
 
 
+def _recorded(doc: PolicyDocument, finetuned: Path | None,
+              given: dict[str, Any]) -> tuple[EvaluatorSpec, dict[str, Any]]:
+    """The spec that evaluates as the policy file did (the images the run used, calibrated the same
+    way, with its seed), ``given`` on top, and the metrics to compare with."""
+    given = {**given}
+    given.setdefault("wiring", doc.wiring or "native")
+    if finetuned is None:
+        return EvaluatorSpec.from_policy(doc, **given), dict(doc.metrics)
+    given["checkpoint"] = str(finetuned)  # the training stage's weights, and the figures measured on them
+    ft = dict(doc.provenance.get("finetune") or {})
+    if ft:
+        given.setdefault("eval_size", ft.get("eval_size"))
+        if "calib_size" in ft:
+            given["calib_size"] = ft["calib_size"]
+    return EvaluatorSpec.from_policy(doc, **given), dict((doc.metrics.get("finetune") or {}).get("after") or {})
+
+
 def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str | None, data: str,
                       device: str = "auto", eval_size: int | None = None,
                       model_args: dict[str, int] | None = None,
@@ -163,30 +180,17 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
     search's figures)."""
     doc = read_policy(policy) if policy else None
     finetuned = _finetuned_weights(doc, policy) if doc is not None and checkpoint is None else None
-    if model is None:
-        model = (doc.model.get("name") if doc else None) or "fmnist_vit"
-        checkpoint = checkpoint or (doc.model.get("checkpoint") if doc else None)
-        if model_args is None and doc is not None:
-            model_args = dict(doc.model.get("args") or {})
-    calib_size = None
-    if doc is not None:  # evaluate on the images the run used, calibrated the same way
-        eval_size = eval_size if eval_size is not None else doc.provenance.get("eval_size")
-        calib_size = doc.provenance.get("calib_size")
-        wiring = wiring or doc.wiring or "native"
-    recorded_metrics = doc.metrics if doc is not None else {}
-    if finetuned is not None:  # the training stage's weights, and the figures measured on them
-        checkpoint = str(finetuned)
-        ft = dict(doc.provenance.get("finetune") or {})
-        if ft:
-            eval_size = eval_size if eval_size is not None else ft.get("eval_size")
-            calib_size = ft.get("calib_size", calib_size)
-        recorded_metrics = dict((doc.metrics.get("finetune") or {}).get("after") or {})
-    spec = EvaluatorSpec(model=model, checkpoint=checkpoint, data=data, device=device, eval_size=eval_size,
-                         calib_size=calib_size, progress=True, model_args=tuple(sorted((model_args or {}).items())),
-                         **({"wiring": wiring} if wiring else {}))
+    given: dict[str, Any] = {"data": data, "device": device, "progress": True}
+    if model is not None:  # another model than the file's: none of its weights or architecture either
+        given.update(model=model, checkpoint=None, model_args=())
+    given.update({k: v for k, v in (("checkpoint", checkpoint), ("wiring", wiring), ("eval_size", eval_size))
+                  if v is not None})
+    if model_args is not None:
+        given["model_args"] = tuple(sorted(model_args.items()))
+    spec, recorded_metrics = (EvaluatorSpec(**given), {}) if doc is None else _recorded(doc, finetuned, given)
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
-    lines = [f"model {model}, data {data} ({n_eval} evaluation images): "
+    lines = [f"model {spec.model}, data {data} ({n_eval} evaluation images): "
              f"float top-1 {_pct(ev.float_metrics.get('top1'))}"]
     if doc is None:
         return "\n".join(lines), True

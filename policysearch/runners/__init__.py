@@ -6,8 +6,10 @@ evaluator (model, calibration, float references) once and reuses it. Only the dr
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from policysearch.errors import ConfigError
 from policysearch.presets import builtin_presets, resolve_preset
 from policysearch.registry import Registry
 from policysearch.runners.base import Runner
@@ -26,10 +28,6 @@ PRESETS: Registry[dict[str, Any]] = builtin_presets("runners")
 
 def create_runner(name: str = "local", **options: Any) -> Runner:
     """A runner from a preset name or YAML path: ``{type: <registered runner>, ...options}``."""
-    import inspect
-
-    from policysearch.errors import ConfigError
-
     data, _ = resolve_preset("runners", name, PRESETS)
     data = {k: v for k, v in data.items() if k != "name"}
     kind = data.pop("type", "local")

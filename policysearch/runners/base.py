@@ -33,7 +33,9 @@ class Runner(abc.ABC):
 
     @abc.abstractmethod
     def map(self, spec: object, policies: Sequence[Policy]) -> Iterator[tuple[Policy, EvalResult]]:
-        """Evaluate ``policies`` with the evaluator ``spec`` builds; never raise for one policy."""
+        """Evaluate ``policies`` with ``spec.evaluator()`` (an :class:`~policysearch.spec.EvaluatorSpec`
+        builds it once per process; runners never import the spec module, which needs torch);
+        never raise for one policy."""
 
     def stream(self, spec: object, feed: Feed) -> Iterator[tuple[Policy, EvalResult]]:
         """Evaluate what ``feed`` hands out (see the module docstring) until it has nothing and

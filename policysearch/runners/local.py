@@ -20,9 +20,7 @@ class LocalRunner(Runner):
         pass
 
     def map(self, spec: object, policies: Sequence[Policy]) -> Iterator[tuple[Policy, EvalResult]]:
-        from policysearch.spec import get_evaluator
-
-        evaluator = get_evaluator(spec)
+        evaluator = spec.evaluator()
         for policy in policies:
             yield policy, safe_evaluate(evaluator, policy)
 

@@ -39,11 +39,17 @@ from typing import Any
 
 import ray
 import ray.exceptions as rayexc
+import torch
 
+from policysearch import __version__
 from policysearch.errors import ConfigError, PolicySearchError
+from policysearch.models.zoo import weights_identity
+from policysearch.numerics import NUMERICS_VERSION
+from policysearch.objectives import Objective, load_objective
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 from policysearch.runners.base import Feed, Runner, feed_list
+from policysearch.runners.local import safe_evaluate
 
 __all__ = ["RayRunner", "WorkerPoolError"]
 
@@ -63,8 +69,6 @@ class _Worker:
     """The actor: builds the evaluator once (``load``), then evaluates policy after policy."""
 
     def __init__(self, threads: int, fault: Mapping[str, Any] | None, generation: int) -> None:
-        import torch
-
         torch.set_num_threads(threads)
         self.threads = threads
         self.fault = dict(fault or {})
@@ -74,22 +78,16 @@ class _Worker:
         self.evaluator: Any = None
 
     def load(self, spec: Any) -> dict[str, Any]:
-        import torch
-
-        from policysearch.spec import get_evaluator
-
         self.spec_key = None
         t0 = time.perf_counter()
         identity = _identity(spec)
-        self.evaluator = get_evaluator(spec)
+        self.evaluator = spec.evaluator()
         self.spec_key = spec.key()
         return {**identity, "data_digest": self.evaluator.data_digest, "build_s": time.perf_counter() - t0,
                 "node": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads(),
                 "device": str(self.evaluator.device)}
 
     def evaluate(self, policy: Policy, spec_key: str) -> tuple[EvalResult, float]:
-        from policysearch.runners.local import safe_evaluate
-
         if self.spec_key != spec_key:
             raise RuntimeError("this Ray worker has no evaluator for the spec (its load failed)")
         self.count += 1
@@ -110,12 +108,8 @@ class _Worker:
 
 def _identity(spec: Any) -> dict[str, Any]:
     """What decides an actor's results besides the spec itself: weights and numerics."""
-    import policysearch
-    from policysearch.models.zoo import weights_identity
-    from policysearch.numerics import NUMERICS_VERSION
-
     return {"weights": weights_identity(spec.model, spec.checkpoint), "numerics": NUMERICS_VERSION,
-            "policysearch": policysearch.__version__}
+            "policysearch": __version__}
 
 
 @dataclass
@@ -311,9 +305,7 @@ class RayRunner(Runner):
 
     @staticmethod
     def _driver_identity(spec: Any) -> dict[str, Any]:
-        from policysearch.spec import get_evaluator
-
-        return {**_identity(spec), "data_digest": get_evaluator(spec).data_digest}
+        return {**_identity(spec), "data_digest": spec.evaluator().data_digest}
 
     def _ensure_loaded(self, slot: _Slot, actor_spec: Any, ref: Any) -> None:
         key = actor_spec.key()
@@ -484,8 +476,6 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 
 
 def _directions(spec: Any) -> tuple[str, ...]:
-    from policysearch.objectives import Objective, load_objective
-
     obj = spec.objective
     objective = load_objective(obj) if isinstance(obj, str) else Objective.from_dict(obj)
     return tuple(objective.directions)
