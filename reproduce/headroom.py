@@ -207,7 +207,8 @@ def zoo_block(model: str, *, data: str, bits: int, strategies: Sequence[str], sp
                          search_s=round(secs, 1), search_evaluated=evaluated, methods=_counts(policy),
                          same_as=_same_as(policy, bits, final, spaces)))
     _compare(rows, best)
-    return {"model": model, "weights": "zoo", "bits": bits, "images": final.n, "labels": True,
+    return {"model": model, "weights": "zoo", "bits": bits, "numerics": NUMERICS_VERSION, "images": final.n,
+            "labels": True,
             "best_uniform": best, "sizes": sizes.to_dict(), "strategies": list(strategies), "spaces": list(spaces),
             "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -237,7 +238,8 @@ def random_block(final: Final, model: str, *, bits: int, spaces: Sequence[str], 
             r["_arrays"]["correct"] = None
         r.get("metrics", {}).pop("top1", None)
     _compare(rows, best)
-    return {"model": model, "weights": "random", "model_args": dict(model_args), "bits": bits, "images": final.n,
+    return {"model": model, "weights": "random", "model_args": dict(model_args), "bits": bits,
+            "numerics": NUMERICS_VERSION, "images": final.n,
             "labels": False, "best_uniform": best, "sizes": sizes.to_dict(), "rows": rows,
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -393,7 +395,7 @@ def render(rec: Mapping[str, Any]) -> str:
     absent = missing(blocks)
     lines = ["# Headroom: where the choice of non-linear methods can matter", "",
              "Produced by " + ", then ".join(f"`{c}`" for c in rec["commands"])
-             + f" (numerics {rec['numerics']}, torch {rec['torch']}); rendered from `results/headroom.json` "
+             + f" (numerics {rec['numerics']} unless a table says otherwise, torch {rec['torch']}); rendered from `results/headroom.json` "
              "by `python reproduce/headroom.py --render`.", "", "## Summary", "", *summary(blocks), "",
              *(["Not measured (not run within this record's compute budget): " + "; ".join(absent) + ".", ""]
                if absent else []),
@@ -411,6 +413,8 @@ def render(rec: Mapping[str, Any]) -> str:
         sz = b["sizes"]
         title = f"## {b['model']}" + (" (random weights, timm pretrained=False)" if b["weights"] == "random" else "")
         lines += [f"{title}, W{b['bits']}A{b['bits']}", ""]
+        if b.get("numerics", rec["numerics"]) != rec["numerics"]:
+            lines += [f"Made with the earlier numerics {b['numerics']} (not regenerated under {rec['numerics']}).", ""]
         if b["weights"] == "zoo":
             lines += [f"{b['images']} evaluation images of `{rec['data']}`; strategies {', '.join(b['strategies'])} "
                       f"with spaces {', '.join(b['spaces'])}; tpe {sz['tpe_trials']} trials; "
