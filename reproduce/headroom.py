@@ -390,13 +390,26 @@ def missing(blocks: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def numerics_line(blocks: Sequence[Mapping[str, Any]], default: str) -> str:
+    """The file's ``Numerics:`` statement: the versions its blocks were made with, and whether
+    each is the current code's."""
+    made = sorted({b.get("numerics", default) for b in blocks} or {default})
+    old = [v for v in made if v != NUMERICS_VERSION]
+    line = "Numerics: made with numerics " + ", ".join(made)
+    if old:
+        return line + (f"; the current code's is {NUMERICS_VERSION}: the blocks made with "
+                       f"{', '.join(old)} are an earlier numerics version, not regenerated.")
+    return line + ", the current code's."
+
+
 def render(rec: Mapping[str, Any]) -> str:
     blocks = rec["blocks"]
     absent = missing(blocks)
     lines = ["# Headroom: where the choice of non-linear methods can matter", "",
              "Produced by " + ", then ".join(f"`{c}`" for c in rec["commands"])
              + f" (numerics {rec['numerics']} unless a table says otherwise, torch {rec['torch']}); rendered from `results/headroom.json` "
-             "by `python reproduce/headroom.py --render`.", "", "## Summary", "", *summary(blocks), "",
+             "by `python reproduce/headroom.py --render`.", "", numerics_line(blocks, rec["numerics"]), "",
+             "## Summary", "", *summary(blocks), "",
              *(["Not measured (not run within this record's compute budget): " + "; ".join(absent) + ".", ""]
                if absent else []),
              "## How to read the tables", "",
