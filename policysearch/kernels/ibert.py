@@ -70,6 +70,8 @@ __all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax", "gelu", "layernorm", "
 _EXP_BITS = 16
 #: Softmax input scales below this go through i-exp on a coarser grid (module docstring).
 SOFTMAX_MIN_SCALE = 2e-5
+#: elements per slice of the float64 requantization on CPU (2 MiB of float64: stays in cache)
+_F64_SLICE = 2**18
 
 
 def _frexp31(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +109,17 @@ class IBertSoftmax(nn.Module):
         z_int = exp_int.div_(exp_scale).round_()
         m, e = _frexp31(exp_scale.double() / act_sf.float().double())
         # (z * m) / 2^e == z * (m * 2^-e) in float64: scaling by a power of two commutes with rounding
-        out = z_int.double().mul_(m * 2.0**-e).round_()
-        out = out.clamp_(-(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1)
-        return z_int.copy_(out).mul_(act_sf).div_(act_sf)
+        ratio = m * 2.0**-e
+        lim = 2 ** (_EXP_BITS - 1)
+        if z_int.is_contiguous() and z_int.device.type == "cpu" and not torch.jit.is_tracing():
+            # in cache-sized slices; the clamp after the cast to float32 gives the same values
+            # (the cast is monotone and exact on the integers within the clamp)
+            for zc in z_int.view(-1).split(_F64_SLICE):
+                zc.copy_(zc.double().mul_(ratio).round_())
+            z_int = z_int.clamp_(-lim, lim - 1)
+        else:
+            z_int.copy_(z_int.double().mul_(ratio).round_().clamp_(-lim, lim - 1))
+        return z_int.mul_(act_sf).div_(act_sf)
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
         """``IntSoftmax.forward``'s autograd graph (straight-through floors and rounds)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.quant.act import QuantAct
-from policysearch.quant.intmm import exact_matmul, get_engine, int8_fits, int_matmul
+from policysearch.quant.intmm import exact_matmul, get_engine, int8_fits, int_matmul, to_float32
 from policysearch.quant.ste import ste
 
 __all__ = ["IntConv2d", "IntLinear", "QuantConv2d", "QuantLinear", "quantize_weight"]
@@ -255,7 +255,7 @@ class _IntMixin:
 
     def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
         """The exact accumulator, as float32 (the dequantized hand-over's dtype)."""
-        return self._int_acc(q, bits, b_int).to(torch.float32)
+        return to_float32(self._int_acc(q, bits, b_int))
 
     def int_accumulator(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The exact integer accumulator (int32 or int64, bias included) for ``x`` on the grid
