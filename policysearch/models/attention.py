@@ -186,7 +186,7 @@ class _PaperAttnBase(nn.Module):
                 bias: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, _ = x.shape
         y, s_acc = self.qkv(x, scale)
-        y, s = self.qkv_act(y, s_acc)
+        y, s = self.qkv_act(y, s_acc, owned=True)
         integer = s is not None and not (torch.is_grad_enabled() and y.requires_grad)
         qkv = y.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -194,7 +194,7 @@ class _PaperAttnBase(nn.Module):
         if integer:
             qkv_int = self.qkv_act.ints_of(y, s).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         attn, s_attn = self._logits(q, k, s, qkv_int)
-        attn, s_attn = self.attn_act(attn, s_attn)
+        attn, s_attn = self.attn_act(attn, s_attn, owned=qkv_int is not None)
         if bias is not None:
             attn, s_attn = self.bias_act(attn, s_attn, bias[0], bias[1])
         p, s_p = self.softmax(attn, s_attn, mask)
@@ -205,10 +205,10 @@ class _PaperAttnBase(nn.Module):
             out = exact_matmul(_ints(p, s_p), qkv_int[2], None, lim).to(torch.float32).mul_(s_out)
         else:
             out = p @ v
-        out = out.transpose(1, 2).reshape(B, N, -1)
-        out, s_out = self.av_act(out, s_out)
+        out = out.transpose(1, 2).reshape(B, N, -1)  # a copy
+        out, s_out = self.av_act(out, s_out, owned=not out.requires_grad)
         y, s_y = self.proj(out, s_out)
-        y, s_y = self.proj_act(y, s_y)
+        y, s_y = self.proj_act(y, s_y, owned=True)
         return self.proj_drop(y), s_y
 
 

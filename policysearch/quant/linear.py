@@ -313,7 +313,7 @@ class IntLinear(_IntMixin, QuantLinear):
         w_int, s_acc, b = self._int_params(scale)
         q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
         if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
-            return F.linear(q, w_int, b).mul_(s_acc), s_acc
+            return F.linear(q.to(w_int.dtype), w_int, b).mul_(s_acc), s_acc
         return self._exact_acc(q, _bits_of(self.source, q), b).mul_(s_acc), s_acc
 
 
@@ -354,7 +354,7 @@ class IntConv2d(_IntMixin, QuantConv2d):
         w_int, s_acc, b = self._int_params(scale)
         q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
         if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
-            y = F.conv2d(q, w_int, b, c.stride, c.padding, c.dilation, c.groups)
+            y = F.conv2d(q.to(w_int.dtype), w_int, b, c.stride, c.padding, c.dilation, c.groups)
             return y.mul_(s_acc.view(1, -1, 1, 1)), s_acc
         y = self._exact_acc(q, _bits_of(self.source, q), b)
         return y.mul_(s_acc.view(1, -1, 1, 1)), s_acc
