@@ -47,16 +47,25 @@ class PowerWork:
     performs on its own fresh cast, without a new float64 tensor per call."""
 
     def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
+        self._bufs: dict[torch.dtype, torch.Tensor] = {}
+
+    def _like(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._bufs.get(dtype)
+        if buf is None or buf.numel() < t.numel() or buf.device != t.device:
+            buf = self._bufs[dtype] = torch.empty(t.numel(), dtype=dtype, device=t.device)
+        return buf[: t.numel()].view(t.shape)
 
     def row_sums(self, sq: torch.Tensor) -> torch.Tensor:
         """``sq.sum(1, dtype=torch.float64)`` of a contiguous 2-D float32 ``sq``, same values."""
         if not sq.is_contiguous():
             return sq.sum(1, dtype=torch.float64)
-        buf = self._buf
-        if buf is None or buf.numel() < sq.numel() or buf.device != sq.device:
-            buf = self._buf = torch.empty(sq.numel(), dtype=torch.float64, device=sq.device)
-        return buf[: sq.numel()].view(sq.shape).copy_(sq).sum(1)
+        return self._like(sq, torch.float64).copy_(sq).sum(1)
+
+    def sub(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``x - q`` (contiguous 2-D float32 operands of one shape) in the reused float32 buffer."""
+        if not (x.is_contiguous() and q.is_contiguous() and x.shape == q.shape and x.dtype == torch.float32):
+            return x - q
+        return torch.sub(x, q, out=self._like(x, torch.float32))
 
 
 def _row_sums(sq: torch.Tensor, work: PowerWork | None) -> torch.Tensor:
@@ -97,7 +106,7 @@ def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20, valid: torch.Tensor
         keep = v.any(1)
     x = _rows(x, v)
     q = _rows(q, v)
-    diff = x - q
+    diff = x - q if work is None else work.sub(x, q)
     # float32 elements, float64 accumulation (no float64 copies of the tensors); with a mask the
     # element counts cancel in the ratio, so the masked entries are simply zero on both sides
     if signal is None:
