@@ -604,3 +604,76 @@ def test_ivit_gelu_reference_gradient_matches_op_by_op_graph(s_val) -> None:
     (ref * w).sum().backward()
     assert a.grad.abs().sum() > 0
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()))
+
+
+# ---- the in-place kernels give the same bits as their straightforward form ----------------------
+def _ibert_gelu_plain(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """A frozen copy of IBertGELU.forward's value before it was written in place (sign * ...)."""
+    a, b, c = kernels.ibert.IBertGELU.COEF
+    x_int = torch.round(x / s)
+    s_e = s / kernels.ibert.IBertGELU.K
+    b_int, c_int = torch.floor(b / s_e), torch.floor((c / a) / s_e**2)
+    y_int = torch.sign(x_int) * ((torch.minimum(x_int.abs(), -b_int) + b_int) ** 2 + c_int)
+    sig_scale = s_e**2 * a * 2**14
+    out_int = x_int * (torch.floor(y_int / 2**14) + torch.floor(1.0 / sig_scale))
+    return out_int * (s * sig_scale / 2)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (signed zeros included; any NaN equals any NaN)."""
+    nan = a.isnan() & b.isnan()
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        torch.where(nan, 0, a.view(torch.int32)), torch.where(nan, 0, b.view(torch.int32)))
+
+
+@pytest.mark.parametrize("scale", [3e-9, 1e-6, 1e-4, 3e-3, 0.02, 0.3, 0.7, 1.0, 1.8, 2.5, 7.0, 40.0])
+def test_ibert_gelu_in_place_same_bits(scale) -> None:
+    torch.manual_seed(0)
+    s = torch.tensor(scale)
+    x = torch.cat([torch.randn(4000) * 4 * scale * torch.randint(1, 60, (4000,)),
+                   torch.tensor([0.0, -0.0, 0.3 * scale, -0.3 * scale, scale, -scale, float("nan")])])
+    y, _ = kernels.create("gelu", "ibert")(x.view(1, -1), s)
+    assert _same_bits(y.view(-1), _ibert_gelu_plain(x, s))
+
+
+def test_ivit_and_ibert_kernels_in_place_same_bits() -> None:
+    """Softmax (I-BERT with its float64 slices, I-ViT), I-ViT's GELU and both LayerNorms against
+    the straightforward expressions of the references (frozen here), bit for bit."""
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 600) * 3
+    x[0, 0, 5:] = float("-inf")
+    for scale in (0.05, 1e-3, 3e-5, 1e-5):
+        s = torch.tensor(scale)
+        y, _ = kernels.create("softmax", "ibert", bits=8)(x, s)
+        assert _same_bits(y, _ibert_softmax_before_coarsening(x, s, 8)) or scale < SOFTMAX_MIN_SCALE
+        xi = x / s
+        xi = torch.nan_to_num(xi - xi.amax(-1, keepdim=True), nan=0.0, neginf=-3.0e38)
+        e, _ = shift_exp(xi.clone(), s, 15)
+        total = torch.clamp(e.sum(-1, keepdim=True), max=2**31 - 1)
+        ref = torch.floor(e * torch.floor((2**31 - 1) / total) / 2**24) / 2**7
+        assert _same_bits(kernels.create("softmax", "ivit", bits=8)(x, s)[0], ref)
+    xg = torch.randn(2, 5, 700) * 2
+    for scale in (0.05, 0.01):
+        s = torch.tensor(scale)
+        pre = torch.round(xg / s)
+        x_max = pre.amax(-1, keepdim=True)
+        e, _ = shift_exp(pre - x_max, s * 1.702, 23)
+        em, _ = shift_exp(-x_max, s * 1.702, 23)
+        total = torch.clamp(em + e, max=2**31 - 1)
+        sig = torch.floor(e * torch.floor((2**31 - 1) / total) / 2**24)
+        assert _same_bits(kernels.create("gelu", "ivit", bits=8)(xg, s)[0], pre * sig * (s / 2**7))
+    norm = nn.LayerNorm(384)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.3, 0.3)
+    xl = torch.randn(2, 7, 384) * 5
+    for method in ("ibert", "ivit"):
+        kern = kernels.create("layernorm", method, norm=norm)
+        for scale in (1e-3, 2e-5):
+            s = torch.tensor(scale)
+            x_int = xl / s
+            y_int = x_int - torch.round(x_int.mean(-1, keepdim=True))
+            factor = torch.floor(kern.NUMERATOR / kern.std_int(y_int.clone()))
+            base = kern._base(xl)
+            ref = (torch.floor(y_int * factor / 2) + torch.floor((norm.bias / norm.weight) / base)) * (base * norm.weight)
+            assert _same_bits(kern(xl, s)[0].detach(), ref.detach())

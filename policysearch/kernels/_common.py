@@ -107,9 +107,12 @@ def exp2_int(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     does (I-ViT's GELU reaches ``2^(n - q) = inf`` on very negative rows at fine input scales).
     The biased exponent ``(k + 127) * 2^23`` (at most ``255 * 2^23``) is exact in float32, so the
     arithmetic stays in float until the one cast: no integer shift, which is slow on CPU.
-    ``inplace=True`` may overwrite ``k``.
+    ``inplace=True`` may overwrite ``k`` (the result then reuses its buffer).
     """
     bits = (k.clamp_(-127.0, 128.0) if inplace else torch.clamp(k, -127.0, 128.0)).add_(127.0).mul_(8388608.0)
+    if inplace:  # the int32 conversion in the same buffer: element by element, same width
+        ints = bits.view(torch.int32)
+        return ints.copy_(bits).view(torch.float32)
     return bits.to(torch.int32).view(torch.float32)
 
 
@@ -164,8 +167,10 @@ def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = F
     x0_int = torch.floor(-1.0 / s)
     t = torch.clamp_(t, min=n * x0_int) if x0_int.dim() == 0 else torch.maximum(t, n * x0_int)
     q = torch.floor_(t / x0_int)
-    exp_int = t.sub_(q * x0_int).mul_(0.5).sub_(x0_int)  # r / 2 - x0_int, r = x - x0 * q
-    return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n)))), min=0), s / 2**n
+    # r = t - q * x0_int, with the product formed in a spent buffer (sixteenth's) when it fits
+    qx0 = sixteenth.copy_(q).mul_(x0_int) if x0_int.dim() == 0 else q * x0_int
+    exp_int = t.sub_(qx0).mul_(0.5).sub_(x0_int)  # r / 2 - x0_int, r = x - x0 * q
+    return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n), inplace=True))), min=0), s / 2**n
 
 
 class _ExpSTE(torch.autograd.Function):
@@ -298,13 +303,14 @@ class IntSqrtLayerNorm(nn.Module):
         weight, bias = self.norm.weight, self.norm.bias
         with torch.no_grad():
             x_int = x.detach() / s
-            y_int = x_int - torch.round(x_int.mean(dim=-1, keepdim=True))
+            y_int = x_int.sub_(torch.round(x_int.mean(dim=-1, keepdim=True)))
             factor = torch.floor(self.NUMERATOR / self.std_int(y_int))
-            y_int = torch.floor(y_int * factor / 2)
+            # floor(y_int * factor / 2): halving is exact
+            y_int = torch.floor_(y_int.mul_(factor).mul_(0.5))
             base = self._base(x)
-            y_int = y_int + torch.floor((bias.detach() / weight.detach()) / base)
+            y_int = y_int.add_(torch.floor((bias.detach() / weight.detach()) / base))
             out_scale = base * weight.detach()
         n = self.norm
-        return with_ste(x, y_int * out_scale,
+        return with_ste(x, y_int.mul_(out_scale),
                         lambda: F.layer_norm(x, n.normalized_shape, weight, bias, n.eps),
                         lambda: self._reference_graph(x, s), params=(weight, bias)), out_scale

@@ -70,6 +70,8 @@ __all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax", "gelu", "layernorm", "
 _EXP_BITS = 16
 #: Softmax input scales below this go through i-exp on a coarser grid (module docstring).
 SOFTMAX_MIN_SCALE = 2e-5
+#: elements per slice of the float64 requantization on CPU (2 MiB of float64: stays in cache)
+_F64_SLICE = 2**18
 
 
 def _frexp31(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,21 +87,39 @@ class IBertSoftmax(nn.Module):
     @staticmethod
     def _coarsen(x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Below :data:`SOFTMAX_MIN_SCALE`, ``(floor(x_int / 2^k), s * 2^k)`` with the least ``k``
-        bringing the scale to at least that; the same values otherwise. No device sync."""
+        bringing the scale to at least that; the same values otherwise. May overwrite ``x_int``.
+
+        On CPU (one scale, not tracing) ``k`` is read and only the needed branch runs; elsewhere
+        both are formed and selected by ``torch.where`` (no device sync, a traceable graph)."""
         k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
+        if k.dim() == 0 and x_int.device.type == "cpu" and not torch.jit.is_tracing():
+            if float(k) > 0:
+                x_int = x_int.mul_(exp2_int(-k)).floor_()  # arithmetic right shift by k
+            return x_int, s * exp2_int(k)
         coarse = torch.floor(x_int * exp2_int(-k))  # arithmetic right shift by k
         return torch.where(k > 0, coarse, x_int), s * exp2_int(k)
 
-    def _requant16(self, exp_int: torch.Tensor, exp_scale: torch.Tensor) -> torch.Tensor:
-        """The internal ``QuantAct(16)`` on its first call (see the module docstring)."""
-        lo, hi = exp_int.min(), exp_int.max()
+    @staticmethod
+    def _requant16(exp_int: torch.Tensor, exp_scale: torch.Tensor) -> torch.Tensor:
+        """The internal ``QuantAct(16)`` on its first call (see the module docstring); overwrites
+        ``exp_int`` (the same operations in place: a float32 division and rounding, the dyadic
+        multiply and its rounding and clamp in float64, the float32 ``(out * sf) / sf``)."""
+        lo, hi = torch.aminmax(exp_int)
         act_sf = torch.clamp(torch.maximum(lo.abs(), hi.abs()), min=1e-8) / (2 ** (_EXP_BITS - 1) - 1)
-        z_int = torch.round(exp_int / exp_scale)
+        z_int = exp_int.div_(exp_scale).round_()
         m, e = _frexp31(exp_scale.double() / act_sf.float().double())
         # (z * m) / 2^e == z * (m * 2^-e) in float64: scaling by a power of two commutes with rounding
-        out = torch.round(z_int.double() * (m * 2.0**-e))
-        out = torch.clamp(out, -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1).float()
-        return (out * act_sf) / act_sf
+        ratio = m * 2.0**-e
+        lim = 2 ** (_EXP_BITS - 1)
+        if z_int.is_contiguous() and z_int.device.type == "cpu" and not torch.jit.is_tracing():
+            # in cache-sized slices; the clamp after the cast to float32 gives the same values
+            # (the cast is monotone and exact on the integers within the clamp)
+            for zc in z_int.view(-1).split(_F64_SLICE):
+                zc.copy_(zc.double().mul_(ratio).round_())
+            z_int = z_int.clamp_(-lim, lim - 1)
+        else:
+            z_int.copy_(z_int.double().mul_(ratio).round_().clamp_(-lim, lim - 1))
+        return z_int.mul_(act_sf).div_(act_sf)
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
         """``IntSoftmax.forward``'s autograd graph (straight-through floors and rounds)."""
@@ -119,16 +139,17 @@ class IBertSoftmax(nn.Module):
         s = as_scale(scale, x)
         with torch.no_grad():
             x_int = x.detach() / s
-            x_int = x_int - x_int.amax(dim=-1, keepdim=True)
-            x_int = torch.nan_to_num(x_int, nan=0.0, neginf=-3.0e38)
+            x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
+            x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
             x_int, s_exp = self._coarsen(x_int, s)
-            exp_int, exp_scale = i_exp_poly(x_int, s_exp)
+            exp_int, exp_scale = i_exp_poly(x_int, s_exp, inplace=True)
             exp_int = self._requant16(exp_int, exp_scale)
             total = exp_int.sum(dim=-1, keepdim=True)
-            factor = torch.floor(2**32 / total)
-            out_int = torch.floor(exp_int * factor / 2 ** (32 - self.output_bit))
+            factor = torch.floor_(2**32 / total)
+            # floor(exp_int * factor / 2^(32 - bits)): the division by a power of two is exact
+            out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
             out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
-        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1),
+        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1),
                         lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
 
 
@@ -138,14 +159,17 @@ class IBertGELU(nn.Module):
     COEF = (-0.2888, -1.769, 1.0)
 
     def _int_erf(self, x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(floor(sign(x) ((min(|x|, -b) + b)^2 + c) / 2^N), scale * 2^N)``: the reference's
+        operations in its order, on one new buffer (``x_int`` is kept)."""
         a, b, c = self.COEF
         b_int = torch.floor(b / s)
         c_int = torch.floor((c / a) / s**2)
-        sign = torch.sign(x_int)
-        abs_int = torch.minimum(x_int.abs(), -b_int)
-        y_int = sign * ((abs_int + b_int) ** 2 + c_int)
+        y_int = torch.minimum(x_int.abs(), -b_int) if b_int.dim() else x_int.abs().clamp_(max=-b_int)
+        y_int = y_int.add_(b_int)
+        y_int = y_int.mul_(y_int).add_(c_int).mul_(torch.sign(x_int))  # ** 2 is x * x in torch
         scale = s**2 * a
-        return torch.floor(y_int / 2**self.N), scale * 2**self.N
+        # the division by 2^N is exact (a power of two; y_int is 0 or at least 1 in magnitude)
+        return torch.floor_(y_int.mul_(2.0**-self.N)), scale * 2**self.N
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``IntGELU.forward``'s autograd graph: ``sign``, ``b_int``, ``c_int`` and ``shift_int``
@@ -166,9 +190,9 @@ class IBertGELU(nn.Module):
             x_int = torch.div(x.detach(), s).round_()  # the integers (see the deviation)
             sig_int, sig_scale = self._int_erf(x_int, s / self.K)
             shift_int = torch.floor(1.0 / sig_scale)
-            out_int = x_int * (sig_int + shift_int)
+            out_int = sig_int.add_(shift_int).mul_(x_int)  # x_int * (sig_int + shift_int)
             out_scale = s * sig_scale / 2  # negative, as in the reference
-            y = out_int * out_scale
+            y = out_int.mul_(out_scale)
         return with_ste(x, y, lambda: F.gelu(x), lambda: self._reference_graph(x, s.detach())), out_scale.abs()
 
 
@@ -181,13 +205,19 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         # The reference takes max over rows of ceil(log2(sqrt(var / 2^32))) when max(var) >= 2^32;
         # the functions are monotone, so this is the same on the largest row, and it is <= 0 (so
         # clamped to 0) exactly when there is no overflow: no branch, no device sync.
-        var_max = (y_int**2).sum(dim=-1).max()
-        return torch.clamp(torch.ceil(torch.log2(torch.sqrt(var_max / 2**32))), min=0)
+        return IBertLayerNorm._shift_of((y_int * y_int).sum(dim=-1))  # ** 2 is x * x in torch
+
+    @staticmethod
+    def _shift_of(var: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(torch.ceil(torch.log2(torch.sqrt(var.max() / 2**32))), min=0)
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         """``floor(sqrt(var))`` in float as the reference, at least 1 (PR #30: no NaN)."""
-        shift = self._shift(y_int)
-        var_int = (torch.floor(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
+        sq = y_int * y_int
+        shift = self._shift_of(sq.sum(dim=-1))
+        # (floor(y_int / 2^shift)) ** 2, in sq's buffer (2^shift: a power of two, the division exact)
+        t = sq.copy_(y_int).div_(2**shift).floor_()
+        var_int = t.mul_(t).sum(dim=-1, keepdim=True)
         return torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
 
     def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:

@@ -70,7 +70,7 @@ class IViTSoftmax(nn.Module):
             factor = torch.floor(_NUMERATOR / total)
             out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
             out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
-        return with_ste(x, out_int * out_scale, lambda: x.softmax(-1),
+        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1),
                         lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class IViTGELU(nn.Module):
             exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N, inplace=True)
             exp_max, _ = shift_exp(-x_max, s_sig, self.N)
             total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
-            factor = torch.floor_(_NUMERATOR / total)
+            factor = torch.floor_(total.reciprocal_().mul_(_NUMERATOR))  # NUM / total, as torch forms it
             sig_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
             out_scale = s / 2 ** (self.output_bit - 1)
             y = sig_int.mul_(pre_x_int).mul_(out_scale)
@@ -160,7 +160,7 @@ class IViTLayerNorm(IntSqrtLayerNorm):
         return k
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
-        return self.newton_sqrt((y_int**2).sum(dim=-1, keepdim=True))
+        return self.newton_sqrt((y_int * y_int).sum(dim=-1, keepdim=True))  # ** 2 is x * x in torch
 
     def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
         var_int = (y_int**2).sum(dim=-1, keepdim=True)

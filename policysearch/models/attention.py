@@ -19,7 +19,9 @@ input quantizer (``attn_act`` in ViT, ``bias_act`` in Swin) runs at the site's `
 (else ``act_bits``). Without autograd both matmuls run on the integers with
 ``quant.intmm.exact_matmul``: float32 where ``K * max|a| * max|b| < 2^24`` proves it exact (8-bit
 ``q·kᵀ`` over a head of 64: 2^20; ``attn·v`` over 197 tokens with softmax integers measured per
-call), float64 otherwise (wider policies); with autograd on the dequantized tensors. Disabled, every step is the float timm computation.
+call), float64 otherwise (wider policies); an 8-bit ``q·kᵀ`` with large heads (a ViT's) runs as
+int8 GEMMs instead, one per head (``quant.intmm.int_bmm``: the same integers, faster); with
+autograd on the dequantized tensors. Disabled, every step is the float timm computation.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 
 from policysearch.models.site import QuantSite
 from policysearch.quant import IntAct, IntLinear, QuantAct, QuantLinear
-from policysearch.quant.intmm import exact_matmul
+from policysearch.quant.intmm import exact_matmul, int_bmm, to_float32
 
 __all__ = ["PaperAttention", "PaperWindowAttention", "QuantAttention", "QuantWindowAttention"]
 
@@ -137,6 +139,16 @@ def _ints(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.div(x, scale).round_()
 
 
+#: per-head products at least this large (M * N * K) run ``q·kᵀ`` as int8 GEMMs, one per head
+#: (a ViT's 197 x 197 x 64); smaller ones (Swin's 49-token windows, many per batch) stay batched
+INT8_HEAD_MACS = 2**18
+
+
+def _int8_heads(q: torch.Tensor, bits: int) -> bool:
+    N, d = q.shape[-2], q.shape[-1]
+    return bits <= 8 and N * N * d >= INT8_HEAD_MACS and not torch.jit.is_tracing()
+
+
 class _PaperAttnBase(nn.Module):
     def __init__(self, src: nn.Module, site: QuantSite, observer: str) -> None:
         super().__init__()
@@ -161,7 +173,11 @@ class _PaperAttnBase(nn.Module):
         if qkv_int is not None:
             qi, ki, _ = qkv_int.unbind(0)
             acc_scale = s * s * self.scale
-            lim = 2 ** (self.qkv_act.bits - 1)
+            bits = self.qkv_act.bits
+            if _int8_heads(qi, bits):  # the same exact integers, on int8 GEMMs
+                q8, k8 = qi.to(torch.int8), ki.to(torch.int8)
+                return to_float32(int_bmm(q8, k8.transpose(-2, -1))).mul_(acc_scale), acc_scale
+            lim = 2 ** (bits - 1)
             return exact_matmul(qi, ki.transpose(-2, -1), lim, lim).to(torch.float32).mul_(acc_scale), acc_scale
         attn = (q * self.scale) @ k.transpose(-2, -1)
         return attn, (s * s * self.scale) if s is not None else None
@@ -170,7 +186,7 @@ class _PaperAttnBase(nn.Module):
                 bias: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, _ = x.shape
         y, s_acc = self.qkv(x, scale)
-        y, s = self.qkv_act(y, s_acc)
+        y, s = self.qkv_act(y, s_acc, owned=True)
         integer = s is not None and not (torch.is_grad_enabled() and y.requires_grad)
         qkv = y.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -178,7 +194,7 @@ class _PaperAttnBase(nn.Module):
         if integer:
             qkv_int = self.qkv_act.ints_of(y, s).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         attn, s_attn = self._logits(q, k, s, qkv_int)
-        attn, s_attn = self.attn_act(attn, s_attn)
+        attn, s_attn = self.attn_act(attn, s_attn, owned=qkv_int is not None)
         if bias is not None:
             attn, s_attn = self.bias_act(attn, s_attn, bias[0], bias[1])
         p, s_p = self.softmax(attn, s_attn, mask)
@@ -189,10 +205,10 @@ class _PaperAttnBase(nn.Module):
             out = exact_matmul(_ints(p, s_p), qkv_int[2], None, lim).to(torch.float32).mul_(s_out)
         else:
             out = p @ v
-        out = out.transpose(1, 2).reshape(B, N, -1)
-        out, s_out = self.av_act(out, s_out)
+        out = out.transpose(1, 2).reshape(B, N, -1)  # a copy
+        out, s_out = self.av_act(out, s_out, owned=not out.requires_grad)
         y, s_y = self.proj(out, s_out)
-        y, s_y = self.proj_act(y, s_y)
+        y, s_y = self.proj_act(y, s_y, owned=True)
         return self.proj_drop(y), s_y
 
 

@@ -113,11 +113,11 @@ class PaperMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> Carry:
         y, s = self.fc1(x, scale)
-        y, s = self.gelu_act(y, s)
+        y, s = self.gelu_act(y, s, owned=True)  # fc1's fresh accumulator
         y, s = self.act(y, s) if isinstance(self.act, QuantSite) else (self.act(y), None)
         y, s = self.act_out(self.drop1(y), s)
         y, s = self.fc2(y, s)
-        return self.out_act(self.drop2(y), s)
+        return self.out_act(self.drop2(y), s, owned=True)
 
 
 class PaperViTBlock(nn.Module):
@@ -241,7 +241,7 @@ class PaperPatchMerging(nn.Module):
         y, t = _norm(self.norm, x, s)
         y, t = self.norm_act(y, t)
         y, t = self.reduction(y, t)
-        return self.out_act(y, t)
+        return self.out_act(y, t, owned=True)
 
 
 class PaperPatchEmbed(nn.Module):

@@ -43,7 +43,7 @@ from policysearch.models.wiring import (
 )
 from policysearch.objectives.objective import Objective, load_objective
 from policysearch.objectives.repair import ReluRepair, RepairSettings
-from policysearch.objectives.sqnr import asqnr, kl_per_image, logit_metrics
+from policysearch.objectives.sqnr import PowerWork, asqnr, kl_per_image, logit_metrics, sample_power
 from policysearch.policy import Policy
 from policysearch.result import EvalResult, PerImage, SiteMetrics
 from policysearch.sites import Site
@@ -122,6 +122,9 @@ class Evaluator:
             store_copy = dict(store)
             self.ref_logits += [self.model(b) for b in self._bar(self.batches[1:], "float reference")]
         self.ref_sites = store_copy
+        #: per site, the float references' per-sample powers (unmasked sites; asqnr's signal)
+        self._ref_powers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._power_work = PowerWork()  # asqnr's float64 row sums, in one reused buffer
         if not all(bool(torch.isfinite(z).all()) for z in self.ref_logits):
             raise ModelError("the float model gives non-finite (NaN/inf) outputs on this data; "
                              "check the checkpoint's weights and the data's preprocessing")
@@ -190,13 +193,22 @@ class Evaluator:
 
     def _site_metrics(self, name: str, xq: torch.Tensor, yq: torch.Tensor, valid: torch.Tensor | None) -> SiteMetrics:
         """gamma and beta of one site, computed as the site runs (its quantized input and output are
-        not kept past this call: one pass, no copies of every site's activations)."""
+        not kept past this call: one pass, no copies of every site's activations). The reference's
+        power is computed once per site where nothing is masked (the same value every time)."""
         x_ref, y_ref, valid_ref = self.ref_sites[name]
         if valid is None:
             valid = valid_ref
         elif valid_ref is not None:
             valid = valid & valid_ref
-        return SiteMetrics(gamma=asqnr(x_ref, xq, valid=valid), beta=asqnr(y_ref, yq, valid=valid))
+        work = self._power_work
+        if valid is not None:
+            return SiteMetrics(gamma=asqnr(x_ref, xq, valid=valid, work=work),
+                               beta=asqnr(y_ref, yq, valid=valid, work=work))
+        powers = self._ref_powers.get(name)
+        if powers is None:
+            powers = self._ref_powers[name] = (sample_power(x_ref, work=work), sample_power(y_ref, work=work))
+        return SiteMetrics(gamma=asqnr(x_ref, xq, signal=powers[0], work=work),
+                           beta=asqnr(y_ref, yq, signal=powers[1], work=work))
 
     def _remember(self, run: _Run) -> None:
         if not self.reuse:

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DB_CONVENTIONS", "MAX_DB", "asqnr", "convert_db", "kl_divergence", "kl_per_image", "logit_metrics", "top1_agreement"]
+__all__ = ["DB_CONVENTIONS", "MAX_DB", "PowerWork", "asqnr", "convert_db", "kl_divergence", "kl_per_image", "logit_metrics", "sample_power", "top1_agreement"]
 
 #: The cap on an exact match, in the 20·log10 convention (``MAX_DB / 2`` in 10·log10).
 MAX_DB = 200.0
@@ -41,27 +41,77 @@ def convert_db(value: float, from_db: int, to_db: int) -> float:
     return value * (to_db / from_db)
 
 
-def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20, valid: torch.Tensor | None = None) -> float:
+class PowerWork:
+    """A reusable float64 buffer for :func:`asqnr`'s row sums (one per evaluator): the float32
+    squares are cast into it and summed there, the very reduction ``sum(1, dtype=torch.float64)``
+    performs on its own fresh cast, without a new float64 tensor per call."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.dtype, torch.Tensor] = {}
+
+    def _like(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._bufs.get(dtype)
+        if buf is None or buf.numel() < t.numel() or buf.device != t.device:
+            buf = self._bufs[dtype] = torch.empty(t.numel(), dtype=dtype, device=t.device)
+        return buf[: t.numel()].view(t.shape)
+
+    def row_sums(self, sq: torch.Tensor) -> torch.Tensor:
+        """``sq.sum(1, dtype=torch.float64)`` of a contiguous 2-D float32 ``sq``, same values."""
+        if not sq.is_contiguous():
+            return sq.sum(1, dtype=torch.float64)
+        return self._like(sq, torch.float64).copy_(sq).sum(1)
+
+    def sub(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``x - q`` (contiguous 2-D float32 operands of one shape) in the reused float32 buffer."""
+        if not (x.is_contiguous() and q.is_contiguous() and x.shape == q.shape and x.dtype == torch.float32):
+            return x - q
+        return torch.sub(x, q, out=self._like(x, torch.float32))
+
+
+def _row_sums(sq: torch.Tensor, work: PowerWork | None) -> torch.Tensor:
+    return sq.sum(1, dtype=torch.float64) if work is None else work.row_sums(sq)
+
+
+def _rows(t: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    t = t.detach().float().reshape(t.shape[0], -1)
+    return t if v is None else torch.where(v, t, 0.0)
+
+
+def sample_power(x: torch.Tensor, *, valid: torch.Tensor | None = None,
+                 work: PowerWork | None = None) -> torch.Tensor:
+    """Per-sample ``E[x_b^2]`` (float64, shape ``(B,)``), :func:`asqnr`'s signal: compute it once
+    for a fixed reference and pass it as ``asqnr(..., signal=)`` (same ``valid``)."""
+    v = None if valid is None else valid.expand_as(x).reshape(x.shape[0], -1)
+    x = _rows(x, v)
+    return _row_sums(x * x, work) / x.shape[1]
+
+
+def asqnr(x: torch.Tensor, q: torch.Tensor, *, db: int = 20, valid: torch.Tensor | None = None,
+          signal: torch.Tensor | None = None, work: PowerWork | None = None) -> float:
     """Averaged SQNR in dB (eq. 10): ``db * log10(ratio)``, ``db`` 20 (default, the paper's and the
     stored convention) or 10 (anything else is a ValueError); see the module docstring.
 
     ``valid``: an optional boolean tensor broadcasting to ``x``; entries where it is False (masked
     attention entries, e.g. Swin's shifted-window mask) are left out of both expectations, and a
-    sample with no valid entry is left out of the batch mean."""
+    sample with no valid entry is left out of the batch mean.
+
+    ``signal``: ``sample_power(x, valid=valid)`` when already known (a fixed reference: the same
+    value, not recomputed); ``work``: a :class:`PowerWork` to sum in (same values, less memory
+    traffic)."""
     db = _check_db(db)
     keep = None
+    v = None
     if valid is not None:
         v = valid.expand_as(x).reshape(x.shape[0], -1)
-        x = torch.where(v, x.detach().float().reshape(x.shape[0], -1), 0.0)
-        q = torch.where(v, q.detach().float().reshape(q.shape[0], -1), 0.0)
         keep = v.any(1)
-    x = x.detach().float().reshape(x.shape[0], -1)
-    q = q.detach().float().reshape(q.shape[0], -1)
-    diff = x - q
+    x = _rows(x, v)
+    q = _rows(q, v)
+    diff = x - q if work is None else work.sub(x, q)
     # float32 elements, float64 accumulation (no float64 copies of the tensors); with a mask the
     # element counts cancel in the ratio, so the masked entries are simply zero on both sides
-    signal = (x * x).sum(1, dtype=torch.float64) / x.shape[1]
-    noise = (diff * diff).sum(1, dtype=torch.float64) / x.shape[1]
+    if signal is None:
+        signal = _row_sums(x * x, work) / x.shape[1]
+    noise = _row_sums(diff.mul_(diff), work) / x.shape[1]
     if keep is not None:
         if not bool(keep.any()):
             return MAX_DB * (db / 20)

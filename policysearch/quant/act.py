@@ -192,7 +192,7 @@ class IntAct(nn.Module):
 
     def ints_of(self, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The integers of ``y`` on the grid ``scale``: those this quantizer kept if ``y`` is its
-        last output (handed over once), else ``round(y / scale)``."""
+        last output (handed over once; int8 at up to 8 bits), else ``round(y / scale)`` (float)."""
         last = self._last
         if last is not None and last[0] is y:
             self._last = None
@@ -216,7 +216,11 @@ class IntAct(nn.Module):
         scale: torch.Tensor | None = None,
         identity: torch.Tensor | None = None,
         identity_scale: torch.Tensor | None = None,
+        *,
+        owned: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``owned=True``: ``x`` is a temporary the caller gives up (a GEMM's fresh output); without
+        autograd it is quantized in its own buffer, which the output then reuses (same values)."""
         if self.calibrating or not self.enabled:
             t = x if identity is None else x + identity
             if self.calibrating:
@@ -226,8 +230,11 @@ class IntAct(nn.Module):
         if s is None:
             s = _dynamic_scale(x if identity is None else x + identity, self.bits)
         lim = 2 ** (self.bits - 1)
+        grad = torch.is_grad_enabled() and (x.requires_grad or (identity is not None and identity.requires_grad))
         if self.exact and scale is not None:
             q = requantize(x, scale, s, None)
+        elif owned and not grad:
+            q = x.detach().div_(s).round_()
         else:
             q = torch.div(x.detach(), s).round_()
         if identity is not None:
@@ -236,10 +243,12 @@ class IntAct(nn.Module):
             else:
                 q.add_(torch.div(identity.detach(), s).round_())
         q.clamp_(-lim, lim - 1)
-        if torch.is_grad_enabled() and (x.requires_grad or (identity is not None and identity.requires_grad)):
+        if grad:
             return ste(x if identity is None else x + identity, q.mul_(s)), s
         if self.keep_ints:
-            y = q * s
-            self._last = (y, q)
+            # the consumer's integers: int8 when they fit (its GEMM operand), else the float values
+            ints = q.to(torch.int8) if self.bits <= 8 else q.clone()
+            y = q.mul_(s)
+            self._last = (y, ints)
             return y, s
         return q.mul_(s), s

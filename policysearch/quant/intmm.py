@@ -35,8 +35,10 @@ __all__ = [
     "exact_matmul",
     "get_engine",
     "int8_fits",
+    "int_bmm",
     "int_matmul",
     "set_engine",
+    "to_float32",
     "use_engine",
 ]
 
@@ -106,8 +108,45 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out if (Mp, Np) == (M, N) else out[:M, :N]
 
 
+def int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched ``a @ b`` for int8 ``a`` (..., M, K) and ``b`` (..., K, N) with equal batch shapes:
+    int32 (..., M, N), one ``torch._int_mm`` per matrix, zero-padded as :func:`int_matmul`.
+
+    For large matrices (a ViT's attention heads: one Python call per head is cheap next to the
+    GEMM); the result may be a strided view of the padded product. Not for tracing (the loop
+    would unroll into the graph): callers take :func:`exact_matmul` then.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() < 2 or a.shape[:-2] != b.shape[:-2] \
+            or a.shape[-1] != b.shape[-2]:
+        raise PolicySearchError(f"int_bmm needs int8 (..., M, K) @ (..., K, N), got {a.dtype} "
+                                f"{tuple(a.shape)} @ {b.dtype} {tuple(b.shape)}")
+    *batch, M, K = a.shape
+    N = b.shape[-1]
+    Mp, Kp, Np = max(M, 17), _round_up(max(K, 1), 8), _round_up(max(N, 1), 8)
+    a3 = F.pad(a.reshape(-1, M, K), (0, Kp - K, 0, Mp - M))  # contiguous copies
+    b3 = F.pad(b.reshape(-1, K, N), (0, Np - N, 0, Kp - K))
+    out = torch.empty((a3.shape[0], Mp, Np), dtype=torch.int32, device=a.device)
+    for i in range(a3.shape[0]):
+        torch._int_mm(a3[i], b3[i], out=out[i])
+    if (Mp, Np) != (M, N):
+        out = out[:, :M, :N]
+    return out.view(*batch, M, N)
+
+
+def to_float32(acc: torch.Tensor) -> torch.Tensor:
+    """``acc.to(torch.float32)``: a contiguous int32 ``acc`` (a GEMM's fresh accumulators) is
+    converted in its own buffer (same width, element by element: no new tensor), except while
+    tracing (no dtype views there). The caller gives up ``acc``."""
+    if acc.dtype == torch.int32 and acc.is_contiguous() and not torch.jit.is_tracing():
+        return acc.view(torch.float32).copy_(acc)
+    return acc.to(torch.float32)
+
+
 def _absmax(t: torch.Tensor) -> float:
-    return float(t.detach().abs().amax()) if t.numel() else 0.0
+    if not t.numel():
+        return 0.0
+    lo, hi = torch.aminmax(t.detach())  # max |t| in one pass, no |t| buffer
+    return max(abs(float(lo)), abs(float(hi)))
 
 
 def exact_matmul(a: torch.Tensor, b: torch.Tensor, a_max: float | None = None,

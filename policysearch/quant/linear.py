@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policysearch.quant.act import QuantAct
-from policysearch.quant.intmm import exact_matmul, get_engine, int8_fits, int_matmul
+from policysearch.quant.intmm import exact_matmul, get_engine, int8_fits, int_matmul, to_float32
 from policysearch.quant.ste import ste
 
 __all__ = ["IntConv2d", "IntLinear", "QuantConv2d", "QuantLinear", "quantize_weight"]
@@ -255,7 +255,7 @@ class _IntMixin:
 
     def _exact_acc(self, q: torch.Tensor, bits: int, b_int: torch.Tensor | None) -> torch.Tensor:
         """The exact accumulator, as float32 (the dequantized hand-over's dtype)."""
-        return self._int_acc(q, bits, b_int).to(torch.float32)
+        return to_float32(self._int_acc(q, bits, b_int))
 
     def int_accumulator(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The exact integer accumulator (int32 or int64, bias included) for ``x`` on the grid
@@ -313,7 +313,7 @@ class IntLinear(_IntMixin, QuantLinear):
         w_int, s_acc, b = self._int_params(scale)
         q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
         if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
-            return F.linear(q, w_int, b).mul_(s_acc), s_acc
+            return F.linear(q.to(w_int.dtype), w_int, b).mul_(s_acc), s_acc
         return self._exact_acc(q, _bits_of(self.source, q), b).mul_(s_acc), s_acc
 
 
@@ -354,7 +354,7 @@ class IntConv2d(_IntMixin, QuantConv2d):
         w_int, s_acc, b = self._int_params(scale)
         q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
         if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
-            y = F.conv2d(q, w_int, b, c.stride, c.padding, c.dilation, c.groups)
+            y = F.conv2d(q.to(w_int.dtype), w_int, b, c.stride, c.padding, c.dilation, c.groups)
             return y.mul_(s_acc.view(1, -1, 1, 1)), s_acc
         y = self._exact_acc(q, _bits_of(self.source, q), b)
         return y.mul_(s_acc.view(1, -1, 1, 1)), s_acc
