@@ -297,8 +297,8 @@ class IntSqrtLayerNorm(nn.Module):
         s = as_scale(scale, x)
         weight, bias = self.norm.weight, self.norm.bias
         with torch.no_grad():
-            x_int = x.detach() / s
-            y_int = x_int - torch.round(x_int.mean(dim=-1, keepdim=True))
+            x_int = torch.round(x.detach() / s)  # exact integers: the reductions then are order-free
+            y_int = x_int - torch.round(x_int.sum(dim=-1, keepdim=True) / x.shape[-1])
             factor = torch.floor(self.NUMERATOR / self.std_int(y_int))
             y_int = torch.floor(y_int * factor / 2)
             base = self._base(x)
