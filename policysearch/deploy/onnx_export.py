@@ -21,7 +21,9 @@ only (:func:`export_friendly`, nothing in the kernel modules changes):
   ``log_round_power_traceable``, the same power of two from ``frexp`` (equal for every ratio, tested);
 * ``torch.frexp`` (dyadic requantization, I-BERT's softmax requantization, FQ-ViT's exact
   ``floor(log2)``) has no ONNX symbolic; one is registered that computes the same mantissa and
-  exponent with Log / Floor / Pow and a one-step correction either way (exact; tested).
+  exponent with Log / Floor / Pow and a one-step correction either way (exact; tested);
+* ``aten::log2`` gets a symbolic whose ``ln 2`` has the input's precision (torch's is float32, so
+  FQ-ViT's float64 ``log2`` landed below 15 at ``2^-15`` minus a few ulps; tested).
 
 **Agreement** (:func:`compare_onnx`). In the ``paper`` wiring the linear layers are integer GEMMs
 (``aten::_int_mm`` becomes ``MatMulInteger``, int8 x int8 -> int32; the patch embedding is the same
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -159,11 +162,20 @@ def _int_mm_symbolic(g: Any, a: Any, b: Any) -> Any:
     return g.op("MatMulInteger", a, b)
 
 
+def _log2_symbolic(g: Any, x: Any) -> Any:
+    """``log(x) / ln 2`` with ``ln 2`` in ``x``'s precision (torch's own symbolic takes a float32
+    ``ln 2``, 2.7e-9 off: a float64 ``log2`` rounded to float32, as FQ-ViT's ``get_MN`` takes it,
+    would then land on the wrong side of an integer just below a power of two)."""
+    dtype = torch.float64 if x.type().scalarType() == "Double" else torch.float32
+    return g.op("Div", g.op("Log", x), g.op("Constant", value_t=torch.tensor(math.log(2.0), dtype=dtype)))
+
+
 @contextlib.contextmanager
 def export_friendly() -> Iterator[None]:
     """While exporting: traceable twins of the kernel functions that do not trace (``exp2_int``,
-    and each catalogue method's ``onnx_swaps``), ONNX symbolics for ``aten::frexp`` and
-    ``aten::_int_mm`` (``MatMulInteger``: the linear layers stay int8 GEMMs).
+    and each catalogue method's ``onnx_swaps``), ONNX symbolics for ``aten::frexp``,
+    ``aten::_int_mm`` (``MatMulInteger``: the linear layers stay int8 GEMMs) and ``aten::log2``
+    (its ``ln 2`` in the input's precision).
 
     Swaps the function object in every loaded ``policysearch`` module that holds it under its name
     (the kernel modules keep their code), and restores everything on exit.
@@ -180,11 +192,13 @@ def export_friendly() -> Iterator[None]:
     torch.onnx.register_custom_op_symbolic("aten::frexp", _frexp_symbolic, OPSET)
     # the integer engine's int8 x int8 -> int32 GEMM (quant.intmm): ONNX's MatMulInteger
     torch.onnx.register_custom_op_symbolic("aten::_int_mm", _int_mm_symbolic, OPSET)
+    torch.onnx.register_custom_op_symbolic("aten::log2", _log2_symbolic, OPSET)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::frexp", OPSET)
         torch.onnx.unregister_custom_op_symbolic("aten::_int_mm", OPSET)
+        torch.onnx.unregister_custom_op_symbolic("aten::log2", OPSET)
         for module, attr, value in swapped:
             setattr(module, attr, value)
 
