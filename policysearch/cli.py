@@ -175,8 +175,10 @@ def _print_latency(doc: dict) -> None:
           f"median of {doc['repeats']} interleaved runs (load {doc['load_before']})")
     for name, per in doc["results"].items():
         t = doc["top1"].get(name)
-        print(f"  {name:12s} " + "  ".join(f"b{b} {v['median_ms']:8.2f} ms" for b, v in per.items())
+        print(f"  {name:14s} " + "  ".join(f"b{b} {v['median_ms']:8.2f} ms" for b, v in per.items())
               + ("" if t is None else f"  top-1 {100 * t:.2f}%"))
+    for name, label in doc.get("labels", {}).items():  # which model is which, in words
+        print(f"    {name}: {label}")
     for b, r in doc["ratios"].items():
         print(f"  batch {b}: " + ", ".join(f"{k} {v['paired_median']:.3f}" for k, v in r.items()))
 

@@ -326,7 +326,7 @@ register_method("layernorm", "fp32", **_FP32, kernel=_K + "reference:layernorm",
                 summary="float LayerNorm (the reference)")
 register_method("layernorm", "ibert", **_IBERT, expects="requant", kernel=_K + "ibert:layernorm",
                 native_in_bits=22,
-                summary="I-BERT: integer std (float sqrt as the official code), 22-bit input")
+                summary="I-BERT: integer std (exact integer root), 22-bit input")
 register_method("layernorm", "fqvit", **_FQVIT, expects="ptf", kernel=_K + "fqvit:layernorm",
                 summary="FQ-ViT Power-of-Two-Factor LayerNorm")
 register_method("layernorm", "ivit", **_IVIT, expects="requant", kernel=_K + "ivit:layernorm",

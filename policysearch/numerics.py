@@ -11,4 +11,9 @@ __all__ = ["NUMERICS_VERSION"]
 #: 2026.12.3: the ``paper`` wiring's linear layers and attention matmuls run on the exact integer
 #: engine (``quant.intmm``; the float32 simulation rounded partial sums beyond 2^24, K > 1040), and
 #: I-BERT's / I-ViT's GELU take ``x_int = round(x / s)`` (their outputs lie exactly on their grids)
-NUMERICS_VERSION = "2026.12.3"
+#: 2026.12.4: the integer LayerNorms no longer depend on float rounding that differs between
+#: libraries, so the ONNX export reproduces them bit-exactly: I-BERT / I-ViT take
+#: ``x_int = round(x / s)`` (exact integers: order-free reductions), sum squares exactly (float64)
+#: and I-BERT's ``std_int`` is the exact integer root (torch's float32 ``sqrt`` on CPU is not
+#: correctly rounded); FQ-ViT's spread is exact and its root and ``log2`` correctly rounded
+NUMERICS_VERSION = "2026.12.4"

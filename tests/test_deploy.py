@@ -284,7 +284,13 @@ def test_integer_export_agrees_mixed_policy(tmp_path, name, wiring):
     """The simulated-integer model under a mixed policy, through the public API, in ONNX Runtime."""
     from policysearch import apply_policy, calibrate, find_sites, prepare
     from policysearch.data import load_data
-    from policysearch.deploy.onnx_export import INTEGER_TOLERANCE, compare_onnx, export_float, export_integer
+    from policysearch.deploy.onnx_export import (
+        EXACT_TOLERANCE,
+        INTEGER_TOLERANCE,
+        compare_onnx,
+        export_float,
+        export_integer,
+    )
     from policysearch.models.loading import load_model
     from policysearch.policy import Policy
     from policysearch.sites import KIND_METHODS
@@ -308,12 +314,156 @@ def test_integer_export_agrees_mixed_policy(tmp_path, name, wiring):
     apply_policy(model, policy)
     path = export_integer(model, tmp_path / "int.onnx", calib[:2])
     agree = compare_onnx(path, model, calib, batch_size=16)
-    assert agree.tolerance == INTEGER_TOLERANCE and agree.ok, agree
-    assert agree.top1 == 1.0 and agree.rel < 0.01, agree  # tiny models: far inside the tolerance
+    if wiring == "paper":  # integer GEMMs and integer-only kernels: every logit identical
+        assert agree.tolerance == EXACT_TOLERANCE and agree.bit_exact and agree.ok, agree
+        assert str(agree).startswith("bit-exact on 48 images")
+    else:  # float32 GEMMs of dequantized operands: within the tolerance, and it says why
+        assert agree.tolerance == INTEGER_TOLERANCE and agree.ok, agree
+        assert agree.top1 == 1.0 and agree.rel < 0.01, agree  # tiny models: far inside the tolerance
+        assert "not bit-exact by design (the native wiring's linear layers are float32 GEMMs" in str(agree)
     # no calibration batch baked into the graph (FQ-ViT's PTF factors are exported as values):
     # without the warm-up forward the file was 18-50x the float model's, with it about 3x
     float_size = export_float(load_model(name), tmp_path / "float.onnx").stat().st_size
     assert path.stat().st_size < 5 * float_size
+
+
+def _cycle_integer_methods(sites):
+    """Each kind cycles through its integer-only methods (a mixed policy of every integer kernel)."""
+    from policysearch.policy import Policy
+    from policysearch.sites import KIND_METHODS
+
+    integer = {k: [m for m in KIND_METHODS[k] if catalogue.get_method(k, m).integer_only] for k in KIND_METHODS}
+    seen = {k: 0 for k in integer}
+    choices = {}
+    for s in sites:
+        choices[s.name] = integer[s.kind][seen[s.kind] % len(integer[s.kind])]
+        seen[s.kind] += 1
+    return Policy.from_mapping(sites, choices)
+
+
+_POLICIES = {
+    "ibert": lambda sites: _uniform(sites, "ibert"),
+    "ivit": lambda sites: _uniform(sites, "ivit"),
+    "fqvit": lambda sites: _uniform(sites, "fqvit"),  # FQ-ViT has no GELU: I-BERT's there
+    "mixed": _cycle_integer_methods,
+}
+
+
+def _uniform(sites, method):
+    from policysearch.policy import Policy
+
+    return Policy.uniform(sites, method, fallback={"gelu": "ibert"})
+
+
+def _tiny_integer_model(make, policy_of, images):
+    from policysearch import apply_policy, calibrate, find_sites, prepare
+
+    torch.manual_seed(0)
+    model = prepare(make(), wiring="paper")
+    calibrate(model, images.split(12))
+    apply_policy(model, policy_of(find_sites(model)))
+    return model
+
+
+@needs_onnx
+@pytest.mark.parametrize("policy", list(_POLICIES))
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_swin"])
+def test_whole_model_integer_export_is_bit_exact(tmp_path, name, policy):
+    """The paper wiring's integer model: linear layers as MatMulInteger (int32 accumulators), every
+    logit of ONNX Runtime identical to policysearch's, in batches of another size than the trace's."""
+    import onnx
+
+    from policysearch.deploy.onnx_export import EXACT_TOLERANCE, compare_onnx, export_integer
+    from policysearch.models import tiny
+    from policysearch.quant import IntConv2d, IntLinear
+
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = _tiny_integer_model(getattr(tiny, name), _POLICIES[policy], images)
+    path = export_integer(model, tmp_path / "m.onnx", images[:2])
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    linear = sum(isinstance(m, (IntLinear, IntConv2d)) for m in model.modules())
+    assert ops.count("MatMulInteger") == linear and "Gemm" not in ops and "Conv" not in ops
+    assert ops.count("MatMul") == 2 * sum(s.kind == "softmax" for s in model._policysearch.policy.sites)  # q·kᵀ, attn·v
+    agree = compare_onnx(path, model, images, batch_size=8)
+    assert agree.tolerance == EXACT_TOLERANCE and agree.bit_exact and agree.exact == 1.0 and agree.ok, agree
+    assert "bit-exact" in str(agree)
+
+
+@needs_onnx
+def test_float_site_gets_the_tolerance_and_says_why(tmp_path):
+    from policysearch.deploy.onnx_export import INTEGER_TOLERANCE, Agreement, EXACT_TOLERANCE, expected_agreement
+    from policysearch.models import tiny
+    from policysearch.policy import Policy
+
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def with_fp32_softmax(sites):
+        return Policy.uniform(sites, {"softmax": "fp32", "gelu": "ivit", "layernorm": "ivit"})
+
+    model = _tiny_integer_model(tiny.tiny_vit, with_fp32_softmax, images)
+    tolerance, why = expected_agreement(model)
+    assert tolerance == INTEGER_TOLERANCE and "2 site(s) keep a float operator (blocks.0.attn.softmax" in why
+    assert expected_agreement(tiny.tiny_vit())[0] != EXACT_TOLERANCE  # the float model
+    # an exact-required model that differs is reported as such (export_run_onnx then raises)
+    bad = Agreement(images=4, max_abs=1e-6, logit_scale=1.0, rel=1e-6, exact=0.9, top1=1.0,
+                    tolerance=dict(EXACT_TOLERANCE), basis="integer GEMMs")
+    assert not bad.ok and not bad.bit_exact and str(bad).startswith("NOT bit-exact, as it should be")
+
+
+@needs_onnx
+def test_fqvit_mn_exports_exactly_near_powers_of_two(tmp_path):
+    """get_MN's floor(log2 a) in ONNX Runtime equals policysearch's on the floats around every
+    power of two (where a log2 rounded otherwise moves the floor; ONNX's Log / ln 2 in float32
+    puts 2^15 below 15)."""
+    from policysearch.deploy.onnx_export import export_friendly
+    from policysearch.kernels.fqvit import _mn_and_power
+
+    class MN(nn.Module):
+        def forward(self, a):
+            m, n, _ = _mn_and_power(a)
+            return m, n
+
+    p = torch.pow(2.0, torch.arange(-126.0, 128.0))
+    around = [p]
+    down, up = p, p
+    for _ in range(40):
+        down, up = torch.nextafter(down, torch.zeros_like(p)), torch.nextafter(up, torch.full_like(p, float("inf")))
+        around += [down, up]
+    a = torch.cat(around + [torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 300])
+    with export_friendly():
+        torch.onnx.export(MN(), (a,), str(tmp_path / "mn.onnx"), dynamo=False, opset_version=17, input_names=["a"])
+    m, n = _ort(tmp_path / "mn.onnx").run(None, {"a": a.numpy()})
+    ref_m, ref_n = MN()(a)
+    assert torch.equal(torch.from_numpy(n), ref_n) and torch.equal(torch.from_numpy(m), ref_m)
+
+
+@needs_onnx
+def test_ibert_layernorm_root_is_exact_and_exports_exactly(tmp_path):
+    """I-BERT's std_int is the integer root of the exact sum of squares, in ONNX Runtime too, on
+    rows whose sum of squares is a perfect square or one off it (where a float root's last bit
+    decides the floor)."""
+    import math
+
+    from policysearch.deploy.onnx_export import export_friendly
+    from policysearch.kernels.ibert import IBertLayerNorm
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(-9000, 9000, (4000, 48), generator=g).double()  # sums below 2^32: no overflow shift
+    y[:, -1] = 0
+    target = torch.floor(torch.sqrt((y**2).sum(-1)))  # make some rows' sums k^2, k^2 - 1, k^2 + 1
+    y[::3, -1] = torch.floor(torch.sqrt(torch.clamp((target[::3] + 1) ** 2 - (y[::3] ** 2).sum(-1), min=0)))
+    y = y.float()
+    std = IBertLayerNorm(nn.LayerNorm(48)).std_int(y)
+    exact = torch.tensor([max(math.isqrt(int(v)), 1) for v in (y.double() ** 2).sum(-1).tolist()], dtype=torch.float32)
+    assert torch.equal(std.squeeze(-1), exact)
+
+    class Std(nn.Module):
+        def forward(self, t):
+            return IBertLayerNorm(nn.LayerNorm(48)).std_int(t)
+
+    with export_friendly():
+        torch.onnx.export(Std(), (y,), str(tmp_path / "s.onnx"), dynamo=False, opset_version=17, input_names=["y"])
+    assert torch.equal(torch.from_numpy(_ort(tmp_path / "s.onnx").run(None, {"y": y.numpy()})[0]), std)
 
 
 # -- runs: export --onnx, latency -----------------------------------------------------------
@@ -336,13 +486,14 @@ def test_export_run_onnx_cli(tiny_run, tmp_path, capsys):
 
     out = tmp_path / "tiny.onnx"
     res = export_run_onnx("tiny", out, results_dir=tiny_run)
-    assert out.is_file() and res.agreement.ok and res.agreement.images == 32
+    assert out.is_file() and res.agreement.ok and res.agreement.bit_exact and res.agreement.images == 32
     assert res.top1_onnx == res.top1_torch == pytest.approx(res.top1_recorded)
     assert res.wiring == json.loads((tiny_run / "tiny" / "run.json").read_text())["fingerprint"]["wiring"]
     out.unlink()
     assert main(["export", "tiny", "--results-dir", str(tiny_run), "--onnx", str(out)]) == 0
     text = capsys.readouterr().out
-    assert out.is_file() and "within the tolerance" in text and "top-1" in text
+    assert out.is_file() and "top-1" in text
+    assert "bit-exact on 32 images: every logit identical" in text and "MatMulInteger" in text
     assert main(["export", "nope", "--results-dir", str(tiny_run), "--onnx", str(out)]) == 2
 
 
@@ -385,14 +536,18 @@ def test_latency_stage_end_to_end(tiny_run, tmp_path):
     record.save()
     table = tmp_path / "latency.md"
     doc = run_latency(str(run_dir), batches=(1, 2), repeats=20, threads=1, table=table, command="test-cmd")
-    assert set(doc["results"]) == {"float", "int8_gelu", "int8_policy", "int8_relu"}
+    assert set(doc["results"]) == {"float", "int8_gelu", "int8_policy", "int8_relu", "policy_integer"}
+    assert doc["labels"]["policy_integer"].startswith("the searched policy itself: policysearch's integer model")
+    assert "QDQ" in doc["labels"]["int8_gelu"] and "float GELU" in doc["labels"]["int8_gelu"]
+    assert doc["variants"]["policy_integer"]["relu_sites"] == [relu_site["name"]]
     assert doc["variants"]["int8_policy"]["relu_sites"] == [relu_site["name"]]
     assert doc["variants"]["int8_relu"]["relu_sites"] == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
     assert all(doc["results"][v][b]["runs"] == 20 for v in doc["results"] for b in ("1", "2"))
-    assert set(doc["ratios"]["2"]) == {"int8_gelu/float", "int8_policy/int8_gelu", "int8_relu/int8_gelu"}
+    assert set(doc["ratios"]["2"]) == {"int8_gelu/float", "int8_policy/int8_gelu", "int8_relu/int8_gelu",
+                                       "policy_integer/int8_gelu"}
     assert doc["int8"]["format"] == "u8s8" and doc["int8"]["calibration_images"] == 32
     assert all(0.0 <= doc["top1"][v] <= 1.0 for v in doc["results"]) and doc["eval_images"] == 48
-    for name in ("float", "int8_gelu", "int8_policy", "int8_relu"):
+    for name in ("float", "int8_gelu", "int8_policy", "int8_relu", "policy_integer"):
         assert (run_dir / "onnx" / f"{name}.onnx").is_file()
     written = json.loads((run_dir / "latency.json").read_text())
     assert written["results"] == doc["results"] and "_rounds" not in written
@@ -438,10 +593,11 @@ def test_latency_of_a_geluless_finetune_folder_runs_each_variant_on_its_weights(
     load_data = pdata.load_data
     monkeypatch.setattr(pdata, "load_data", lambda *a, **k: loads.append(a) or load_data(*a, **k))
     doc = lat.run_latency(str(out), batches=(1,), repeats=20, threads=1, command="cmd")
-    assert loaded == [None, str(out / "relu_float.safetensors")]  # GELU: the zoo model's own weights
+    # GELU: the zoo model's own weights; the policy's integer model (ReLU sites): the ReLU weights
+    assert loaded == [None, str(out / "relu_float.safetensors"), str(out / "relu_float.safetensors")]
     assert len(loads) == 1  # the ReLU model reuses the GELU model's data
     assert doc["relu_weights"] == str(out / "relu_float.safetensors") and doc["weights"].startswith(("sha256:", "seeded:"))
-    assert set(doc["results"]) == {"float", "int8_gelu", "int8_relu"} and doc["eval_images"] == 48
+    assert set(doc["results"]) == {"float", "int8_gelu", "int8_relu", "policy_integer"} and doc["eval_images"] == 48
     assert doc["weights_label"].startswith("GELU-less distilled (training stage): relu_float.safetensors; "
                                            "GELU: test_fmnist_vit's own (")
     assert doc["top1"]["torch_float"] == json.loads((out / "finetune.json").read_text())["float_top1"]
@@ -456,7 +612,7 @@ def test_latency_of_a_geluless_finetune_folder_runs_each_variant_on_its_weights(
     loaded.clear()
     assert main(["latency", str(out), "--batches", "1", "--threads", "1", "--relu-checkpoint",
                  str(out / "finetuned.safetensors")]) == 0
-    assert loaded == [None, str(out / "finetuned.safetensors")]
+    assert loaded == [None, str(out / "finetuned.safetensors"), str(out / "finetuned.safetensors")]
     assert json.loads((out / "latency.json").read_text())["weights_label"].startswith("ReLU: checkpoint finetuned")
 
 
@@ -517,6 +673,8 @@ def test_run_chains_search_finetune_and_latency_and_each_stage_resumes(tmp_path,
     out = capsys.readouterr().out
     stages = RunRecord.load(tmp_path / "chain").data["stages"]
     assert set(stages) >= {"finetune", "latency"} and "int8_gelu" in out
+    assert "policy_integer: the searched policy itself: policysearch's integer model" in out
+    assert "int8_gelu: ONNX Runtime's int8 QDQ model" in out
     doc = json.loads((tmp_path / "chain" / "latency.json").read_text())
     assert doc["weights"].endswith("finetuned.safetensors")  # measured on the training stage's weights
     measured = []

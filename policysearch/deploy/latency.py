@@ -13,6 +13,12 @@ policy's ReLU sites / int8 all-ReLU at batch 1 and 8, scores each ONNX model's t
 evaluation images, and writes ``results/<run>/latency.json``, the run record's
 ``stages.latency`` and the policy JSON's ``metrics.latency``.
 
+Beside those ONNX Runtime QDQ models (int8 linear layers, float non-linear operators), the stage
+times the searched policy itself, :data:`POLICY_VARIANT`: policysearch's integer model under the
+run's policy as ``policysearch export RUN --onnx`` writes it (integer GEMMs as ``MatMulInteger``,
+the policy's integer kernels as ONNX operators; bit-exact with policysearch where the export check
+says so). ``latency.json``'s ``labels`` say in words which model each name is.
+
 Weights: where the training stage distilled GELU sites into ReLU, the float and int8 GELU
 models run the run's own (GELU-trained) weights and the ReLU models the stage's float ReLU model
 (``relu_float.safetensors``), so each variant's top-1 is that of a model trained for it; otherwise
@@ -60,6 +66,8 @@ from policysearch.rundoc import RUN_FORMAT
 __all__ = [
     "LATENCY_FILE",
     "MIN_REPEATS",
+    "POLICY_VARIANT",
+    "VARIANT_LABELS",
     "available_providers",
     "machine_info",
     "measure",
@@ -76,6 +84,17 @@ LATENCY_FORMAT = "policysearch.latency/v1"
 MIN_REPEATS = 20
 _PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _SHORT = {"TensorrtExecutionProvider": "tensorrt", "CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+#: the searched policy itself in ONNX Runtime: policysearch's integer model (``export --onnx``)
+POLICY_VARIANT = "policy_integer"
+#: each measured model in plain words (``latency.json``'s ``labels``, the CLI's output)
+VARIANT_LABELS = {
+    "float": "float model (fp32)",
+    "int8_gelu": "ONNX Runtime's int8 QDQ model: int8 linear layers, float GELU, softmax and LayerNorm",
+    "int8_policy": "ONNX Runtime's int8 QDQ model with ReLU at the policy's ReLU sites, other non-linear ops float",
+    "int8_relu": "ONNX Runtime's int8 QDQ model with ReLU at every GELU, other non-linear ops float",
+    POLICY_VARIANT: "the searched policy itself: policysearch's integer model (integer GEMMs as MatMulInteger, "
+                    "the policy's integer kernels), as `policysearch export --onnx` writes it",
+}
 
 
 # -- sessions -------------------------------------------------------------------------------
@@ -348,6 +367,11 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
                 paths[name] = float_paths[key]
             else:
                 paths[name] = quantize_int8(float_paths[key], folder / f"{name}.onnx", calib, fmt=fmt)
+        # the searched policy itself (its weights: those of the variants with its ReLU sites)
+        int_model = onnx_export.load_run_model(record, integer=True, checkpoint=relu_ckpt if policy_relu else gelu_ckpt,
+                                               data=data)[0]
+        paths[POLICY_VARIANT] = onnx_export.export_integer(int_model, folder / f"{POLICY_VARIANT}.onnx", example)
+        variants[POLICY_VARIANT] = tuple(policy_relu)
         t_export = time.perf_counter() - t_start
         measured = measure(paths, batches=batches, repeats=repeats, warmup=warmup, threads=threads,
                            provider=provider)
@@ -357,7 +381,7 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
     ratios: dict[str, Any] = {}
     for b in measured["batches"]:
         r: dict[str, Any] = {"int8_gelu/float": paired_ratio(measured, "int8_gelu", "float", b)}
-        for name in ("int8_policy", "int8_relu"):
+        for name in ("int8_policy", "int8_relu", POLICY_VARIANT):
             if name in paths:
                 r[f"{name}/int8_gelu"] = paired_ratio(measured, name, "int8_gelu", b)
         ratios[str(b)] = r
@@ -370,6 +394,7 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
         "variants": {name: {"relu_sites": list(variants[name] or ()), "file": str(paths[name].name) if keep_onnx else None}
                      for name in paths},
         "policy_relu_sites": policy_relu, "gelu_sites": all_gelu,
+        "labels": {name: VARIANT_LABELS[name] for name in paths},
         **measured, "ratios": ratios,
         "top1": {**top1, "torch_float": record.data.get("float_metrics", {}).get("top1"),
                  "torch_policy": record.data.get("answer", {}).get("metrics", {}).get("top1")},

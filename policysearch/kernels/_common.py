@@ -1,7 +1,7 @@
 """Shared pieces of the integer kernels: STE wrapping, the i-exp polynomials.
 
 Conventions of every official reference, kept here: integers are simulated in float32,
-``x_int = x / scale`` is *not* rounded, "floor" is ``torch.floor`` and "round" ``torch.round``
+``x_int = x / scale`` is *not* rounded (but in I-BERT's / I-ViT's GELU and LayerNorm), "floor" is ``torch.floor`` and "round" ``torch.round``
 (half to even), and float32 intermediates are kept where the references have them (so
 ``2**31 - 1`` becomes ``2**31`` when it meets a float32 tensor).
 
@@ -259,7 +259,10 @@ class IntSqrtLayerNorm(nn.Module):
     """The LayerNorm shared by I-BERT and I-ViT; they differ in the integer std and numerator.
 
     ``y = floor((x_int - round(mean)) * floor(NUMERATOR / std_int) / 2) + floor(b / w / s_o)`` with
-    ``out_scale = sqrt(C) / 2^30 * weight``, reduced over the last dim of any rank. Width: the
+    ``out_scale = sqrt(C) / 2^30 * weight``, reduced over the last dim of any rank. ``x_int =
+    round(x / s)`` (the references: ``x / s``, within 2^-23 of the integer) and ``mean = sum / C``:
+    sums of exact integers do not depend on the summation order, so another library (ONNX Runtime)
+    computes the same integers (numerics 2026.12.4). Width: the
     normalized term is at most ``2^30`` in magnitude (``|x_i - mean| <= std_int``, the root of the
     row's sum of squares), so with a bias term below ``2^30`` the output integers fit int32
     (formed in float32 as in the references).
@@ -302,8 +305,8 @@ class IntSqrtLayerNorm(nn.Module):
         s = as_scale(scale, x)
         weight, bias = self.norm.weight, self.norm.bias
         with torch.no_grad():
-            x_int = x.detach() / s
-            y_int = x_int.sub_(torch.round(x_int.mean(dim=-1, keepdim=True)))
+            x_int = torch.round(x.detach() / s)  # exact integers: the reductions then are order-free
+            y_int = x_int - torch.round(x_int.sum(dim=-1, keepdim=True) / x.shape[-1])
             factor = torch.floor(self.NUMERATOR / self.std_int(y_int))
             # floor(y_int * factor / 2): halving is exact
             y_int = torch.floor_(y_int.mul_(factor).mul_(0.5))

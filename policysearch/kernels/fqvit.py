@@ -28,6 +28,13 @@ Deviations, each tested:
   NaN in the reference, FQ-ViT #31) outputs the bias quantized to ``out_scale``, as a float
   LayerNorm with any eps gives. ``in_scale_expand`` (Swin PatchMerging) is the caller's job: pass
   the tiled (C,) scale. ``out_scale`` may be () / (1,) / (C,), as the reference's reshape allows.
+* LayerNorm: the spread ``C * sum(x_q^2) - sum(x_q)^2`` is formed exactly (float64, an integer
+  below 2^53; the reference's float32 one rounds beyond 2^24 in the library's summation order) and
+  its root and ``get_MN``'s ``log2`` are the correctly rounded float32 values (through float64):
+  torch 2.14's float32 ``sqrt`` and ``log2`` on CPU are not correctly rounded (``sqrt`` off by one
+  ulp on about 20 % of random inputs), ONNX Runtime's are, and one ulp of ``std`` moves ``M``, ``B``
+  or a rounding. So the integers do not depend on the library (the ONNX export agrees bit-exactly;
+  numerics 2026.12.4); they differ from the reference's only where its float32 rounding did.
 
 Gradients with ``ste_gradients("reference")`` (``_common``): FQ-ViT is post-training only (no
 QAT code), so its operators get the rule of I-BERT's and I-ViT's: the integer computation's own
@@ -159,7 +166,8 @@ class _LogIntTail(torch.autograd.Function):
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``a ~= M / 2^N`` with an 8-bit ``M`` (FQ-ViT ``get_MN``).
 
-    ``floor(log2 a)`` is the float32 ``torch.log2`` as in the reference, not the exact exponent: for
+    ``floor(log2 a)`` is of the float32 ``log2`` as in the reference (correctly rounded, through
+    float64: module docstring), not the exact exponent: for
     the float just below ``2^k`` (k >= 3) ``log2`` rounds up to ``k``, and the reference then uses
     ``(M, N) = (127, 7 - k)`` where the exact exponent would give ``(255, 8 - k)``.
     """
@@ -169,7 +177,7 @@ def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _mn_and_power(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`get_mn` and ``2^N``, which the LayerNorm needs too (computed once)."""
-    n = torch.clamp_(bit - 1 - torch.floor_(torch.log2(a)), 0, 31)  # a = 0 -> N = 31, M = 0
+    n = torch.clamp_(bit - 1 - torch.floor_(torch.log2(a.double()).float()), 0, 31)  # a = 0 -> N = 31, M = 0
     p2n = exp2_int(n)
     m = torch.clamp_(torch.floor_(a * p2n), 0, 2**bit - 1)
     return m, n, p2n
@@ -198,7 +206,9 @@ class FQViTLayerNorm(nn.Module):
             s1 = in_scale.min()
             x_q = x_q * torch.round(in_scale / s1)
             mean = x_q.mean(dim=-1) * s1
-            std = (s1 / channels) * torch.sqrt(channels * (x_q**2).sum(dim=-1) - x_q.sum(dim=-1) ** 2)
+            xq64 = x_q.double()  # the spread exactly (an integer below 2^53), its root correctly rounded
+            spread = channels * (xq64**2).sum(dim=-1) - xq64.sum(dim=-1) ** 2
+            std = (s1 / channels) * torch.sqrt(spread).float()
             flat = ~(std > 0)
             std = torch.where(flat, torch.ones_like(std), std)
             a = (s1 / std).unsqueeze(-1) * weight / out_scale

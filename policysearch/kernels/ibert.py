@@ -38,6 +38,13 @@ Deviations, each tested:
   overflow). A constant row gives ``std_int = 0`` and NaN in the reference (open PR #30); here
   ``std_int`` is clamped to at least 1, so the output is the bias. ``eps`` is ignored, as in the
   reference.
+* LayerNorm: ``std_int`` is the exact integer square root of the exact sum of squares (float64,
+  below 2^53; the overflow shift from it by ``frexp``), as the paper's integer Newton root; the
+  reference sums in float32 (rounded beyond 2^24, in an order the library chooses) and takes
+  ``floor(torch.sqrt)``, whose float32 root is not correctly rounded on every CPU (torch 2.14's
+  AVX-512 kernel is off by one ulp on about 9 % of rows of fmnist_swin, ONNX Runtime is not), so
+  its ``std_int`` can differ by one. Here the integers do not depend on the library (the ONNX
+  export agrees bit-exactly, numerics 2026.12.4).
   ``dim_sqrt`` is computed per call from the last dim (the reference caches it and needs 3-D input);
   any rank works, reduced over the last dim.
 
@@ -205,20 +212,18 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         # The reference takes max over rows of ceil(log2(sqrt(var / 2^32))) when max(var) >= 2^32;
         # the functions are monotone, so this is the same on the largest row, and it is <= 0 (so
         # clamped to 0) exactly when there is no overflow: no branch, no device sync.
-        return IBertLayerNorm._shift_of((y_int * y_int).sum(dim=-1))  # ** 2 is x * x in torch
-
-    @staticmethod
-    def _shift_of(var: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(torch.ceil(torch.log2(torch.sqrt(var.max() / 2**32))), min=0)
+        # ceil(log2(sqrt(v / 2^32))) = ceil((ceil(log2 v) - 32) / 2), from the exact sum (float64)
+        mant, exp = torch.frexp((y_int.double() ** 2).sum(dim=-1).max())
+        return torch.clamp(torch.ceil((exp - (mant == 0.5).to(exp.dtype) - 32) / 2), min=0).float()
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
-        """``floor(sqrt(var))`` in float as the reference, at least 1 (PR #30: no NaN)."""
-        sq = y_int * y_int
-        shift = self._shift_of(sq.sum(dim=-1))
-        # (floor(y_int / 2^shift)) ** 2, in sq's buffer (2^shift: a power of two, the division exact)
-        t = sq.copy_(y_int).div_(2**shift).floor_()
-        var_int = t.mul_(t).sum(dim=-1, keepdim=True)
-        return torch.clamp(torch.floor(torch.sqrt(var_int)) * 2**shift, min=1.0)
+        """``floor(sqrt(var))``, exact (module docstring), at least 1 (PR #30: no NaN)."""
+        shift = self._shift(y_int)
+        var = (torch.floor(y_int / 2**shift).double() ** 2).sum(dim=-1, keepdim=True)  # exact: < 2^53
+        r = torch.floor(torch.sqrt(var))  # within one of the root: corrected to the integer root
+        r = torch.where(r * r > var, r - 1, r)
+        r = torch.where((r + 1) * (r + 1) <= var, r + 1, r)
+        return torch.clamp(r.float() * 2**shift, min=1.0)
 
     def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

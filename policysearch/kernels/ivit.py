@@ -160,7 +160,7 @@ class IViTLayerNorm(IntSqrtLayerNorm):
         return k
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
-        return self.newton_sqrt((y_int * y_int).sum(dim=-1, keepdim=True))  # ** 2 is x * x in torch
+        return self.newton_sqrt((y_int.double() ** 2).sum(dim=-1, keepdim=True).float())
 
     def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
         var_int = (y_int**2).sum(dim=-1, keepdim=True)
