@@ -591,7 +591,9 @@ def test_latency_of_a_geluless_finetune_folder_runs_each_variant_on_its_weights(
 
     loads = []
     load_data = pdata.load_data
-    monkeypatch.setattr(pdata, "load_data", lambda *a, **k: loads.append(a) or load_data(*a, **k))
+    counting = lambda *a, **k: loads.append(a) or load_data(*a, **k)  # noqa: E731
+    monkeypatch.setattr(pdata, "load_data", counting)
+    monkeypatch.setattr(ox, "load_data", counting)  # onnx_export binds it at import
     doc = lat.run_latency(str(out), batches=(1,), repeats=20, threads=1, command="cmd")
     # GELU: the zoo model's own weights; the policy's integer model (ReLU sites): the ReLU weights
     assert loaded == [None, str(out / "relu_float.safetensors"), str(out / "relu_float.safetensors")]

@@ -43,6 +43,7 @@ across a rounding boundary the next quantizer picks the neighbouring integer) an
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import logging
 import math
@@ -57,8 +58,14 @@ import torch
 from torch import nn
 
 from policysearch import methods
+from policysearch.data import load_data
+from policysearch.deploy import require_onnx
 from policysearch.errors import ConfigError, PolicySearchError
+from policysearch.models import apply_policy, calibrate, prepare
+from policysearch.models.loading import check_compatible, load_model, model_input_size
 from policysearch.models.site import is_gelu
+from policysearch.policy import Policy
+from policysearch.run import RunRecord, policy_document, resolve_run_dir
 
 __all__ = [
     "EXACT_TOLERANCE",
@@ -229,7 +236,6 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, in
 
 
 def _example(model: nn.Module, batch: int) -> torch.Tensor:
-    from policysearch.models.loading import model_input_size
 
     return torch.randn(batch, *model_input_size(model), generator=torch.Generator().manual_seed(0))
 
@@ -240,7 +246,6 @@ def export_float(model: nn.Module, path: str | Path, *, relu: Sequence[str] | bo
 
     With ``relu`` the model is copied first, so ``model`` itself is left unchanged.
     """
-    import copy
 
     if relu:
         model = copy.deepcopy(model)
@@ -267,7 +272,6 @@ def export_integer(model: nn.Module, path: str | Path, example: torch.Tensor) ->
 # -- agreement -----------------------------------------------------------------------------
 
 def _session(path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None) -> Any:
-    from policysearch.deploy import require_onnx
 
     _, ort = require_onnx()
     opts = ort.SessionOptions()
@@ -406,11 +410,6 @@ def load_run_model(record: Any, *, integer: bool, checkpoint: str | None = None,
     fine-tuned file); the weights are seeded as the run seeded them. ``data``: the run's data when
     the caller has already loaded it (a second model of the same run), else it is loaded here.
     """
-    from policysearch.data import load_data
-    from policysearch.models import apply_policy, calibrate, prepare
-    from policysearch.models.loading import check_compatible, load_model
-    from policysearch.policy import Policy
-    from policysearch.run import policy_document
 
     policy_document(record)  # a clear error when the run has not finished
     config = record.data.get("config", {})
@@ -464,8 +463,6 @@ def export_run_onnx(run: str, out: str | Path, *, results_dir: str | Path = "res
     agree bit-exactly, any other model within :data:`INTEGER_TOLERANCE` (:func:`expected_agreement`);
     anything less is an :class:`ExportError` (the file stays, for inspection).
     """
-    from policysearch.deploy import require_onnx
-    from policysearch.run import RunRecord, resolve_run_dir
 
     require_onnx()
     record = RunRecord.load(resolve_run_dir(run, results_dir))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from policysearch.models.loading import ModelError
 from policysearch.models.segments import Segment, segments
@@ -245,8 +246,6 @@ class Evaluator:
     def _bar(self, items: Sequence[torch.Tensor], desc: str) -> Sequence[torch.Tensor]:
         if not self.progress:
             return items
-        from tqdm.auto import tqdm
-
         return tqdm(items, desc=desc, unit="batch", leave=False)
 
     def clear_cache(self) -> None:
