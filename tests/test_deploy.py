@@ -391,7 +391,12 @@ def test_whole_model_integer_export_is_bit_exact(tmp_path, name, policy):
 
 @needs_onnx
 def test_float_site_gets_the_tolerance_and_says_why(tmp_path):
-    from policysearch.deploy.onnx_export import INTEGER_TOLERANCE, Agreement, EXACT_TOLERANCE, expected_agreement
+    from policysearch.deploy.onnx_export import (
+        EXACT_TOLERANCE,
+        INTEGER_TOLERANCE,
+        Agreement,
+        expected_agreement,
+    )
     from policysearch.models import tiny
     from policysearch.policy import Policy
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from scripts import load_script
 
 from policysearch.errors import PolicySearchError
 from policysearch.numerics import NUMERICS_VERSION
+from scripts import load_script
 
 headroom = load_script("headroom")
 
