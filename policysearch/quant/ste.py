@@ -10,6 +10,8 @@ Two forms, for two needs:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["floor_ste", "round_ste", "ste"]
@@ -22,24 +24,23 @@ def ste(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + (y - x).detach()
 
 
-class _FloorSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return torch.floor(x)
+def _straight_through(op: Callable[[torch.Tensor], torch.Tensor]) -> type[torch.autograd.Function]:
+    """An autograd function whose forward is exactly ``op`` and whose backward is the identity."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return grad
+    class _STE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+            return op(x)
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+            return grad
+
+    return _STE
 
 
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        return grad
+_FloorSTE = _straight_through(torch.floor)
+_RoundSTE = _straight_through(torch.round)
 
 
 def floor_ste(x: torch.Tensor) -> torch.Tensor:
