@@ -498,5 +498,5 @@ def _ops_line(path: Path) -> str:
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     integer = {op: ops.count(op) for op in ("MatMulInteger", "ConvInteger") if op in ops}
     floats = {op: ops.count(op) for op in ("MatMul", "Gemm", "Conv") if op in ops}
-    text = ", ".join(f"{n} {op}" for op, n in integer.items()) or "no integer GEMM"
-    return text + (f"; float {', '.join(f'{n} {op}' for op, n in floats.items())}" if floats else "")
+    text = ", ".join(f"{n} {op}" for op, n in integer.items()) + " (int32 accumulators)" if integer else "no integer GEMM"
+    return text + (f", {', '.join(f'{n} float {op}' for op, n in floats.items())}" if floats else "")
