@@ -166,8 +166,9 @@ def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = F
     t = (x_int.add_(half) if inplace else half.add_(x_int)).sub_(sixteenth)
     x0_int = torch.floor(-1.0 / s)
     t = torch.clamp_(t, min=n * x0_int) if x0_int.dim() == 0 else torch.maximum(t, n * x0_int)
-    q = torch.floor_(t / x0_int)
-    # r = t - q * x0_int, with the product formed in a spent buffer (sixteenth's) when it fits
+    # q = floor(t / x0_int) and r = t - q * x0_int, formed in the spent buffers when they fit
+    spent = x0_int.dim() == 0 and inplace
+    q = torch.floor_(half.copy_(t).div_(x0_int) if spent else t / x0_int)
     qx0 = sixteenth.copy_(q).mul_(x0_int) if x0_int.dim() == 0 else q * x0_int
     exp_int = t.sub_(qx0).mul_(0.5).sub_(x0_int)  # r / 2 - x0_int, r = x - x0 * q
     return torch.clamp_(torch.floor_(exp_int.mul_(exp2_int(q.neg_().add_(n), inplace=True))), min=0), s / 2**n
