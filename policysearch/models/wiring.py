@@ -53,6 +53,7 @@ __all__ = [
     "apply_policy",
     "calib_chunks",
     "calibrate",
+    "example_input",
     "find_sites",
     "fitted_constants",
     "float_mode",
@@ -247,7 +248,7 @@ def _fc1_of(model: nn.Module, gelu_path: str, observer: str) -> QuantLinear | No
     return fc1 if isinstance(fc1, QuantLinear) else None
 
 
-def _example_input(model: nn.Module) -> torch.Tensor:
+def example_input(model: nn.Module) -> torch.Tensor:
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
     weight = getattr(getattr(pe, "proj", None), "weight", None)
@@ -266,7 +267,7 @@ def _trace_sites(model: nn.Module) -> list[Site]:
     with record_sites(model, lambda name, x, y: order.append(name)), float_mode(model), torch.no_grad():
         was_training = model.training
         model.eval()
-        model(_example_input(model))
+        model(example_input(model))
         model.train(was_training)
     kinds = {m.site_name: m.kind for m in _quant_sites(model)}
     seen = list(dict.fromkeys(order))
