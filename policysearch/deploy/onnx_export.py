@@ -64,8 +64,8 @@ from policysearch.deploy import require_onnx
 from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.models import apply_policy, calibrate, prepare
 from policysearch.models.loading import check_compatible, load_model, model_data_config, model_input_size
-from policysearch.numerics import NUMERICS_VERSION
 from policysearch.models.site import is_gelu
+from policysearch.numerics import NUMERICS_VERSION
 from policysearch.policy import Policy, PolicyDocument
 from policysearch.run import RunRecord, policy_document, resolve_run_dir
 
