@@ -241,6 +241,9 @@ class PolicyDocument:
     provenance: Mapping[str, Any] = field(default_factory=dict)
     #: the integer pipeline the policy was measured in ("paper" | "native"); None = not recorded
     wiring: str | None = None
+    #: the integer artifact beside the file (``policysearch.artifact``): file, format, numerics,
+    #: sha256, calibration; None = none written
+    integer_model: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         body = self.policy.to_dict()
@@ -254,7 +257,7 @@ class PolicyDocument:
             "sites": body["sites"],
             "metrics": dict(self.metrics),
             "provenance": dict(self.provenance),
-        }
+        } | ({"integer_model": dict(self.integer_model)} if self.integer_model is not None else {})
 
 
 @lru_cache(maxsize=1)
@@ -319,6 +322,7 @@ def document_from_json(data: Any, *, source: str = "policy") -> PolicyDocument:
         metrics=data.get("metrics", {}),
         provenance=data.get("provenance", {}),
         wiring=data.get("quantization", {}).get("wiring"),
+        integer_model=data.get("integer_model"),
     )
 
 

@@ -48,6 +48,8 @@ class EvaluatorSpec:
     #: disk cache lives in ``repair_cache_dir`` (None: memory only)
     relu_repair: bool = False
     repair_cache_dir: str | None = None
+    #: an integer artifact to load instead of calibrating (``policysearch.artifact``; None: calibrate)
+    artifact: str | None = None
 
     @classmethod
     def from_run(cls, doc: RunDocument, **overrides: Any) -> EvaluatorSpec:
@@ -110,7 +112,7 @@ class EvaluatorSpec:
         evaluator = Evaluator(
             model, calib_images=calib_x, eval_images=eval_x, eval_labels=eval_y, objective=objective,
             batch_size=self.batch_size, sqnr_batch=self.sqnr_batch, device=resolve_device(self.device),
-            reuse=self.reuse, progress=self.progress, relu_repair=self._repair_settings(),
+            reuse=self.reuse, progress=self.progress, relu_repair=self._repair_settings(), artifact=self.artifact,
         )
         evaluator.data_digest = data_digest(calib_x, eval_x, eval_y)
         return evaluator

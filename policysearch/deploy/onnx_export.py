@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import json
 import logging
 import math
 import sys
@@ -62,9 +63,10 @@ from policysearch.data import load_data
 from policysearch.deploy import require_onnx
 from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.models import apply_policy, calibrate, prepare
-from policysearch.models.loading import check_compatible, load_model, model_input_size
+from policysearch.models.loading import check_compatible, load_model, model_data_config, model_input_size
 from policysearch.models.site import is_gelu
-from policysearch.policy import Policy
+from policysearch.numerics import NUMERICS_VERSION
+from policysearch.policy import Policy, PolicyDocument
 from policysearch.run import RunRecord, policy_document, resolve_run_dir
 
 __all__ = [
@@ -85,6 +87,7 @@ __all__ = [
     "gelu_paths",
     "load_run_model",
     "onnx_logits",
+    "onnx_metadata",
     "replace_gelu",
 ]
 
@@ -232,7 +235,29 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, in
             )
     finally:
         model.train(was_training)
+    _set_metadata(path, onnx_metadata(model))
     return path
+
+
+def onnx_metadata(model: nn.Module) -> dict[str, str]:
+    """The ``metadata_props`` an exported file carries: the input size (C, H, W), the mean and std
+    its inputs are normalised with, the numerics version and, under a policy, the policy JSON."""
+    cfg = model_data_config(model)
+    meta = {"policysearch.input_size": json.dumps(list(cfg["input_size"])),
+            "policysearch.mean": json.dumps(list(cfg["mean"])), "policysearch.std": json.dumps(list(cfg["std"])),
+            "policysearch.numerics": NUMERICS_VERSION}
+    info = getattr(model, "_policysearch", None)
+    policy = getattr(info, "policy", None)
+    if policy is not None and any(getattr(m, "enabled", False) for m in model.modules()):
+        meta["policysearch.policy"] = json.dumps(PolicyDocument(policy=policy, wiring=info.wiring).to_json())
+    return meta
+
+
+def _set_metadata(path: Path, meta: dict[str, str]) -> None:
+    onnx, _ = require_onnx()
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, meta)
+    onnx.save(proto, str(path))
 
 
 def _example(model: nn.Module, batch: int) -> torch.Tensor:

@@ -136,6 +136,14 @@ class _Fitted(nn.Module):
     def fit(self, lo: float, hi: float) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def load_fit(self, constants: dict[str, float], fitted_range: tuple[float, float] | None) -> None:
+        """Take the constants :meth:`constants` gave (a saved integer artifact) instead of fitting."""
+        self._set_constants(constants)
+        self.fitted_range = fitted_range
+
+    def _set_constants(self, constants: dict[str, float]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
     def _ensure(self, x: torch.Tensor) -> None:
         """No fitted range (uncalibrated): fit on this call's own input (dynamic)."""
         if self.fitted_range is None and not self.fixed:
@@ -160,6 +168,9 @@ class PolyGELU(_Fitted):
         if not self.fixed:
             self.a, self.b = fit_poly_gelu(lo, hi)
         self.fitted_range = (float(lo), float(hi))  # as passed: the site compares it to its range
+
+    def _set_constants(self, constants: dict[str, float]) -> None:
+        self.a, self.b = float(constants["a"]), float(constants["b"])
 
     def constants(self) -> dict[str, float]:
         out = {"a": self.a, "b": self.b}
@@ -208,6 +219,9 @@ class FitExpSoftmax(_Fitted, IBertSoftmax):
     def fit(self, lo: float, hi: float = 0.0) -> None:
         self.coef = fit_exp_poly(lo)
         self.fitted_range = (float(lo), float(hi))
+
+    def _set_constants(self, constants: dict[str, float]) -> None:
+        self.coef = (float(constants["a"]), float(constants["b"]), float(constants["c"]))
 
     def constants(self) -> dict[str, float]:
         a, b, c = self.coef

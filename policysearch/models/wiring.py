@@ -46,11 +46,14 @@ from policysearch.quant import IntAct, IntConv2d, IntLinear, QuantConv2d, QuantL
 from policysearch.sites import Site
 
 __all__ = [
+    "CALIB_CHUNK",
     "WIRINGS",
     "UnsupportedModelError",
     "WiringInfo",
     "apply_policy",
+    "calib_chunks",
     "calibrate",
+    "example_input",
     "find_sites",
     "fitted_constants",
     "float_mode",
@@ -71,6 +74,8 @@ class WiringInfo:
     sites: list[Site] = field(default_factory=list)
     calibrated: bool = False
     policy: Policy | None = None
+    #: how it was calibrated: ``{"images": N, "chunk": C}`` (None: not calibrated, or loaded)
+    calibration: dict | None = None
 
 
 def model_family(model: nn.Module) -> str:
@@ -243,7 +248,7 @@ def _fc1_of(model: nn.Module, gelu_path: str, observer: str) -> QuantLinear | No
     return fc1 if isinstance(fc1, QuantLinear) else None
 
 
-def _example_input(model: nn.Module) -> torch.Tensor:
+def example_input(model: nn.Module) -> torch.Tensor:
     pe = getattr(model, "patch_embed", None)
     size = getattr(pe, "img_size", None)
     weight = getattr(getattr(pe, "proj", None), "weight", None)
@@ -262,7 +267,7 @@ def _trace_sites(model: nn.Module) -> list[Site]:
     with record_sites(model, lambda name, x, y: order.append(name)), float_mode(model), torch.no_grad():
         was_training = model.training
         model.eval()
-        model(_example_input(model))
+        model(example_input(model))
         model.train(was_training)
     kinds = {m.site_name: m.kind for m in _quant_sites(model)}
     seen = list(dict.fromkeys(order))
@@ -337,10 +342,43 @@ def record_sites(model: nn.Module, recorder: Callable[..., None], *, masks: bool
             s.recorder = None
 
 
+#: images per calibration forward: :func:`calibrate` regroups whatever batches it is given into
+#: chunks of this many images, in order, so the ranges (EMA observers average per chunk, FQ-ViT's PTF
+#: searches the last chunk) do not depend on how the caller split the images
+CALIB_CHUNK = 256
+
+
+def calib_chunks(batches: Iterable[torch.Tensor], chunk: int = CALIB_CHUNK) -> Iterator[torch.Tensor]:
+    """The images of ``batches``, in order, regrouped into chunks of ``chunk`` (the last may be
+    smaller). A batch that already is one whole chunk passes through as it is."""
+    if chunk < 1:
+        raise ConfigError(f"the calibration chunk must be a positive number of images, got {chunk}")
+    pending: list[torch.Tensor] = []
+    held = 0
+    for x in batches:
+        if not pending and x.shape[0] == chunk:
+            yield x
+            continue
+        pending.append(x)
+        held += x.shape[0]
+        while held >= chunk:
+            joined = torch.cat(pending) if len(pending) > 1 else pending[0]
+            yield joined[:chunk]
+            rest = joined[chunk:]
+            pending, held = ([rest] if rest.shape[0] else []), rest.shape[0]
+    if held:
+        yield torch.cat(pending) if len(pending) > 1 else pending[0]
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bool = False) -> nn.Module:
-    """Observe activation ranges on float forwards of ``batches`` (images); returns the model."""
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bool = False,
+              chunk: int = CALIB_CHUNK) -> nn.Module:
+    """Observe activation ranges on float forwards of ``batches`` (images); returns the model.
+
+    The images are regrouped into chunks of ``chunk`` (:func:`calib_chunks`): any split of the same
+    images in the same order gives the same ranges (``policysearch run`` splits them by 256)."""
     info = _info(_prepared(model))
+    batches = calib_chunks(batches, chunk)
     was_training = model.training
     model.eval()
     for m in model.modules():
@@ -353,16 +391,17 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bo
     with float_mode(model):
         _set_flag(model, "calibrating", True)
         try:
-            n = 0
+            n = images = 0
             for x in batches:
                 model(x.to(next(model.parameters()).device))
-                n += 1
+                n, images = n + 1, images + x.shape[0]
         finally:
             _set_flag(model, "calibrating", False)
     if n == 0:
         raise ValueError("calibration needs at least one batch of images")
     model.train(was_training)
     info.calibrated = True
+    info.calibration = {"images": images, "chunk": chunk}
     return model
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from policysearch.artifact import load_artifact
 from policysearch.models.loading import ModelError
 from policysearch.models.segments import Segment, segments
 from policysearch.models.wiring import (
@@ -82,7 +83,10 @@ class Evaluator:
         keep_runs: int = 2,
         progress: bool = False,
         relu_repair: RepairSettings | bool | None = None,
+        artifact: str | None = None,
     ) -> None:
+        """``artifact``: an integer artifact (``policysearch.artifact``) to load instead of calibrating
+        on ``calib_images`` (which then only give the SQNR batch)."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.objective = load_objective(objective)
@@ -93,7 +97,10 @@ class Evaluator:
         self.segments: list[Segment] = segments(self.model)
         self._site_segment = {s.name: self._segment_of(s.name) for s in self.sites}
         calib = calib_images.to(self.device)
-        calibrate(self.model, calib.split(batch_size))
+        if artifact is not None:
+            load_artifact(self.model, artifact)
+        else:
+            calibrate(self.model, calib.split(batch_size))
         # batch 0: the SQNR batch (site recording); the rest: evaluation images
         self.batches: list[torch.Tensor] = [calib[:sqnr_batch]] + list(eval_images.to(self.device).split(batch_size))
         self.labels = eval_labels.to(self.device) if eval_labels is not None else None

@@ -97,7 +97,7 @@ class PTFQuant(nn.Module):
 
     def scales(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         obs = self.observer
-        if obs.ready and obs.last is not None:
+        if obs.ready and (obs.last is not None or bits in self._alpha_cache):  # alphas loaded: no batch
             key = (bits, obs.version, x.device)
             cached = self._scale_cache.get(key)
             if cached is None:
@@ -112,6 +112,15 @@ class PTFQuant(nn.Module):
         s8, zp = self._base(d.min(), d.max(), bits)
         alpha = self._alpha(d, s8, zp, bits)
         return s8 / 8 * torch.pow(2.0, alpha), zp
+
+    def alphas(self) -> dict[int, torch.Tensor]:
+        """The per-channel power-of-two exponents found so far, by bit width (a saved artifact)."""
+        return dict(self._alpha_cache)
+
+    def load_alphas(self, alphas: dict[int, torch.Tensor]) -> None:
+        """Use these exponents (from :meth:`alphas`) instead of searching a calibration batch."""
+        self._alpha_cache = {int(b): a.clone() for b, a in alphas.items()}
+        self._scale_cache.clear()
 
     def forward(self, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.calibrating:

@@ -89,6 +89,15 @@ class _QuantBase(nn.Module):
             self._icache = cache = (key, (q, s))
         return cache[1]
 
+    def integer_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w_int, s_w)``: the integer weights (float32 values) and their per-channel scales."""
+        return self._weight_int()
+
+    def last_int_params(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(s_acc, bias_int)`` of the last integer forward (None before one; ``paper`` wiring)."""
+        cached = getattr(self, "_pcache", None)
+        return None if cached is None else (cached[2], cached[3])
+
     def _int_params(self, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(w_int, s_acc, bias_int)`` for the input scale ``scale`` (cached while both the weights
         and the scale object are unchanged: an upstream quantizer hands the same cached scale)."""

@@ -6,11 +6,15 @@ SQNR values are stored in the 20·log10 convention (:func:`policysearch.objectiv
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
+from policysearch.artifact import artifact_reference, save_artifact, sidecar_path
+from policysearch.deploy.onnx_export import load_run_model
 from policysearch.errors import ConfigError
+from policysearch.identity import data_digest
 from policysearch.objectives.sqnr import convert_db
 from policysearch.policy import PolicyDocument, read_policy, write_policy
 from policysearch.report.verdict import headroom_lines, verdict_lines
@@ -88,8 +92,13 @@ def summary_text(res: Any, *, db: int = 20) -> str:
 PICKS = ("answer", "best")
 
 
-def export_run(run: str, *, out: str | None = None, results_dir: str = "results", pick: str = "answer") -> Path:
+def export_run(run: str, *, out: str | None = None, results_dir: str = "results", pick: str = "answer",
+               integer_model: bool = True) -> Path:
     """The policy JSON of a finished run, built from its run record; written to ``out`` if given.
+
+    ``integer_model``: also write the integer artifact beside it (``<stem>.integer.safetensors``,
+    ``policysearch.artifact``): the run's model rebuilt, calibrated as the search calibrated it,
+    under the exported policy; the JSON names it in ``integer_model``.
 
     ``pick``: ``answer`` (the strategy's own answer, written to the run's policy.json by default)
     or ``best`` (the best evaluated policy by the run's objective, uniform baselines included, from
@@ -104,9 +113,27 @@ def export_run(run: str, *, out: str | None = None, results_dir: str = "results"
     doc = policy_document(record)
     default = "policy-best.json" if pick == "best" else record.data.get("outputs", {}).get("policy", "policy.json")
     dst = Path(out) if out is not None else run_dir / default
+    if integer_model:
+        doc = dataclasses.replace(doc, integer_model=_write_artifact(record, dst))
     write_policy(dst, doc)
     read_policy(dst)
     return dst
+
+
+#: how a data source picks its calibration images (recorded in the artifact)
+CALIB_SELECTION = ("load_data(data, calib_size=images, seed=seed).calib_images(): the data source's calibration "
+                   "split, a seeded class-balanced subset of it when calib_size is smaller; in that order")
+
+
+def _write_artifact(record: Any, policy_path: Path) -> dict[str, Any]:
+    """The run's integer model under its answer, saved beside ``policy_path``; its reference."""
+    model, data = load_run_model(record, integer=True)
+    config = record.data.get("config", {})
+    calib = {"data": config.get("data", "fmnist-sample"), "seed": int(config.get("seed") or 0),
+             "selection": CALIB_SELECTION, "digest": data_digest(data.calib_images())}
+    ref = save_artifact(model, sidecar_path(policy_path), calibration=calib)
+    ref["file"] = sidecar_path(policy_path).name
+    return ref
 
 
 def _best_record(record: Any) -> Any:
@@ -167,6 +194,24 @@ def _recorded(doc: PolicyDocument, finetuned: Path | None,
     return EvaluatorSpec.from_policy(doc, **given), dict((doc.metrics.get("finetune") or {}).get("after") or {})
 
 
+def _artifact_of(doc: PolicyDocument, policy_path: str) -> str | None:
+    """The integer artifact a policy file names (``integer_model.file``, relative to the file),
+    checked against the sha256 it records; None when the file names none."""
+    ref = doc.integer_model
+    if not ref:
+        return None
+    path = Path(ref["file"])
+    if not path.is_absolute():
+        path = Path(policy_path).parent / path
+    if not path.is_file():
+        raise ConfigError(f"the policy file names the integer artifact {ref['file']!r} but {path} does not exist; "
+                          "export the run again (`policysearch export RUN`)")
+    if ref.get("sha256") and artifact_reference(path)["sha256"] != ref["sha256"]:
+        raise ConfigError(f"{path} is not the artifact the policy file was exported with (sha256 differs); "
+                          "export the run again")
+    return str(path)
+
+
 def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str | None, data: str,
                       device: str = "auto", eval_size: int | None = None,
                       model_args: dict[str, int] | None = None,
@@ -186,6 +231,9 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
                   if v is not None})
     if model_args is not None:
         given["model_args"] = tuple(sorted(model_args.items()))
+    if doc is not None and finetuned is None and not ({"model", "checkpoint", "wiring"} & set(given)) \
+            and model_args is None:
+        given["artifact"] = _artifact_of(doc, policy)
     spec, recorded_metrics = (EvaluatorSpec(**given), {}) if doc is None else _recorded(doc, finetuned, given)
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
@@ -198,6 +246,10 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
         lines.append(f"weights: fine-tuned, {finetuned}" + (f" (recorded on data {trained_on}; pass --data "
                                                              f"{trained_on} to compare)" if trained_on and
                                                              trained_on != data else ""))
+    if spec.artifact is not None:
+        if ev.model._policysearch.policy != doc.policy:
+            raise ConfigError(f"{spec.artifact} holds another policy than {policy}; export the run again")
+        lines.append(f"integer model: {spec.artifact} (loaded, not recalibrated)")
     res = ev.evaluate(doc.policy)
     lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))}, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
