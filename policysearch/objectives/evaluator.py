@@ -93,7 +93,7 @@ class Evaluator:
         self.segments: list[Segment] = segments(self.model)
         self._site_segment = {s.name: self._segment_of(s.name) for s in self.sites}
         calib = calib_images.to(self.device)
-        calibrate(self.model, calib.split(batch_size))
+        calibrate(self.model, calib.split(batch_size), progress=progress)  # minutes on a 224-px model
         # batch 0: the SQNR batch (site recording); the rest: evaluation images
         self.batches: list[torch.Tensor] = [calib[:sqnr_batch]] + list(eval_images.to(self.device).split(batch_size))
         self.labels = eval_labels.to(self.device) if eval_labels is not None else None
