@@ -36,6 +36,7 @@ for _name, _target in {
     "feasibility_text": "policysearch.objectives.latency:feasibility_text",
     "finetune": "policysearch.finetune:finetune",
     "run_latency": "policysearch.deploy.latency:run_latency",
+    "latency_text": "policysearch.deploy.latency:latency_text",
     "profile_model": "policysearch.deploy.profile:profile_model",
     "summary_text": "policysearch.report:summary_text",
     "export_run": "policysearch.report:export_run",
@@ -230,16 +231,7 @@ def _batches(text: str, flag: str = "--batches") -> list[int]:
 
 
 def _print_latency(doc: dict) -> None:
-    print(f"{doc['run']}: {doc['model']} on {doc['provider']}, {doc['threads']} threads, int8 {doc['int8']['format']}, "
-          f"median of {doc['repeats']} interleaved runs (load {doc['load_before']})")
-    for name, per in doc["results"].items():
-        t = doc["top1"].get(name)
-        print(f"  {name:14s} " + "  ".join(f"b{b} {v['median_ms']:8.2f} ms" for b, v in per.items())
-              + ("" if t is None else f"  top-1 {100 * t:.2f}%"))
-    for name, label in doc.get("labels", {}).items():  # which model is which, in words
-        print(f"    {name}: {label}")
-    for b, r in doc["ratios"].items():
-        print(f"  batch {b}: " + ", ".join(f"{k} {v['paired_median']:.3f}" for k, v in r.items()))
+    print(API.get("latency_text")(doc))
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:

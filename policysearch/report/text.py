@@ -261,8 +261,8 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
     spec, recorded_metrics = (EvaluatorSpec(**given), {}) if doc is None else _recorded(doc, finetuned, given)
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
-    lines = [f"model {spec.model}, data {data} ({n_eval} evaluation images): "
-             f"float top-1 {_pct(ev.float_metrics.get('top1'))}"]
+    lines = [f"model {spec.model}, data {data}: float top-1 {_pct(ev.float_metrics.get('top1'))} "
+             f"on {n_eval} evaluation images"]
     if doc is None:
         return "\n".join(lines), True
     if finetuned is not None:
@@ -271,7 +271,7 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
                                                              f"{trained_on} to compare)" if trained_on and
                                                              trained_on != data else ""))
     res = ev.evaluate(doc.policy)
-    lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))}, "
+    lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))} on {n_eval} images, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
     recorded = recorded_metrics
     ok = True
