@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import ConfigError
-from policysearch.objectives.sqnr import convert_db
 from policysearch.objectives.headroom import Comparison
+from policysearch.objectives.sqnr import convert_db
 from policysearch.policy import PolicyDocument, read_policy, write_policy
 from policysearch.report.inspect import RunSummary, Totals, load_summary
 from policysearch.report.verdict import headroom_lines, verdict_lines
