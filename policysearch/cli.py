@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shlex
@@ -35,6 +36,7 @@ for _name, _target in {
     "feasibility_text": "policysearch.objectives.latency:feasibility_text",
     "finetune": "policysearch.finetune:finetune",
     "run_latency": "policysearch.deploy.latency:run_latency",
+    "latency_text": "policysearch.deploy.latency:latency_text",
     "profile_model": "policysearch.deploy.profile:profile_model",
     "summary_text": "policysearch.report:summary_text",
     "export_run": "policysearch.report:export_run",
@@ -42,6 +44,14 @@ for _name, _target in {
     "dashboard_target": "policysearch.report:dashboard_target",
     "serve": "policysearch.report:serve",
     "check_policy_file": "policysearch.report:check_policy_file",
+    "show_text": "policysearch.report.text:show_text",
+    "load_summary": "policysearch.report.inspect:load_summary",
+    "list_runs": "policysearch.report.inspect:list_runs",
+    "format_runs": "policysearch.report.inspect:format_runs",
+    "trial_rows": "policysearch.report.inspect:trial_rows",
+    "format_trials": "policysearch.report.inspect:format_trials",
+    "next_steps": "policysearch.report.inspect:next_steps",
+    "read_run_config": "policysearch.report.inspect:read_run_config",
 }.items():
     API.register_lazy(_name, _target)
 API.register_lazy("export_run_onnx", "policysearch.deploy.onnx_export:export_run_onnx", extra="onnx")
@@ -61,6 +71,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.what == "strategies":
         print("\n".join(API.get("list_strategies")()))
         return 0
+    if args.what == "runs":
+        rows = API.get("list_runs")(args.results_dir)
+        print(API.get("format_runs")(rows) if rows else f"no runs in {args.results_dir}")
+        return 0
     load_model, find_sites = API.get("load_model"), API.get("find_sites")
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
                        img_size=args.img_size, in_chans=args.in_chans)
@@ -75,23 +89,29 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     search, search_config = API.get("search"), API.get("SearchConfig")
+    if args.strategy is None:
+        raise ConfigError("--strategy is required (see `policysearch list strategies`), or --config "
+                          "results/RUN/config.yaml to start from a run's settings")
+    if not isinstance(args.objective, str):
+        raise ConfigError(f"--config {args.config}: its objective is not a preset of the same name; "
+                          "pass --objective NAME or a YAML path")
     config = search_config(
-        strategy=args.strategy, model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+        strategy=args.strategy, strategy_options=args.strategy_options, model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
         img_size=args.img_size, in_chans=args.in_chans, data=args.data, space=args.space,
         objective=args.objective, runner=args.runner, trials=args.trials, seed=args.seed,
         weight_bits=args.weight_bits or args.bits, act_bits=args.bits, wiring=args.wiring,
         storage=args.storage, run_name=args.run_name, device=args.device, results_dir=args.results_dir,
         eval_size=None if args.eval_size == 0 else args.eval_size, calib_size=args.calib_size,
         batch_size=args.batch_size,
-        runner_options={k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None},
+        runner_options={**args.runner_options,
+                        **{k: v for k, v in (("address", args.address), ("workers", args.workers)) if v is not None}},
         relu_repair=not args.no_relu_repair,
         profile=args.profile, max_latency=args.max_latency, min_top1=args.min_top1,
     )
     latency_batches = _batches(args.latency_batches, "--latency-batches") if args.latency else None  # before any work
     res = search(config, progress=not args.no_progress)
-    _print_summary(res, db=args.db)
-    if res.feasibility:
-        print(API.get("feasibility_text")(res.feasibility))
+    summary = API.get("load_summary")(str(res.run_dir))  # what `policysearch show RUN` prints: the whole search
+    _print_summary(summary, db=args.db)
     if args.finetune:  # the next stage, on the run record the search just finished (resumes on its own)
         finetune = API.get("finetune")
         ft = finetune(str(res.run_dir), device=args.device, progress=not args.no_progress,
@@ -105,6 +125,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           command="policysearch " + " ".join(map(shlex.quote, sys.argv[1:])))
         print()
         _print_latency(doc)
+    print()
+    print("\n".join(API.get("next_steps")(res.run_name, results_dir=args.results_dir)))
+    return 0
+
+
+#: SearchConfig fields that are run options under another name (a config file's key -> the option's dest)
+_CONFIG_DESTS = {"act_bits": "bits"}
+
+
+def _config_defaults(path: str, valid: set[str]) -> dict[str, Any]:
+    """``run --config FILE``: the file's settings as the run options' defaults (flags override)."""
+    settings = API.get("read_run_config")(path)
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+    out = {_CONFIG_DESTS.get(k, k): v for k, v in settings.items()
+           if k not in ("eval_size", "relu_repair", "runner_options", "strategy_options")}
+    if "eval_size" in settings:
+        out["eval_size"] = settings["eval_size"] or 0  # None (all images) is the option's 0
+    if "relu_repair" in settings:
+        out["no_relu_repair"] = not settings["relu_repair"]
+    runner_options = dict(settings.get("runner_options") or {})
+    out.update(address=runner_options.pop("address", None), workers=runner_options.pop("workers", None),
+               runner_options=runner_options, strategy_options=dict(settings.get("strategy_options") or {}))
+    return out
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    summary = API.get("load_summary")(args.run, results_dir=args.results_dir)
+    _print_summary(summary, db=args.db)
+    print()
+    print("\n".join(API.get("next_steps")(summary.run_name, results_dir=args.results_dir)))
+    return 0
+
+
+def _cmd_trials(args: argparse.Namespace) -> int:
+    rows = API.get("trial_rows")(args.run, results_dir=args.results_dir, storage=args.storage)
+    print(API.get("format_trials")(rows, args.format))
     return 0
 
 
@@ -132,8 +190,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(res: "object", *, db: int = 20) -> None:
-    print(API.get("summary_text")(res, db=db))
+def _print_summary(summary: Any, *, db: int = 20) -> None:
+    print(API.get("summary_text")(summary, db=db))
+    if summary.feasibility:
+        print(API.get("feasibility_text")(summary.feasibility))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -171,16 +231,7 @@ def _batches(text: str, flag: str = "--batches") -> list[int]:
 
 
 def _print_latency(doc: dict) -> None:
-    print(f"{doc['run']}: {doc['model']} on {doc['provider']}, {doc['threads']} threads, int8 {doc['int8']['format']}, "
-          f"median of {doc['repeats']} interleaved runs (load {doc['load_before']})")
-    for name, per in doc["results"].items():
-        t = doc["top1"].get(name)
-        print(f"  {name:14s} " + "  ".join(f"b{b} {v['median_ms']:8.2f} ms" for b, v in per.items())
-              + ("" if t is None else f"  top-1 {100 * t:.2f}%"))
-    for name, label in doc.get("labels", {}).items():  # which model is which, in words
-        print(f"    {name}: {label}")
-    for b, r in doc["ratios"].items():
-        print(f"  batch {b}: " + ", ".join(f"{k} {v['paired_median']:.3f}" for k, v in r.items()))
+    print(API.get("latency_text")(doc))
 
 
 def _cmd_latency(args: argparse.Namespace) -> int:
@@ -228,17 +279,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, default: str | None = "fmnist_vit") -> None:
+def _add_model_args(p: Any, *, default: str | None = "fmnist_vit") -> None:
     p.add_argument("--model", default=default,
-                   help="zoo name or timm ViT/DeiT/Swin name" + (f" (default: {default})" if default else ""))
-    p.add_argument("--checkpoint", default=None, help="weights file for a timm model (safetensors or torch)")
+                   help="zoo name or timm ViT/DeiT/Swin name" + (f" (default: {default})" if default else
+                                                                 " (default: the policy file's)"))
+    p.add_argument("--checkpoint", default=None, help="weights file for a timm model (safetensors or torch; default: the zoo model's own, "
+                                                 "random for a timm name)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier size (default: the model's, or inferred from --checkpoint)")
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the model's)")
 
 
-def _add_wiring_arg(p: argparse.ArgumentParser, default: str | None) -> None:
+def _add_wiring_arg(p: Any, default: str | None) -> None:
     p.add_argument("--wiring", choices=["paper", "native"], default=default,
                    help="paper: every method inside one integer pipeline (I-ViT's); native: each method "
                         "wired as its own paper wires it" + (f" (default: {default})" if default else
@@ -253,71 +306,100 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list sites of a model, methods, models or strategies")
-    p.add_argument("what", choices=["sites", "methods", "models", "strategies"])
+    p = sub.add_parser("list", help="list runs, sites of a model, methods, models or strategies")
+    p.add_argument("what", choices=["runs", "sites", "methods", "models", "strategies"],
+                   help="runs: the runs of --results-dir (name, model, strategy, status, evaluations, answer top-1)")
     _add_model_args(p)
+    p.add_argument("--results-dir", default="results", help="list runs: where run folders are (default: results)")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("run", help="search a policy and write results/<run>/")
-    p.add_argument("--strategy", required=True,
-                   help="search strategy (see `policysearch list strategies`). The SQNR rules pick per site "
-                        "from the uniform runs: sqnr_output the highest output ASQNR beta; sqnr_diff (eq. 11 "
-                        "literally) the lowest beta - gamma; gamma is the same tensor for every method at a "
-                        "site, so wherever gamma ties sqnr_diff picks the method with the WORST output; "
-                        "sqnr_drop the least gamma - beta (the best output where gamma ties); sqnr_absdiff "
-                        "the lowest |beta - gamma|. The summary compares the answer with the best uniform "
-                        "method and names `policysearch export RUN --pick best` when a policy beats it")
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument("--space", default="paper", help="space preset name or YAML path (default: paper)")
-    p.add_argument("--objective", default="kl", help="objective preset name or YAML path (default: kl)")
-    p.add_argument("--runner", default="local",
-                   help="runner preset name or YAML path: local (default), ray_local, ray_cluster")
-    p.add_argument("--address", default=None,
-                   help="ray runners: the Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto) or local")
-    p.add_argument("--workers", type=int, default=None,
-                   help="ray runners: number of actors (default: one per GPU, else per group of CPU cores)")
-    p.add_argument("--trials", type=int, default=None, help="evaluation budget for tpe/nsga2/random")
-    p.add_argument("--profile", default=None, metavar="FILE",
-                   help="cost profile for the latency metric (policysearch profile; default with a latency "
-                        "objective or constraint: <results-dir>/profiles/<model>-cpu-b8.json)")
-    p.add_argument("--max-latency", type=float, default=None, metavar="R",
-                   help="constraint: latency relative to float at most R (e.g. 0.9); the best feasible policy "
-                        "is exported, else the closest, marked infeasible; ilp's budget")
-    p.add_argument("--min-top1", type=float, default=None, metavar="A",
-                   help="constraint: top-1 at least A (a fraction, e.g. 0.85); as --max-latency; ilp's budget")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bits", type=int, default=8, help="activation bits (default 8)")
-    p.add_argument("--weight-bits", type=int, default=None, help="weight bits (default: --bits)")
-    _add_wiring_arg(p, "paper")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL, any SQLAlchemy URL (default: sqlite:///<results-dir>/studies.db); "
-                        "independent of --results-dir")
-    p.add_argument("--run-name", default=None,
-                   help="run folder and study name (letters, digits, . _ + = @ -); the same name resumes "
-                        "when the work is the same")
-    p.add_argument("--eval-size", type=int, default=1000,
-                   help="evaluation images scored per policy (default 1000; 0 = all)")
-    p.add_argument("--calib-size", type=int, default=None, help="calibration images (default: the data's)")
-    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
-    p.add_argument("--results-dir", default="results",
-                   help="where run folders go (default: results); the default storage lives there too")
-    p.add_argument("--db", type=int, choices=[20, 10], default=20,
-                   help="print ASQNR in the paper's 20*log10 (default) or the conventional 10*log10 dB")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-relu-repair", action="store_true",
+    p = sub.add_parser("run", help="search a policy and write results/<run>/", formatter_class=HelpFormatter,
+                       description="Search a per-site policy of integer non-linear methods and write results/<run>/ "
+                                   "(run.json, config.yaml, policy.json, sensitivity.csv) and its Optuna study.")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="start from the settings of this file, e.g. results/RUN/config.yaml (a run writes it); "
+                        "options given on the command line override it (default: none)")
+    p.set_defaults(strategy_options={}, runner_options={})
+    g = p.add_argument_group("model and data")
+    _add_model_args(g)
+    _add_data_args(g)
+    g.add_argument("--eval-size", type=int, default=1000, help="evaluation images scored per policy (0 = all)")
+    g.add_argument("--calib-size", type=int, default=None, help="calibration images (default: the data's)")
+    g.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    g = p.add_argument_group("search")
+    g.add_argument("--strategy", default=None,
+                   help="search strategy, required unless --config gives it (see `policysearch list strategies`). "
+                        "The SQNR rules pick per site from the uniform runs: sqnr_output the highest output ASQNR "
+                        "beta; sqnr_diff (eq. 11 literally) the lowest beta - gamma; gamma is the same tensor for "
+                        "every method at a site, so wherever gamma ties sqnr_diff picks the method with the WORST "
+                        "output; sqnr_drop the least gamma - beta (the best output where gamma ties); sqnr_absdiff "
+                        "the lowest |beta - gamma|. The summary compares the answer with the best uniform method and "
+                        "names `policysearch export RUN --pick best` when a policy beats it (default: none)")
+    g.add_argument("--space", default="paper", help="space preset name or YAML path")
+    g.add_argument("--trials", type=int, default=None,
+                   help="evaluation budget for tpe/nsga2/random (default: the strategy's, 20)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the strategy and the data selection")
+    g.add_argument("--bits", type=int, default=8, help="activation bits")
+    g.add_argument("--weight-bits", type=int, default=None, help="weight bits (default: --bits)")
+    _add_wiring_arg(g, "paper")
+    g.add_argument("--no-relu-repair", action="store_true",
                    help="evaluate a GELU site's relu choice without repairing its MLP (default: repaired by a "
                         "short block-wise distillation to the float block, cached under results/cache/)")
-    p.add_argument("--finetune", action="store_true",
-                   help="then fine-tune the answer (policysearch finetune RUN; the options below)")
-    p.add_argument("--train-batch-size", type=int, default=None, help="with --finetune: training batch size")
-    p.add_argument("--latency", action="store_true",
+    g = p.add_argument_group("objective and constraints")
+    g.add_argument("--objective", default="kl", help="objective preset name or YAML path")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="cost profile for the latency metric (policysearch profile; default with a latency "
+                        "objective or constraint: <results-dir>/profiles/<model>-cpu-b8.json)")
+    g.add_argument("--max-latency", type=float, default=None, metavar="R",
+                   help="constraint: latency relative to float at most R (e.g. 0.9); the best feasible policy "
+                        "is exported, else the closest, marked infeasible; ilp's budget (default: none)")
+    g.add_argument("--min-top1", type=float, default=None, metavar="A",
+                   help="constraint: top-1 at least A (a fraction, e.g. 0.85); as --max-latency (default: none)")
+    g = p.add_argument_group("runner")
+    g.add_argument("--runner", default="local", help="runner preset name or YAML path: local, ray_local, ray_cluster")
+    g.add_argument("--address", default=None,
+                   help="ray runners: the Ray cluster to join (HOST:PORT, ray://HOST:PORT, auto) or local "
+                        "(default: the preset's)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="ray runners: number of actors (default: one per GPU, else per group of CPU cores)")
+    g = p.add_argument_group("storage and outputs")
+    g.add_argument("--run-name", default=None,
+                   help="run folder and study name (letters, digits, . _ + = @ -); the same name resumes "
+                        "when the work is the same (default: <model>-<strategy>-w<bits>a<bits>-<time>)")
+    g.add_argument("--results-dir", default="results",
+                   help="where run folders go (and the study storage, unless --storage)")
+    g.add_argument("--storage", default=None,
+                   help="Optuna storage URL, any SQLAlchemy URL (default: sqlite:///<results-dir>/studies.db); "
+                        "independent of --results-dir")
+    g.add_argument("--db", type=int, choices=[20, 10], default=20,
+                   help="print ASQNR in the paper's 20*log10 or the conventional 10*log10 dB")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("stages", "after the search, on its answer")
+    g.add_argument("--finetune", action="store_true",
+                   help="then fine-tune the answer (policysearch finetune RUN; the fine-tuning options below)")
+    g.add_argument("--train-batch-size", type=int, default=None, help="with --finetune: training batch size "
+                                                                      "(default 128)")
+    g.add_argument("--latency", action="store_true",
                    help="then the int8 latency check in ONNX Runtime (policysearch latency RUN; after --finetune "
                         "on the fine-tuned weights; needs the onnx extra)")
-    p.add_argument("--latency-batches", default="1,8", help="with --latency: batch sizes (default 1,8)")
-    p.add_argument("--latency-threads", type=int, default=2, help="with --latency: ONNX Runtime threads (default 2)")
+    g.add_argument("--latency-batches", default="1,8", help="with --latency: batch sizes")
+    g.add_argument("--latency-threads", type=int, default=2, help="with --latency: ONNX Runtime threads")
     _add_finetune_args(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("show", help="the summary a finished run printed at its end, from its run.json",
+                       formatter_class=HelpFormatter)
+    p.add_argument("run", help="run name (folder under results/) or its path")
+    p.add_argument("--results-dir", default="results", help="where run folders are")
+    p.add_argument("--db", type=int, choices=[20, 10], default=20, help="ASQNR in 20*log10 or 10*log10 dB")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("trials", help="every trial of a run's study (table, json or csv)", formatter_class=HelpFormatter)
+    p.add_argument("run", help="run name (folder under results/) or its path")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table", help="output format")
+    p.add_argument("--results-dir", default="results", help="where run folders are")
+    p.add_argument("--storage", default=None, help="the study's storage URL (default: the one run.json records)")
+    p.set_defaults(func=_cmd_trials)
 
     p = sub.add_parser("finetune", help="QAT (and GELU->ReLU distillation) of a run's answer or a policy file")
     p.add_argument("run", nargs="?", default=None, help="run name (folder under results/) or its path")
@@ -425,7 +507,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tuning (policysearch finetune; defaults in policysearch.finetune.FinetuneSettings)")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, default=None, help="QAT epochs over the training split (default 1)")
-    length.add_argument("--steps", type=int, default=None, help="QAT optimizer steps instead of epochs")
+    length.add_argument("--steps", type=int, default=None, help="QAT optimizer steps instead of epochs (default: none, epochs count)")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate, AdamW, warm-up + cosine (default 1e-4)")
     g.add_argument("--kd-temperature", type=float, default=None, help="distillation temperature (default 1)")
     g.add_argument("--kd-weight", type=float, default=None,
@@ -445,16 +527,44 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--relu-lr", type=float, default=None, help="learning rate of the ReLU stages (default: --lr)")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: Any) -> None:
     p.add_argument("--data", default="fmnist-sample",
-                   help="fmnist-sample (default, shipped) | fmnist | imagefolder:PATH")
+                   help="fmnist-sample (shipped) | fmnist | imagefolder:PATH")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.nargs == 0:  # a flag
+            return text + " (default: off)" if action.default is False else text
+        return text + (" (default: none)" if action.default is None else " (default: %(default)s)")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments; for ``run --config FILE`` the file's settings are the defaults, so the options
+    given on the command line override them."""
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.config:
+        run_parser = parser._subparsers._group_actions[0].choices["run"]  # noqa: SLF001 - argparse has no getter
+        valid = {f.name for f in dataclasses.fields(API.get("SearchConfig"))}
+        run_parser.set_defaults(**_config_defaults(args.config, valid))
+        args = parser.parse_args(argv)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parse(parser, argv)
+    except user_errors() as exc:
+        print(f"policysearch: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -274,8 +274,10 @@ def write_outputs(record: RunRecord, out: SearchOutputs) -> None:
     feasibility, strategy_report = out.feasibility, out.strategy_report
     resolved = {**record.data.get("config", {}), "objective": dict(objective), "space": space.to_dict()}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    history = [*record.data.get("invocations", []),  # every finished invocation: the whole search's figures
+               {"finished": _now(), **out.counts, **dict(out.timings)}]
     record.data.update(
-        status="finished", finished=_now(), timings=dict(out.timings), **out.counts,
+        status="finished", finished=_now(), timings=dict(out.timings), **out.counts, invocations=history,
         baselines={m: _brief(r) for m, r in out.baselines.items()}, float_metrics=dict(out.float_metrics),
         answer={"policy": policy.to_dict(), "values": list(result.values),
                 "metrics": {**result.metrics, **dict((strategy_report or {}).get("metrics", {})),

@@ -31,7 +31,7 @@ from policysearch.models.wiring import WIRINGS
 from policysearch.models.zoo import weights_identity
 from policysearch.numerics import NUMERICS_VERSION
 from policysearch.objectives import load_objective
-from policysearch.objectives.headroom import ceiling_policy, headroom, verdict
+from policysearch.objectives.headroom import best_uniform, ceiling_policy, compare, headroom, verdict
 from policysearch.objectives.latency import (
     Constraints,
     derive_metrics,
@@ -207,6 +207,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
             spec = EvaluatorSpec.from_run(
                 record.doc, objective=evaluator_objective(objective).to_dict(),
                 repair_cache_dir=str(Path(config.results_dir) / "cache" / "relu_repair"),
+                progress=progress and isinstance(runner, runners.LocalRunner),  # calibration; no bars in workers
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
     except BaseException as exc:
@@ -278,7 +279,7 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     record.update(float_metrics=dict(evaluator.float_metrics), sites=len(evaluator.sites))
     t_setup = time.perf_counter()
     loop = _Loop(recorder=recorder, record=record, runner=runner, spec=spec, objective=objective,
-                 progress=progress, kind_of=_kinds(space, strategy),
+                 progress=progress, kind_of=_kinds(space, strategy), total=_planned(strategy, space),
                  derive=lambda p, r, fresh: derive_metrics(r, p, objective=objective, latency=latency, fresh=fresh))
     try:
         loop.drive(strategy)
@@ -302,7 +303,7 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
         sensitivity=sensitivity, float_metrics=dict(evaluator.float_metrics),
         timings={"setup_s": round(t_setup - t_start, 3), "search_s": round(t_end - t_setup, 3),
                  "total_s": round(t_end - t_start, 3)},
-        counts={"evaluated": loop.evaluated, "reused": loop.reused},
+        counts={"evaluated": loop.evaluated, "reused": loop.reused, "lent": loop.lent_used},
         feasibility=feasibility, strategy_report=strategy_report))
     _publish_answer(config, record, recorder, policy)
     return SearchResult(
@@ -348,7 +349,28 @@ def _assess(config: SearchConfig, run_name: str, space: Any, objective: Any, str
                      uniform=space.uniform_policies(), export_command=command,
                      evaluated=[(p, r) for p, r in strategy.results.values() if space.contains(p)],
                      feasible=(lambda r: not cons.shortfall(r.metrics)) if cons.active else None)
-    return {"headroom": room.to_dict(), "verdict": judged.to_dict()}
+    best = best_uniform(baselines)  # every uniform baseline against the best, paired (the summary's intervals)
+    versus = {f"uniform {m}": compare(f"uniform {m}", r, f"uniform {best}", baselines[best]).to_dict()
+              for m, r in baselines.items() if best is not None and m != best}
+    return {"headroom": {**room.to_dict(), "vs_best_uniform": versus}, "verdict": judged.to_dict()}
+
+
+def _planned(strategy: Any, space: Any) -> int | None:
+    """At most how many policies the run handles (the progress bar's total; None: not known
+    ahead, e.g. ilp): the strategy's, the uniform baselines and the ceiling."""
+    uniform = len(space.uniform_policies())
+    trials = getattr(strategy.options, "trials", None)
+    if isinstance(strategy, SQNRRule):
+        n = uniform + 1
+    elif strategy.name == "uniform":
+        n = uniform
+    elif isinstance(trials, int):  # the optuna strategies; tpe first runs sqnr_diff (uniforms + its pick)
+        n = trials + uniform + (1 if hasattr(strategy, "warm") else 0)
+    elif strategy.name == "exhaustive":
+        n = uniform + sum(len(space.choices(s.name)) - 1 for s in space.sites)
+    else:
+        return None
+    return n + 1
 
 
 def _kinds(space: Any, strategy: Any) -> Any:
@@ -390,7 +412,7 @@ class _Loop:
     """ask -> (cache | runner.stream) -> record -> tell."""
 
     def __init__(self, *, recorder: Any, record: Any, runner: Any, spec: Any, objective: Any,
-                 progress: bool, kind_of: Any = None, derive: Any = None) -> None:
+                 progress: bool, kind_of: Any = None, derive: Any = None, total: int | None = None) -> None:
         self.recorder, self.record, self.runner, self.spec = recorder, record, runner, spec
         self.kind_of = kind_of or (lambda policy: ("search candidate", None, "candidate"))
         #: (policy, result, fresh) -> result with the driver's derived metrics (latency, error)
@@ -402,16 +424,38 @@ class _Loop:
         self.donors = donors
         self.evaluated = 0
         self.reused = 0
+        self.lent_used = 0  # policies taken from other runs of the same work
+        self.objective = objective
+        self.best: float | None = None  # the best single objective value so far (the bar's postfix)
         self._started: dict[str, tuple[float, _dt.datetime]] = {}  # policy key -> when it went to the runner
         if self.cache:
             log.info("resuming: %d evaluations already in the study", len(self.cache))
         if self.lent:
             log.info("reusing %d evaluations of the same work from run(s) %s", len(self.lent), ", ".join(donors))
-        self.bar = _progress(progress)
+        self.bar = _progress(progress, total)
 
     def close(self) -> None:
         if self.bar is not None:
+            if self.bar.total is not None and self.bar.n < self.bar.total:
+                self.bar.total = self.bar.n  # the planned total was an upper bound (repeats, early stop)
+                self.bar.refresh()
             self.bar.close()
+
+    def _tick(self, result: EvalResult, *, fresh: bool, candidate: bool = True) -> None:
+        """One more policy handled: the bar's count, and the best value so far as its postfix."""
+        if self.bar is None:
+            return
+        directions = self.objective.directions
+        if candidate and result.ok and len(directions) == 1 and len(result.values) == 1:  # not the ceiling
+            v, better = float(result.values[0]), (min if directions[0] == "minimize" else max)
+            self.best = v if self.best is None else better(self.best, v)
+        if self.bar.total is not None and self.bar.n + 1 > self.bar.total:
+            self.bar.total = None  # more than planned: say no total rather than a wrong one
+        self.bar.update(1)
+        post = {"evaluated": self.evaluated, "reused": self.reused}
+        if self.best is not None:
+            post[f"best {self.objective.name}"] = f"{self.best:.4g}"
+        self.bar.set_postfix(post, refresh=fresh)
 
     def _cached(self, policy: Policy) -> EvalResult | None:
         key = policy.key()
@@ -424,6 +468,7 @@ class _Loop:
         if key in self.lent:
             hit = self.derive(policy, self.lent[key], False)
             self.derived.add(key)
+            self.lent_used += 1
             kind, method, _ = self.kind_of(policy)
             self.recorder.record(policy, hit, tag="reused", reused_from=",".join(self.donors), kind=kind,
                                  uniform_method=method)
@@ -438,6 +483,7 @@ class _Loop:
             hit = self._cached(policy)
             if hit is not None:
                 self.reused += 1
+                self._tick(hit, fresh=False)
             return hit
 
         ask = strategy_feed(strategy, lookup)
@@ -485,10 +531,7 @@ class _Loop:
             self.record.add_evaluation(_summary(p, r, tag, t1 - t0))
             self.cache[p.key()] = r
             self.evaluated += 1
-            if self.bar is not None:
-                self.bar.update(1)
-                if r.ok:
-                    self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:3]))
+            self._tick(r, fresh=True, candidate=kind != KIND_CEILING)
             yield p, r
 
 
@@ -528,7 +571,8 @@ def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> di
             "error": result.error, "seconds": round(seconds, 3)}
 
 
-def _progress(enabled: bool) -> Any:
+def _progress(enabled: bool, total: int | None = None) -> Any:
+    """The run's bar: policies handled (evaluated or reused) of at most ``total``, with an ETA."""
     if not enabled:
         return None
-    return tqdm(desc="evaluations", unit="policy", leave=False)
+    return tqdm(desc="policies", total=total, unit=" policy", leave=False, dynamic_ncols=True)

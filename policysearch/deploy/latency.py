@@ -66,9 +66,11 @@ from policysearch.rundoc import RUN_FORMAT
 __all__ = [
     "LATENCY_FILE",
     "MIN_REPEATS",
+    "ORT_INT8",
     "POLICY_VARIANT",
     "VARIANT_LABELS",
     "available_providers",
+    "latency_text",
     "machine_info",
     "measure",
     "resolve_provider",
@@ -394,7 +396,7 @@ def run_latency(run: str, *, results_dir: str | Path = "results", batches: Seque
         "variants": {name: {"relu_sites": list(variants[name] or ()), "file": str(paths[name].name) if keep_onnx else None}
                      for name in paths},
         "policy_relu_sites": policy_relu, "gelu_sites": all_gelu,
-        "labels": {name: VARIANT_LABELS[name] for name in paths},
+        "labels": {name: VARIANT_LABELS[name] for name in paths}, "top1_images": int(len(images)),
         **measured, "ratios": ratios,
         "top1": {**top1, "torch_float": record.data.get("float_metrics", {}).get("top1"),
                  "torch_policy": record.data.get("answer", {}).get("metrics", {}).get("top1")},
@@ -546,4 +548,37 @@ def _render(rows: Sequence[Mapping[str, Any]]) -> str:
         lines += ["The zoo models' rows come from `policysearch latency RUN --table results/latency.md` on a run",
                   "whose weights were distilled GELU-less by the training stage."]
     lines += ["", "<!-- latency-rows", json.dumps(list(rows), indent=0), "-->", ""]
+    return "\n".join(lines)
+
+
+#: the measured models that are ONNX Runtime's own int8 quantization, not the searched policy
+ORT_INT8 = ("int8_gelu", "int8_policy", "int8_relu")
+
+
+def latency_text(doc: Mapping[str, Any]) -> str:
+    """``latency.json`` in words: each model's medians and top-1 (with its image count), which
+    models are ONNX Runtime's own int8 QDQ quantization and which is the searched policy, and what
+    each ratio is (the median over rounds of the per-round ratio, so it need not equal the ratio of
+    the medians printed above it)."""
+    n = doc.get("top1_images")
+    on = f" on {n} images" if n else ""
+    lines = [f"{doc['run']}: {doc['model']} on {doc['provider']}, {doc['threads']} threads, int8 "
+             f"{doc['int8']['format']}, median of {doc['repeats']} interleaved runs (load {doc['load_before']})"]
+    for name, per in doc["results"].items():
+        t = doc["top1"].get(name)
+        lines.append(f"  {name:14s} " + "  ".join(f"b{b} {v['median_ms']:8.2f} ms" for b, v in per.items())
+                     + ("" if t is None else f"  top-1 {100 * t:.2f}%{on}"))
+    labels = doc.get("labels", {})
+    ort = [k for k in ORT_INT8 if k in labels]
+    if ort:
+        lines.append(f"  {', '.join(ort)}: ONNX Runtime's own int8 QDQ quantization (int8 linear layers, float "
+                     "non-linear operators), not the searched policy")
+    if POLICY_VARIANT in labels:
+        lines.append(f"  {POLICY_VARIANT}: the searched policy itself (policysearch's integer kernels)")
+    for name, label in labels.items():  # which model is which, in words
+        lines.append(f"    {name}: {label}")
+    lines.append("  ratios: A/B = the median over the interleaved rounds of (A's time / B's time) in the same "
+                 "round (a paired median; it need not equal the ratio of the two medians above); below 1: A faster")
+    for b, r in doc["ratios"].items():
+        lines.append(f"  batch {b}: " + ", ".join(f"{k} {v['paired_median']:.3f}" for k, v in r.items()))
     return "\n".join(lines)

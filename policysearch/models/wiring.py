@@ -387,7 +387,7 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, progress: bo
         if isinstance(m, QuantSite):
             m.fit_range = None  # the data-aware kernels' range is observed afresh
     if progress:
-        batches = tqdm(batches, desc="calibrate", leave=False)
+        batches = tqdm(batches, desc="calibrate", unit="batch", leave=False)
     with float_mode(model):
         _set_flag(model, "calibrating", True)
         try:

@@ -100,7 +100,7 @@ class Evaluator:
         if artifact is not None:
             load_artifact(self.model, artifact)
         else:
-            calibrate(self.model, calib.split(batch_size))
+            calibrate(self.model, calib.split(batch_size), progress=progress)  # minutes on a 224-px model
         # batch 0: the SQNR batch (site recording); the rest: evaluation images
         self.batches: list[torch.Tensor] = [calib[:sqnr_batch]] + list(eval_images.to(self.device).split(batch_size))
         self.labels = eval_labels.to(self.device) if eval_labels is not None else None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import policysearch.methods as _catalogue
+from policysearch.report.inspect import Totals, images_of
 from policysearch.report.reading import KINDS, NOT_RUN, Figure, ReportData, _f
 from policysearch.report.verdict import headroom_rows, report_lines
 
@@ -101,10 +102,17 @@ def tables(data: ReportData) -> dict[str, Any]:
     """The report's tables as plain rows (they go into the page and into its digest)."""
     run = data.run
     metrics = run["answer"].get("metrics", {})
-    acc_head = ["policy", "top-1", "agreement with float", "KL(float || q)", "logit SQNR (dB)", "mean β-γ (dB)"]
+    images = images_of(run)
+    acc_head = ["policy", f"top-1 ({images} images)" if images else "top-1", "agreement with float", "KL(float || q)",
+                "logit SQNR (dB)", "mean β-γ (dB)"]
+    versus = dict((run.get("headroom") or {}).get("vs_best_uniform") or {})  # paired 95% vs the best uniform
+    if (run.get("verdict") or {}).get("answer_vs_best_uniform"):
+        versus["result"] = run["verdict"]["answer_vs_best_uniform"]
 
     def row(name: str, m: Mapping[str, Any]) -> list[str]:
-        return [name, _pct(m.get("top1")), _pct(m.get("agreement")), _num(m.get("kl"), ".3g"),
+        top1 = (versus.get(name.split(" (")[0]) or {}).get("top1")
+        vs = f" ({top1['diff']:+.2f} [{top1['low']:+.2f}, {top1['high']:+.2f}] points vs the best uniform)" if top1 else ""
+        return [name, _pct(m.get("top1")) + vs, _pct(m.get("agreement")), _num(m.get("kl"), ".3g"),
                 _num(m.get("logit_sqnr")), _num(m.get("mean_sqnr_diff"))]
 
     acc = [["float", _pct(run.get("float_metrics", {}).get("top1")), "", "", "", ""]]
@@ -185,8 +193,8 @@ def render(data: ReportData, figs: Sequence[Figure], missing: Sequence[str], tab
           ("bits", f"W{cfg.get('weight_bits')}A{cfg.get('act_bits')}"), ("wiring", cfg.get("wiring")),
           ("space", cfg.get("space")), ("strategy", cfg.get("strategy")),
           ("objective", run.get("objective", {}).get("name")), ("sites", len(data.order)),
-          ("evaluations", f"{run.get('evaluated', 0)} evaluated, {run.get('reused', 0)} reused"),
-          ("search time", f"{run.get('timings', {}).get('total_s', 'n/a')} s"), ("finished", run.get("finished")),
+          ("evaluations", Totals.of_record(run).text()),  # the whole search, every invocation
+          ("finished", run.get("finished")),
           ("study", f"{data.study_name} in {data.storage}")]
     if answer_trial is not None:
         kv.append(("answer trial", f"#{answer_trial} (a copy of evaluation #{data.evaluation_trial}, with this "

@@ -15,14 +15,17 @@ from policysearch.artifact import artifact_reference, save_artifact, sidecar_pat
 from policysearch.deploy.onnx_export import load_run_model
 from policysearch.errors import ConfigError
 from policysearch.identity import data_digest
+from policysearch.objectives.headroom import Comparison
 from policysearch.objectives.sqnr import convert_db
 from policysearch.policy import PolicyDocument, read_policy, write_policy
+from policysearch.report.inspect import RunSummary, Totals, load_summary
 from policysearch.report.verdict import headroom_lines, verdict_lines
-from policysearch.run import RunRecord, policy_document, resolve_run_dir
+from policysearch.run import RUN_FILE, RunRecord, policy_document, resolve_run_dir
 from policysearch.sites import KIND_METHODS
 from policysearch.spec import EvaluatorSpec, get_evaluator
 
-__all__ = ["PICKS", "check_policy_file", "evaluate_policy_file", "export_run", "site_sqnr_table", "summary_text"]
+__all__ = ["PICKS", "check_policy_file", "evaluate_policy_file", "export_run", "show_text", "site_sqnr_table",
+           "summary_text"]
 
 
 def _pct(v: float | None) -> str:
@@ -60,32 +63,101 @@ def method_table(counts: dict[str, dict[str, int]]) -> str:
 
 
 def summary_text(res: Any, *, db: int = 20) -> str:
-    """The run summary; SQNR columns in dB in the ``db``·log10 convention (10 or 20)."""
+    """The run summary, for the whole search (every invocation of a resumed run); SQNR columns in
+    dB in the ``db``·log10 convention (10 or 20). ``res``: a :class:`RunSummary`, or a search
+    result (read back from its run.json when it has one, so ``run`` and ``show`` print the same)."""
     _dbs(0.0, db)  # a bad db fails before anything is formatted
-    lines = [f"run {res.run_name}: {res.evaluated} evaluations, {res.reused} reused from the study",
-             "", "method counts per kind:", method_table(res.policy.method_counts()), "",
-             f"SQNR in dB, {db}·log10:",
-             f"{'policy':24s}{'top-1':>9s}{'agree':>9s}{'KL':>10s}{'logit SQNR':>12s}{'mean b-g':>10s}"]
-    lines.append(f"{'float':24s}{_pct(res.float_metrics.get('top1')):>9s}")
-    rows = [(f"uniform {m}", r) for m, r in res.baselines.items()] + [("result", res.result)]
+    summary = res if isinstance(res, RunSummary) else _summary_of(res)
+    lines = [f"run {summary.run_name}: {summary.totals.text()}"]
+    cfg = summary.config
+    if cfg.get("model"):
+        lines.append(f"model {cfg.get('model')}, data {cfg.get('data')}, strategy {cfg.get('strategy')}, "
+                     f"objective {_objective_name(cfg)}, {cfg.get('weight_bits')}-bit weights, "
+                     f"{cfg.get('act_bits')}-bit activations, {cfg.get('wiring')} wiring")
+    lines += ["", "method counts per kind:", method_table(summary.policy.method_counts()), ""]
+    lines += _metrics_table(summary, db)
+    if summary.result.ok and summary.result.sites:
+        lines += ["", f"per-site ASQNR of the result (dB, {db}·log10):",
+                  site_sqnr_table(summary.policy, summary.result, db=db)]
+    if summary.headroom:
+        on = f", top-1 on {summary.images} images" if summary.images else ""
+        lines += ["", f"headroom (ceiling: every non-linear site in float, same linear layers and bits{on}):",
+                  *headroom_lines(summary.headroom)]
+    if summary.verdict:
+        lines += ["", "verdict:", *verdict_lines(summary.verdict)]
+    lines += ["", f"written: {summary.run_dir}/policy.json, config.yaml, sensitivity.csv"]
+    return "\n".join(lines)
+
+
+def show_text(run: str, *, results_dir: str = "results", db: int = 20) -> str:
+    """The summary a finished run printed at its end, rebuilt from its run.json (``policysearch show``)."""
+    return summary_text(load_summary(run, results_dir=results_dir), db=db)
+
+
+def _objective_name(cfg: Any) -> str:
+    obj = cfg.get("objective")
+    return str(obj.get("name")) if isinstance(obj, dict) else str(obj)
+
+
+def _summary_of(res: Any) -> RunSummary:
+    """A search result as a :class:`RunSummary`: from its run.json when it has one (the whole
+    search), else from the object alone (this invocation's figures)."""
+    run_dir = Path(getattr(res, "run_dir", "") or "")
+    if (run_dir / RUN_FILE).is_file():
+        try:
+            return load_summary(str(run_dir))
+        except ConfigError:
+            pass  # not finished on disk: the object's own figures
+    images = getattr(res.result, "images", None)
+    return RunSummary(
+        run_name=res.run_name, run_dir=run_dir, status="finished", config={}, policy=res.policy, result=res.result,
+        baselines=res.baselines, float_metrics=res.float_metrics,
+        totals=Totals(evaluated=res.evaluated, lent=None, invocations=1, finished_invocations=1, seconds=None,
+                      eval_seconds=0.0, last={"evaluated": res.evaluated, "reused": res.reused}),
+        images=images.n if images is not None else None, headroom=getattr(res, "headroom", None),
+        verdict=getattr(res, "verdict", None), feasibility=getattr(res, "feasibility", None))
+
+
+def _versus(summary: RunSummary) -> tuple[str | None, dict[str, Comparison]]:
+    """The best uniform method, and each row's paired comparison with it (top-1 in points)."""
+    room, judged = summary.headroom or {}, summary.verdict or {}
+    best = room.get("best_uniform")
+    out = {name: Comparison.from_dict(c) for name, c in (room.get("vs_best_uniform") or {}).items()}
+    if judged.get("answer_vs_best_uniform"):
+        out["result"] = Comparison.from_dict(judged["answer_vs_best_uniform"])
+    return best, out
+
+
+def _delta(comp: Comparison | None) -> str:
+    iv = comp.top1 if comp is not None else None
+    if iv is None:
+        return "n/a"
+    return iv.text("+.2f") + ("*" if iv.measurable else "")
+
+
+def _metrics_table(summary: RunSummary, db: int) -> list[str]:
+    """float, every uniform baseline and the result: top-1 (with its difference from the best
+    uniform method and the paired 95% interval), agreement, KL, logit SQNR, mean beta - gamma."""
+    best, versus = _versus(summary)
+    on = f"top-1 on {summary.images} evaluation images" if summary.images else "top-1"
+    head = [f"{on}; SQNR in dB, {db}·log10"]
+    if best:
+        head.append(f"d top-1: points against uniform {best} (the best uniform method), paired 95% interval "
+                    "over the same images; * where it excludes 0 (a real difference)")
+    lines = [*head, f"{'policy':24s}{'top-1':>9s}  {'d top-1 [95%]':24s}{'agree':>9s}{'KL':>10s}"
+                    f"{'logit SQNR':>12s}{'mean b-g':>10s}",
+             f"{'float':24s}{_pct(summary.float_metrics.get('top1')):>9s}"]
+    rows = [(f"uniform {m}", r) for m, r in summary.baselines.items()] + [("result", summary.result)]
     for name, r in rows:
         m = r.metrics
         if not r.ok:
             lines.append(f"{name:24s}  failed: {r.error}")
             continue
-        lines.append(f"{name:24s}{_pct(m.get('top1')):>9s}{_pct(m.get('agreement')):>9s}"
+        delta = "(best uniform)" if name == f"uniform {best}" else _delta(versus.get(name)) if best else ""
+        lines.append(f"{name:24s}{_pct(m.get('top1')):>9s}  {delta:24s}{_pct(m.get('agreement')):>9s}"
                      f"{m.get('kl', math.nan):>10.4f}{_dbs(m.get('logit_sqnr'), db):>12s}"
                      f"{_dbs(m.get('mean_sqnr_diff'), db):>10s}")
-    if res.result.ok and res.result.sites:
-        lines += ["", f"per-site ASQNR of the result (dB, {db}·log10):",
-                  site_sqnr_table(res.policy, res.result, db=db)]
-    if getattr(res, "headroom", None):
-        lines += ["", "headroom (ceiling: every non-linear site in float, same linear layers and bits):",
-                  *headroom_lines(res.headroom)]
-    if getattr(res, "verdict", None):
-        lines += ["", "verdict:", *verdict_lines(res.verdict)]
-    lines += ["", f"written: {res.run_dir}/policy.json, config.yaml, sensitivity.csv"]
-    return "\n".join(lines)
+    return lines
 
 
 #: what ``export --pick`` may export
@@ -237,8 +309,8 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
     spec, recorded_metrics = (EvaluatorSpec(**given), {}) if doc is None else _recorded(doc, finetuned, given)
     ev = get_evaluator(spec)
     n_eval = ev.labels.numel() if ev.labels is not None else 0
-    lines = [f"model {spec.model}, data {data} ({n_eval} evaluation images): "
-             f"float top-1 {_pct(ev.float_metrics.get('top1'))}"]
+    lines = [f"model {spec.model}, data {data}: float top-1 {_pct(ev.float_metrics.get('top1'))} "
+             f"on {n_eval} evaluation images"]
     if doc is None:
         return "\n".join(lines), True
     if finetuned is not None:
@@ -251,7 +323,7 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
             raise ConfigError(f"{spec.artifact} holds another policy than {policy}; export the run again")
         lines.append(f"integer model: {spec.artifact} (loaded, not recalibrated)")
     res = ev.evaluate(doc.policy)
-    lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))}, "
+    lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))} on {n_eval} images, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
     recorded = recorded_metrics
     ok = True
