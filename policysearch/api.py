@@ -326,7 +326,7 @@ def _config(model: Any, *, name: str | None, bits: int | None, options: dict[str
         raise ConfigError(f"search_policy got unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
     if options.get("runner", "local") != "local":
         raise ConfigError("a model in memory is searched with runner='local'; for Ray, save its weights and "
-                          "run `policysearch run --runner ray --model NAME --checkpoint FILE`")
+                          "run `policysearch run --strategy sqnr_diff --runner ray --model NAME --checkpoint FILE`")
     if bits is not None:
         options = {"weight_bits": bits, "act_bits": bits, **options}
     label = name or type(model).__name__
