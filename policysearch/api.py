@@ -63,8 +63,14 @@ class _Images:
     calib: torch.Tensor
     eval_images: torch.Tensor
     eval_labels: torch.Tensor | None = None
+    #: content hash of the three (the run's ``data_digest``), computed once
+    digest: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check()
+        object.__setattr__(self, "digest", data_digest(self.calib, self.eval_images, self.eval_labels))
+
+    def _check(self) -> None:
         _check_images(self.calib, "calib")
         _check_images(self.eval_images, "eval")
         if self.calib.shape[1:] != self.eval_images.shape[1:]:
@@ -80,9 +86,6 @@ class _Images:
             raise ConfigError(f"{len(self.eval_images)} eval images but {len(y)} labels; give one label per image")
         if int(y.min()) < 0:
             raise ConfigError(f"eval labels must be class indices >= 0, got {int(y.min())}")
-
-    def digest(self) -> str:
-        return data_digest(self.calib, self.eval_images, self.eval_labels)
 
 
 def _check_images(x: torch.Tensor, what: str) -> None:
@@ -166,7 +169,9 @@ def _check_fit(model: nn.Module, images: _Images) -> None:
 def _weights_digest(model: nn.Module) -> str:
     state = model.state_dict()
     keys = sorted(state)
-    return f"{type(model).__name__}:" + data_digest(torch.tensor(list(map(len, keys))), *(state[k] for k in keys))
+    names = torch.frombuffer(bytearray("\n".join(keys).encode()), dtype=torch.uint8)
+    raw = (state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8) for k in keys)  # any dtype, bf16 too
+    return f"tensors:{type(model).__name__}:" + data_digest(names, *raw)
 
 
 # -- the work source the search runs on -------------------------------------------------------------
@@ -181,7 +186,7 @@ class InMemorySpec(EvaluatorSpec):
 
     def key(self) -> str:
         plain = {f.name: getattr(self, f.name) for f in fields(EvaluatorSpec)}
-        return repr((sorted((k, repr(v)) for k, v in plain.items()), self.weights, self.images.digest()))
+        return repr((sorted((k, repr(v)) for k, v in plain.items()), self.weights, self.images.digest))
 
     def _repair_settings(self) -> RepairSettings | None:
         if not self.relu_repair:
@@ -199,7 +204,7 @@ class InMemorySpec(EvaluatorSpec):
             sqnr_batch=self.sqnr_batch, device=resolve_device(self.device), reuse=self.reuse,
             progress=self.progress, relu_repair=self._repair_settings(),
         )
-        evaluator.data_digest = im.digest()
+        evaluator.data_digest = im.digest
         return evaluator
 
     @torch.no_grad()
