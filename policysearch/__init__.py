@@ -3,6 +3,10 @@
 The package root imports lazily (PEP 562): ``import policysearch`` loads nothing heavy, and a name
 below is imported from its module on first use, so ``policysearch.policy``, ``.spaces``,
 ``.strategies`` and ``.methods`` work without loading torch or optuna.
+
+The main job in Python is :func:`search_policy` (docs/api.md). Its verb is not ``search``:
+``policysearch.search`` stays the module of the search driver (``from policysearch.search import
+search, SearchConfig``), which the import system binds to that package attribute.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ _LAZY: dict[str, str] = {
     "EvalResult": "policysearch.result",
     "SiteMetrics": "policysearch.result",
     "UnsupportedModelError": "policysearch.models.wiring",
+    "PolicyResult": "policysearch.api",
+    "search_policy": "policysearch.api",
+    "SearchConfig": "policysearch.search",
     "apply_policy": "policysearch.models",
     "calibrate": "policysearch.models",
     "find_sites": "policysearch.models",
@@ -37,6 +44,7 @@ _LAZY: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
+    from policysearch.api import PolicyResult, search_policy
     from policysearch.errors import PolicyError, PolicySearchError
     from policysearch.models import (
         apply_policy,
@@ -49,6 +57,7 @@ if TYPE_CHECKING:
     from policysearch.models.wiring import UnsupportedModelError
     from policysearch.policy import Choice, Policy, PolicyDocument, read_policy, write_policy
     from policysearch.result import EvalResult, SiteMetrics
+    from policysearch.search import SearchConfig
     from policysearch.sites import KIND_METHODS, Site
 
 __all__ = [
@@ -58,7 +67,9 @@ __all__ = [
     "Policy",
     "PolicyDocument",
     "PolicyError",
+    "PolicyResult",
     "PolicySearchError",
+    "SearchConfig",
     "Site",
     "SiteMetrics",
     "UnsupportedModelError",
@@ -70,6 +81,7 @@ __all__ = [
     "prepare",
     "read_policy",
     "record_sites",
+    "search_policy",
     "write_policy",
 ]
 

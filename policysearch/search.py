@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
@@ -68,7 +68,7 @@ from policysearch.study import (
     redact_url,
 )
 
-__all__ = ["SearchConfig", "SearchResult", "run_fingerprint", "search", "strategy_feed"]
+__all__ = ["SearchConfig", "SearchResult", "WorkSource", "run_fingerprint", "search", "strategy_feed"]
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,18 @@ def _run_name(config: SearchConfig) -> str:
     return f"{model}-{config.strategy}-w{config.weight_bits}a{config.act_bits}-{stamp}"
 
 
-def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
-    """Run the search ``config`` describes; see the module docstring."""
+class WorkSource(Protocol):
+    """Model and data given in memory rather than named by ``config.model`` / ``config.data`` (the
+    Python API, :mod:`policysearch.api`): the run's fingerprint and evaluator spec come from it."""
+
+    def fingerprint(self, config: SearchConfig) -> dict[str, Any]: ...
+
+    def spec(self, doc: Any, **overrides: Any) -> EvaluatorSpec: ...
+
+
+def search(config: SearchConfig, *, progress: bool = True, source: WorkSource | None = None) -> SearchResult:
+    """Run the search ``config`` describes; see the module docstring. ``source``: the model and
+    data in memory (``config.model`` and ``config.data`` then only name them)."""
 
     t_start = time.perf_counter()
     objective = load_objective(config.objective)
@@ -192,7 +202,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     run_dir = Path(config.results_dir) / run_name
     check_writable(run_dir)
     storage = config.storage or default_storage(config.results_dir)
-    fingerprint = run_fingerprint(config)
+    fingerprint = run_fingerprint(config) if source is None else source.fingerprint(config)
     try:
         with lock_run(run_dir):
             record = RunRecord.open(run_dir, name=run_name, fingerprint=fingerprint)
@@ -204,7 +214,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
             )
             record.update(config=config_dict(config), objective=objective.to_dict(),
                           storage=redact_url(storage), study=run_name)
-            spec = EvaluatorSpec.from_run(
+            spec = (EvaluatorSpec.from_run if source is None else source.spec)(
                 record.doc, objective=evaluator_objective(objective).to_dict(),
                 repair_cache_dir=str(Path(config.results_dir) / "cache" / "relu_repair"),
                 progress=progress and isinstance(runner, runners.LocalRunner),  # calibration; no bars in workers

@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from policysearch.cli import build_parser, main
 
@@ -45,6 +46,20 @@ def test_policy_format_examples_run(exported, monkeypatch, capsys):
         exec(compile(code, "policy-format.md", "exec"), {})
     out = capsys.readouterr().out
     assert "blocks.0.attn.softmax" in out and "top-1 on 256 images" in out
+
+
+def test_api_examples_run(tmp_path, monkeypatch, capsys):
+    """docs/api.md's blocks run in order, in one namespace (each continues the one before)."""
+    monkeypatch.chdir(tmp_path)
+    blocks = _blocks((DOCS / "api.md").read_text(), "python")
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for code in blocks:
+        exec(compile(code, "api.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert re.search(r"top-1 \d+\.\d\d% \(float \d+\.\d\d%\) on 200 images, KL .* calibrated on 64 images", out)
+    assert re.search(r"my-vit: top-1 \d+\.\d\d% on 200 images", out)
+    assert isinstance(namespace["qmodel"], torch.nn.Module) and (tmp_path / "results" / "my-vit" / "run.json").is_file()
 
 
 def test_policy_format_example_json_is_valid():
@@ -84,7 +99,7 @@ def test_readme_is_short_and_links_every_docs_page():
     assert README.stat().st_size < README_MAX_BYTES, f"README.md is {README.stat().st_size} bytes"
     linked = {(ROOT / link.partition("#")[0]).resolve() for link in re.findall(r"\]\(([^)#]+)[^)]*\)", README.read_text())}
     pages = sorted(DOCS.glob("*.md"))
-    assert {"usage.md", "cluster.md", "results.md", "architecture.md", "policy-format.md"} <= {p.name for p in pages}
+    assert {"usage.md", "cluster.md", "results.md", "architecture.md", "policy-format.md", "api.md"} <= {p.name for p in pages}
     for page in pages:
         assert page.resolve() in linked, f"README.md does not link docs/{page.name}"
 
