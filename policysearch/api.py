@@ -32,7 +32,7 @@ from torch import nn
 
 from policysearch.device import resolve_device
 from policysearch.errors import ConfigError
-from policysearch.identity import data_digest
+from policysearch.identity import IN_MEMORY, data_digest
 from policysearch.models.loading import model_input_size
 from policysearch.models.wiring import apply_policy, calibrate, find_sites, prepare
 from policysearch.numerics import NUMERICS_VERSION
@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 #: SearchConfig fields the model and images passed to :func:`search_policy` decide
 _FROM_INPUTS = ("model", "checkpoint", "num_classes", "img_size", "in_chans", "data", "calib_size", "eval_size")
-#: what ``config.data`` says for images given in memory (a label: nothing is loaded by that name)
-IN_MEMORY = "in-memory"
 
 
 # -- the images -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from policysearch.result import EvalResult
 
 __all__ = [
+    "IN_MEMORY",
     "data_digest",
     "data_identity",
     "diff_fingerprints",
@@ -37,6 +38,10 @@ __all__ = [
     "rank_key",
     "refusal",
 ]
+
+#: what a run's ``config.data`` says for images given in memory (``policysearch.search_policy``):
+#: a label, nothing is loaded by that name
+IN_MEMORY = "in-memory"
 
 # -- content hashes -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from policysearch.artifact import artifact_reference, save_artifact, sidecar_path
 from policysearch.deploy.onnx_export import load_run_model
 from policysearch.errors import ConfigError
-from policysearch.identity import data_digest
+from policysearch.identity import IN_MEMORY, data_digest
 from policysearch.objectives.headroom import Comparison
 from policysearch.objectives.sqnr import convert_db
 from policysearch.policy import PolicyDocument, read_policy, write_policy
@@ -26,6 +27,8 @@ from policysearch.spec import EvaluatorSpec, get_evaluator
 
 __all__ = ["PICKS", "check_policy_file", "evaluate_policy_file", "export_run", "show_text", "site_sqnr_table",
            "summary_text"]
+
+log = logging.getLogger(__name__)
 
 
 def _pct(v: float | None) -> str:
@@ -185,7 +188,10 @@ def export_run(run: str, *, out: str | None = None, results_dir: str = "results"
     doc = policy_document(record)
     default = "policy-best.json" if pick == "best" else record.data.get("outputs", {}).get("policy", "policy.json")
     dst = Path(out) if out is not None else run_dir / default
-    if integer_model:
+    if integer_model and record.data.get("config", {}).get("data") == IN_MEMORY:
+        log.info("no integer artifact for run %s: its model and images were given in memory "
+                 "(search_policy); PolicyResult.apply() rebuilds its integer model", record.name)
+    elif integer_model:
         doc = dataclasses.replace(doc, integer_model=_write_artifact(record, dst))
     write_policy(dst, doc)
     read_policy(dst)
