@@ -42,6 +42,7 @@ for _name, _target in {
     "dashboard_target": "policysearch.report:dashboard_target",
     "serve": "policysearch.report:serve",
     "check_policy_file": "policysearch.report:check_policy_file",
+    "read_policy": "policysearch.policy:read_policy",
 }.items():
     API.register_lazy(_name, _target)
 API.register_lazy("export_run_onnx", "policysearch.deploy.onnx_export:export_run_onnx", extra="onnx")
@@ -216,9 +217,16 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
                                     ("in_chans", args.in_chans)) if v is not None}
+    model = args.model
+    if args.command == "eval":
+        if args.policy is None:
+            model = model or EVAL_DEFAULT_MODEL
+        else:  # the model the file records; flags that say otherwise are refused, not silently applied
+            _check_eval_flags(API.get("read_policy")(args.policy).model, args, model_args)
+            model = None
     check_policy_file = API.get("check_policy_file")
     report, reproduced = check_policy_file(
-        args.policy, model=args.model, checkpoint=args.checkpoint, data=args.data, device=args.device,
+        args.policy, model=model, checkpoint=args.checkpoint, data=args.data, device=args.device,
         eval_size=args.eval_size, model_args=model_args or None, wiring=args.wiring,
     )
     print(report)
@@ -228,9 +236,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser, *, default: str | None = "fmnist_vit") -> None:
+#: ``eval`` without --policy
+EVAL_DEFAULT_MODEL = "fmnist_vit"
+
+
+def _check_eval_flags(recorded: Any, args: argparse.Namespace, model_args: dict[str, int]) -> None:
+    """``eval --policy FILE`` evaluates the model FILE records: --model, --checkpoint or architecture
+    flags that name another are one error, naming both."""
+    recorded = dict(recorded or {})
+    name, ckpt, rec_args = recorded.get("name"), recorded.get("checkpoint"), dict(recorded.get("args") or {})
+    diffs = []
+    if args.model is not None and args.model != name:
+        diffs.append(f"--model {args.model} (the file's: {name})")
+    if args.checkpoint is not None and (ckpt is None or os.path.realpath(args.checkpoint) != os.path.realpath(ckpt)):
+        diffs.append(f"--checkpoint {args.checkpoint} (the file's: {ckpt or 'none, the zoo weights'})")
+    for key, value in model_args.items():
+        if rec_args.get(key) != value:
+            diffs.append(f"--{key.replace('_', '-')} {value} (the file's: {rec_args.get(key, 'unset')})")
+    if diffs:
+        raise ConfigError(
+            f"{args.policy} records model {name}" + (f" with checkpoint {ckpt}" if ckpt else "") +
+            f", not {'; '.join(diffs)}; drop those flags to evaluate the model the file records, or use "
+            "`policysearch apply FILE --checkpoint ...` to try the policy on other weights of that model")
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, default: str | None = "fmnist_vit",
+                    model_help: str | None = None) -> None:
     p.add_argument("--model", default=default,
-                   help="zoo name or timm ViT/DeiT/Swin name" + (f" (default: {default})" if default else ""))
+                   help=model_help or "zoo name or timm ViT/DeiT/Swin name" + (f" (default: {default})" if default else ""))
     p.add_argument("--checkpoint", default=None, help="weights file for a timm model (safetensors or torch)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier size (default: the model's, or inferred from --checkpoint)")
@@ -412,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_args(p, default=None)
         else:
             p.add_argument("--policy", default=None, help="policy JSON file (default: float model)")
-            _add_model_args(p)
+            _add_model_args(p, default=None, model_help="zoo name or timm ViT/DeiT/Swin name (default: the "
+                            f"model --policy records, else {EVAL_DEFAULT_MODEL})")
         _add_wiring_arg(p, None)
         _add_data_args(p)
         p.add_argument("--eval-size", type=int, default=None,

@@ -207,6 +207,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
             attrs={"strategy": config.strategy, "model": config.model, "data": config.data,
                    "space": config.space, "objective": objective.name, "wiring": config.wiring},
         )
+        finished_before = record.data.get("finished") is not None and record.data.get("answer") is not None
         try:
             record.update(config=config_dict(config), objective=objective.to_dict(),
                           storage=redact_url(storage), study=run_name)
@@ -215,8 +216,8 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
                 repair_cache_dir=str(Path(config.results_dir) / "cache" / "relu_repair"),
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
-        except BaseException as exc:
-            _mark_stopped(run_dir, exc)
+        except BaseException as exc:  # a refused resume of a finished run leaves it finished (its answer stands)
+            _mark_stopped(run_dir, exc, keep_finished=finished_before and isinstance(exc, ConfigError))
             raise
 
 
@@ -254,12 +255,15 @@ def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> A
     return resolve_profile(config.profile, model=config.model, results_dir=config.results_dir, needed=needed)
 
 
-def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
+def _mark_stopped(run_dir: Path, exc: BaseException, *, keep_finished: bool = False) -> None:
     if not (run_dir / RUN_FILE).is_file():
         return
     try:
         record = RunRecord.load(run_dir)
         if record.data.get("status") == "running":
+            if keep_finished:
+                record.update(status="finished")
+                return
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record.update(status=status, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     except Exception:  # noqa: BLE001 - never hide the original error
