@@ -222,8 +222,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.policy is None:
             model = model or EVAL_DEFAULT_MODEL
         else:  # the model the file records; flags that say otherwise are refused, not silently applied
-            _check_eval_flags(API.get("read_policy")(args.policy).model, args, model_args)
-            model = None
+            recorded = dict(API.get("read_policy")(args.policy).model or {})
+            if recorded.get("name"):
+                _check_eval_flags(recorded, args, model_args)
+                model = None
+            else:  # a hand-written file that names no model: the flags' (or the default) model
+                model = model or EVAL_DEFAULT_MODEL
     check_policy_file = API.get("check_policy_file")
     report, reproduced = check_policy_file(
         args.policy, model=model, checkpoint=args.checkpoint, data=args.data, device=args.device,
@@ -240,10 +244,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 EVAL_DEFAULT_MODEL = "fmnist_vit"
 
 
-def _check_eval_flags(recorded: Any, args: argparse.Namespace, model_args: dict[str, int]) -> None:
+def _check_eval_flags(recorded: dict[str, Any], args: argparse.Namespace, model_args: dict[str, int]) -> None:
     """``eval --policy FILE`` evaluates the model FILE records: --model, --checkpoint or architecture
     flags that name another are one error, naming both."""
-    recorded = dict(recorded or {})
     name, ckpt, rec_args = recorded.get("name"), recorded.get("checkpoint"), dict(recorded.get("args") or {})
     diffs = []
     if args.model is not None and args.model != name:
