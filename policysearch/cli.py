@@ -52,6 +52,7 @@ for _name, _target in {
     "format_trials": "policysearch.report.inspect:format_trials",
     "next_steps": "policysearch.report.inspect:next_steps",
     "read_run_config": "policysearch.report.inspect:read_run_config",
+    "read_policy": "policysearch.policy:read_policy",
 }.items():
     API.register_lazy(_name, _target)
 API.register_lazy("export_run_onnx", "policysearch.deploy.onnx_export:export_run_onnx", extra="onnx")
@@ -267,9 +268,20 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     model_args = {k: v for k, v in (("num_classes", args.num_classes), ("img_size", args.img_size),
                                     ("in_chans", args.in_chans)) if v is not None}
+    model = args.model
+    if args.command == "eval":
+        if args.policy is None:
+            model = model or EVAL_DEFAULT_MODEL
+        else:  # the model the file records; flags that say otherwise are refused, not silently applied
+            recorded = dict(API.get("read_policy")(args.policy).model or {})
+            if recorded.get("name"):
+                _check_eval_flags(recorded, args, model_args)
+                model = None
+            else:  # a hand-written file that names no model: the flags' (or the default) model
+                model = model or EVAL_DEFAULT_MODEL
     check_policy_file = API.get("check_policy_file")
     report, reproduced = check_policy_file(
-        args.policy, model=args.model, checkpoint=args.checkpoint, data=args.data, device=args.device,
+        args.policy, model=model, checkpoint=args.checkpoint, data=args.data, device=args.device,
         eval_size=args.eval_size, model_args=model_args or None, wiring=args.wiring,
     )
     print(report)
@@ -279,10 +291,32 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: Any, *, default: str | None = "fmnist_vit") -> None:
+#: ``eval`` without --policy
+EVAL_DEFAULT_MODEL = "fmnist_vit"
+
+
+def _check_eval_flags(recorded: dict[str, Any], args: argparse.Namespace, model_args: dict[str, int]) -> None:
+    """``eval --policy FILE`` evaluates the model FILE records: --model, --checkpoint or architecture
+    flags that name another are one error, naming both."""
+    name, ckpt, rec_args = recorded.get("name"), recorded.get("checkpoint"), dict(recorded.get("args") or {})
+    diffs = []
+    if args.model is not None and args.model != name:
+        diffs.append(f"--model {args.model} (the file's: {name})")
+    if args.checkpoint is not None and (ckpt is None or os.path.realpath(args.checkpoint) != os.path.realpath(ckpt)):
+        diffs.append(f"--checkpoint {args.checkpoint} (the file's: {ckpt or 'none, the zoo weights'})")
+    for key, value in model_args.items():
+        if rec_args.get(key) != value:
+            diffs.append(f"--{key.replace('_', '-')} {value} (the file's: {rec_args.get(key, 'unset')})")
+    if diffs:
+        raise ConfigError(
+            f"{args.policy} records model {name}" + (f" with checkpoint {ckpt}" if ckpt else "") +
+            f", not {'; '.join(diffs)}; drop those flags to evaluate the model the file records, or use "
+            "`policysearch apply FILE --checkpoint ...` to try the policy on other weights of that model")
+
+
+def _add_model_args(p: Any, *, default: str | None = "fmnist_vit", model_help: str | None = None) -> None:
     p.add_argument("--model", default=default,
-                   help="zoo name or timm ViT/DeiT/Swin name" + (f" (default: {default})" if default else
-                                                                 " (default: the policy file's)"))
+                   help=model_help or "zoo name or timm ViT/DeiT/Swin name" + (f" (default: {default})" if default else ""))
     p.add_argument("--checkpoint", default=None, help="weights file for a timm model (safetensors or torch; default: the zoo model's own, "
                                                  "random for a timm name)")
     p.add_argument("--num-classes", type=int, default=None,
@@ -494,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_model_args(p, default=None)
         else:
             p.add_argument("--policy", default=None, help="policy JSON file (default: float model)")
-            _add_model_args(p)
+            _add_model_args(p, default=None, model_help="zoo name or timm ViT/DeiT/Swin name (default: the "
+                            f"model --policy records, else {EVAL_DEFAULT_MODEL})")
         _add_wiring_arg(p, None)
         _add_data_args(p)
         p.add_argument("--eval-size", type=int, default=None,

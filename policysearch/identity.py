@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IN_MEMORY",
+    "RUN_SETTINGS",
     "data_digest",
     "data_identity",
     "diff_fingerprints",
@@ -37,6 +38,8 @@ __all__ = [
     "profile_path",
     "rank_key",
     "refusal",
+    "setting_changes",
+    "settings_refusal",
 ]
 
 #: what a run's ``config.data`` says for images given in memory (``policysearch.search_policy``):
@@ -101,6 +104,42 @@ def refusal(run_name: str, old: Mapping[str, Any], new: Mapping[str, Any], field
     return ConfigError(
         f"run {run_name!r} was made with other work ({shown}{more}); its results cannot be reused. "
         f"Choose a new --run-name, or repeat the run's original options to resume it"
+    )
+
+
+#: what a run searches with besides its work: a resume must repeat them (the fingerprint decides
+#: which evaluations are reusable; these decide whether it is the same run)
+RUN_SETTINGS = ("strategy", "space", "objective")
+
+
+def setting_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The :data:`RUN_SETTINGS` recorded on both sides that differ."""
+    return [k for k in RUN_SETTINGS if k in old and k in new and _canon(old[k]) != _canon(new[k])]
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, Mapping):  # an objective: its name
+        return repr(str(value.get("name", "?"))[:40])
+    return repr(_short(value).strip('"'))
+
+
+def settings_refusal(run_name: str, old: Mapping[str, Any], new: Mapping[str, Any],
+                     changed: list[str]) -> ConfigError:
+    """One line for a run name resumed with another strategy, space or objective."""
+    def shown(k: str) -> str:
+        a, b = _setting(old[k]), _setting(new[k])
+        text = f"--{k} {a} -> {b}" if a != b else f"--{k} {a} (its definition changed)"
+        if k == "objective" and isinstance(old[k], Mapping) and isinstance(new[k], Mapping):
+            da, db = old[k].get("directions"), new[k].get("directions")
+            if da != db:
+                text += f", other directions ({', '.join(map(str, da or ()))} -> {', '.join(map(str, db or ()))})"
+        return text
+
+    original = " ".join(f"--{k} {_setting(old[k])}" for k in changed)
+    return ConfigError(
+        f"run {run_name!r} was searched with other settings ({'; '.join(shown(k) for k in changed)}); "
+        f"choose a new --run-name (it reuses this run's evaluations of the same work, nothing is "
+        f"evaluated twice), or repeat {original} to resume this run"
     )
 
 

@@ -37,9 +37,17 @@ import yaml
 
 import policysearch
 from policysearch.errors import ConfigError
-from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
+from policysearch.identity import (
+    RUN_SETTINGS,
+    diff_fingerprints,
+    fingerprint_digest,
+    refusal,
+    setting_changes,
+    settings_refusal,
+)
 from policysearch.policy import Policy, PolicyDocument, write_policy
 from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage
+from policysearch.study import redact_url, same_storage
 
 __all__ = [
     "RUN_FORMAT",
@@ -85,25 +93,29 @@ def resolve_run_dir(run: str, results_dir: str | Path = "results") -> Path:
 # -- lock -------------------------------------------------------------------------------------
 
 @contextmanager
-def lock_run(run_dir: Path) -> Iterator[None]:
+def lock_run(run_dir: Path, *, path: Path | None = None, where: str = "") -> Iterator[None]:
     """Hold an exclusive lock on ``run_dir`` (one writer per run).
 
     ``flock`` locks die with their process, so a lock file left by a killed run never blocks a
-    later resume. The file records who holds it, for the message a second process gets.
+    later resume. The file records who holds it, for the message a second process gets. ``path``:
+    another lock file for the same run (its study's, next to an SQLite storage), ``where`` says
+    where that run lives in the message.
     """
-    path = run_dir / ".lock"
+    path = path or run_dir / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
             raise RunLockedError(
-                f"run {run_dir.name!r} is already running ({holder}); wait for it to finish, "
+                f"run {run_dir.name!r} is already running ({holder}{where}); wait for it to finish, "
                 "or choose another --run-name"
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}, "
+                      f"folder {run_dir.resolve()}".encode(), 0)
         try:
             yield
         finally:
@@ -165,21 +177,53 @@ class RunRecord:
         return RunDocument.from_json(self.data, where=str(self.path))
 
     @classmethod
-    def open(cls, run_dir: Path, *, name: str, fingerprint: Mapping[str, Any]) -> "RunRecord":
-        """The record of a new run, or of a resumed one after checking its fingerprint."""
+    def open(cls, run_dir: Path, *, name: str, fingerprint: Mapping[str, Any],
+             settings: Mapping[str, Any] | None = None, storage: str | None = None) -> "RunRecord":
+        """The record of a new run, or of a resumed one after checking, before any work, its
+        fingerprint, its ``settings`` (strategy, space, objective: :data:`RUN_SETTINGS`) and that its
+        study lives in ``storage``. A run that stopped before any evaluation does not hold its
+        name: a changed run starts afresh under it."""
         path = Path(run_dir) / RUN_FILE
+        new_settings = dict(settings or {})
         if path.is_file():
             rec = cls.load(run_dir)
             old = rec.data.get("fingerprint", {})
             stale = [k for k in diff_fingerprints(old, fingerprint) if k != "data_digest"]
-            if stale:
+            old_settings = rec.settings()
+            changed = setting_changes(old_settings, new_settings)
+            moved = storage is not None and rec.data.get("storage") is not None and not same_storage(
+                str(rec.data["storage"]), storage)
+            if (stale or changed or moved) and rec.never_evaluated():
+                log.info("run %r stopped before any evaluation (%s); starting it afresh with these options",
+                         name, rec.data.get("status"))
+            elif moved:
+                raise ConfigError(
+                    f"run {name!r} in {Path(run_dir)} keeps its study in {rec.data['storage']}, not "
+                    f"{redact_url(str(storage))}; resume it with --storage {rec.data['storage']}, "
+                    "or choose another --run-name")
+            elif stale:
                 raise refusal(name, old, fingerprint, stale)
-            rec.data["resumed"] = int(rec.data.get("resumed", 0)) + 1
-            rec.data["status"] = "running"
-            return rec
+            elif changed:
+                raise settings_refusal(name, old_settings, new_settings, changed)
+            else:
+                rec.data["resumed"] = int(rec.data.get("resumed", 0)) + 1
+                rec.data["status"] = "running"
+                return rec
         doc = RunDocument(name=name, status="running", created=_now(),
                           search=SearchStage(fingerprint_fields=dict(fingerprint), evaluations=[]))
         return cls(Path(run_dir), doc.to_json())
+
+    def settings(self) -> dict[str, Any]:
+        """The recorded :data:`RUN_SETTINGS` (those a record holds)."""
+        config = self.data.get("config") or {}
+        out = {k: config[k] for k in RUN_SETTINGS if k != "objective" and config.get(k) is not None}
+        if self.data.get("objective"):
+            out["objective"] = self.data["objective"]
+        return out
+
+    def never_evaluated(self) -> bool:
+        """A run that stopped before its first evaluation (nothing of it to keep)."""
+        return self.data.get("status") != "finished" and not self.data.get("evaluations")
 
     def check_data(self, digest: str) -> None:
         """The data digest is known once the data is loaded: refuse a changed selection."""

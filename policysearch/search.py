@@ -17,6 +17,7 @@ import re
 import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +67,7 @@ from policysearch.study import (
     StudyRecorder,
     default_storage,
     redact_url,
+    run_lock_path,
 )
 
 __all__ = ["SearchConfig", "SearchResult", "WorkSource", "run_fingerprint", "search", "strategy_feed"]
@@ -203,15 +205,20 @@ def search(config: SearchConfig, *, progress: bool = True, source: WorkSource | 
     check_writable(run_dir)
     storage = config.storage or default_storage(config.results_dir)
     fingerprint = run_fingerprint(config) if source is None else source.fingerprint(config)
-    try:
-        with lock_run(run_dir):
-            record = RunRecord.open(run_dir, name=run_name, fingerprint=fingerprint)
-            recorder = StudyRecorder(
-                storage=storage, study_name=run_name, directions=objective.directions,
-                fingerprint=fingerprint, objective=objective.to_dict(),
-                attrs={"strategy": config.strategy, "model": config.model, "data": config.data,
-                       "space": config.space, "objective": objective.name, "wiring": config.wiring},
-            )
+    settings = {"strategy": config.strategy, "space": config.space, "objective": objective.to_dict()}
+    study_lock = run_lock_path(storage, run_name)  # the same name from another --results-dir waits on it too
+    with lock_run(run_dir), (lock_run(run_dir, path=study_lock, where=f", with its study in {redact_url(storage)}")
+                             if study_lock is not None else nullcontext()):
+        # checked before any work; a refusal leaves the run as it was
+        record = RunRecord.open(run_dir, name=run_name, fingerprint=fingerprint, settings=settings, storage=storage)
+        recorder = StudyRecorder(
+            storage=storage, study_name=run_name, directions=objective.directions,
+            fingerprint=fingerprint, objective=objective.to_dict(), run_dir=run_dir, settings=settings,
+            attrs={"strategy": config.strategy, "model": config.model, "data": config.data,
+                   "space": config.space, "objective": objective.name, "wiring": config.wiring},
+        )
+        finished_before = record.data.get("finished") is not None and record.data.get("answer") is not None
+        try:
             record.update(config=config_dict(config), objective=objective.to_dict(),
                           storage=redact_url(storage), study=run_name)
             spec = (EvaluatorSpec.from_run if source is None else source.spec)(
@@ -220,9 +227,9 @@ def search(config: SearchConfig, *, progress: bool = True, source: WorkSource | 
                 progress=progress and isinstance(runner, runners.LocalRunner),  # calibration; no bars in workers
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
-    except BaseException as exc:
-        _mark_stopped(run_dir, exc)
-        raise
+        except BaseException as exc:  # a refused resume of a finished run leaves it finished (its answer stands)
+            _mark_stopped(run_dir, exc, keep_finished=finished_before and isinstance(exc, ConfigError))
+            raise
 
 
 def run_fingerprint(config: SearchConfig) -> dict[str, Any]:
@@ -259,12 +266,15 @@ def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> A
     return resolve_profile(config.profile, model=config.model, results_dir=config.results_dir, needed=needed)
 
 
-def _mark_stopped(run_dir: Path, exc: BaseException) -> None:
+def _mark_stopped(run_dir: Path, exc: BaseException, *, keep_finished: bool = False) -> None:
     if not (run_dir / RUN_FILE).is_file():
         return
     try:
         record = RunRecord.load(run_dir)
         if record.data.get("status") == "running":
+            if keep_finished:
+                record.update(status="finished")
+                return
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             record.update(status=status, error=f"{type(exc).__name__}: {str(exc)[:300]}")
     except Exception:  # noqa: BLE001 - never hide the original error
@@ -285,7 +295,8 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
         if value is not None:  # a strategy that budgets takes them; others ignore them
             options.setdefault(name, value)
     strategy = create_strategy(config.strategy, space, directions=objective.directions, seed=config.seed, **options)
-    recorder.set_choices({s.name: [str(c) for c in space.choices(s.name)] for s in space.sites})
+    recorder.set_choices({s.name: [str(c) for c in space.choices(s.name)] for s in space.sites},
+                         space=config.space)
     record.update(float_metrics=dict(evaluator.float_metrics), sites=len(evaluator.sites))
     t_setup = time.perf_counter()
     loop = _Loop(recorder=recorder, record=record, runner=runner, spec=spec, objective=objective,

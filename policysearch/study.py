@@ -18,10 +18,14 @@ never read back as evaluations.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import logging
 import math
+import os
+import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,13 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from policysearch.errors import ConfigError
-from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
+from policysearch.identity import (
+    diff_fingerprints,
+    fingerprint_digest,
+    refusal,
+    setting_changes,
+    settings_refusal,
+)
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
 
@@ -49,7 +59,11 @@ __all__ = [
     "open_storage",
     "publish_answer",
     "redact_url",
+    "run_lock_path",
+    "same_storage",
     "site_attrs",
+    "sqlite_path",
+    "storage_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,15 +90,86 @@ def redact_url(url: str) -> str:
         return url if len(url) <= 80 else url[:77] + "..."
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage for ``url``; a malformed, unreachable or driverless URL is one line."""
-    shown = redact_url(url)
-    if url.startswith("sqlite:///"):
-        target = url[len("sqlite:///"):].split("?", 1)[0]
-        if target and not target.startswith("file:") and target != ":memory:":
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL (None for another database or an in-memory one)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    target = url[len("sqlite:///"):].split("?", 1)[0]
+    if target.startswith("file:"):
+        target = target[len("file:"):]
+    return Path(target) if target and target != ":memory:" else None
+
+
+@contextmanager
+def _creation_lock(db: Path | None) -> Iterator[None]:
+    """Serialise schema creation on one SQLite file: processes that open a new storage at the same
+    moment would both create Optuna's tables (``UNIQUE constraint failed: alembic_version``); with
+    ``<db>.lock`` held, the second waits and finds the schema made. ``flock`` dies with its process."""
+    if db is None:
+        yield
+        return
     try:
-        return optuna.storages.RDBStorage(url)
+        fd = os.open(db.with_name(db.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only folder: nothing can be created there, so nothing races
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+#: another process creating the same schema at the same moment (a server database, no file to lock)
+_SCHEMA_RACE = ("alembic_version", "already exists", "duplicate key", "unique constraint")
+
+
+def _new_rdb(url: str, *, tries: int = 5) -> optuna.storages.RDBStorage:
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sa_exc.IntegrityError, sa_exc.OperationalError, sa_exc.ProgrammingError) as exc:
+            if attempt == tries - 1 or not any(s in str(exc).lower() for s in _SCHEMA_RACE):
+                raise
+            log.debug("storage schema created by another process at the same moment; opening it again")
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def storage_identity(url: str) -> str:
+    """A storage URL as compared between invocations: an SQLite file by its resolved path, another
+    database by its URL without the password."""
+    db = sqlite_path(url)
+    if db is not None:
+        return f"sqlite:{db.expanduser().resolve()}"
+    return redact_url(url)
+
+
+def same_storage(a: str, b: str) -> bool:
+    """Whether two storage URLs (either possibly redacted) name the same database."""
+    return a == b or storage_identity(a) == storage_identity(b)
+
+
+def run_lock_path(storage: str, run_name: str) -> Path | None:
+    """The lock file that makes ``run_name`` one writer per SQLite storage, whatever its results
+    folder: ``<db>.locks/<run>.lock`` (None for a server database)."""
+    db = sqlite_path(storage)
+    if db is None or not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
+        return None  # nothing can be written beside a read-only database (its run is refused later)
+    return db.with_name(db.name + ".locks") / f"{run_name}.lock"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage for ``url``; a malformed, unreachable or driverless URL is one line.
+
+    Safe to call from several processes at once on a storage that does not exist yet."""
+    shown = redact_url(url)
+    db = sqlite_path(url)
+    if db is not None and not url[len("sqlite:///"):].startswith("file:"):
+        db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _creation_lock(db if db is not None and db.parent.is_dir() else None):
+            return _new_rdb(url)
     except ImportError as exc:
         raise ConfigError(f"--storage {shown}: the database driver is not installed ({exc}); "
                           "for PostgreSQL: pip install \"policysearch[postgres]\" (psycopg 3 and psycopg2)") from None
@@ -123,16 +208,17 @@ class StudyRecorder:
         fingerprint: Mapping[str, Any],
         objective: Mapping[str, Any],
         attrs: Mapping[str, object] | None = None,
+        run_dir: Path | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage_url = storage
         self.storage = open_storage(storage)
         self.study_name = study_name
         try:
-            self.study = optuna.create_study(
-                storage=self.storage, study_name=study_name, directions=list(directions), load_if_exists=True
-            )
+            self.study = self._open(directions)
             attrs_now = self.study.user_attrs
+            self._check_home(run_dir, attrs_now)
             if list(self.study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
                 raise ConfigError(
                     f"study {study_name!r} in {redact_url(storage)} was created with other objective "
@@ -147,13 +233,13 @@ class StudyRecorder:
                 stale = [k for k in diff_fingerprints(old_fp, fingerprint) if k != "data_digest"]
                 if stale:
                     raise refusal(study_name, old_fp, fingerprint, stale)
-            old_obj = attrs_now.get("objective_spec")
-            if old_obj is not None and old_obj != dict(objective):
-                raise ConfigError(
-                    f"run {study_name!r} was searched with objective {old_obj.get('name')!r}, not "
-                    f"{objective.get('name')!r}; choose a new --run-name: a new run reuses this run's "
-                    "evaluations and recomputes them under the new objective"
-                )
+            old_settings = {k: v for k, v in (("strategy", attrs_now.get("strategy")),
+                                              ("space", attrs_now.get("space")),
+                                              ("objective", attrs_now.get("objective_spec"))) if v is not None}
+            changed = setting_changes(old_settings, dict(settings or {"objective": dict(objective)}))
+            if changed:
+                raise settings_refusal(study_name, old_settings, dict(settings or {"objective": dict(objective)}),
+                                       changed)
             if "answer" not in attrs_now:  # first, so optuna-dashboard lists it first among the study's attributes
                 self.study.set_user_attr("answer", "not chosen yet (the search has not finished)")
             self.study.set_user_attr("objective_spec", dict(objective))
@@ -161,6 +247,8 @@ class StudyRecorder:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 self.study.set_metric_names(objective_names(objective))
             self.study.set_user_attr("fingerprint", dict(fingerprint))
+            if run_dir is not None:
+                self.study.set_user_attr("run_dir", str(Path(run_dir).resolve()))
             for key, value in (attrs or {}).items():
                 self.study.set_user_attr(key, value)
         except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
@@ -168,6 +256,31 @@ class StudyRecorder:
         self.fingerprint = dict(fingerprint)
         self.distributions: dict[str, CategoricalDistribution] = {}
         self.n_values = len(directions)
+
+    def _open(self, directions: Sequence[str]) -> optuna.Study:
+        """The run's study; one without any trial (a run that stopped before its first evaluation)
+        is made anew, so that a changed run starts afresh under its name."""
+        study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                    directions=list(directions), load_if_exists=True)
+        if study.user_attrs and not study.get_trials(deepcopy=False):
+            optuna.delete_study(study_name=self.study_name, storage=self.storage)
+            study = optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                        directions=list(directions))
+        return study
+
+    def _check_home(self, run_dir: Path | None, attrs_now: Mapping[str, Any]) -> None:
+        """A run name is one run: refuse this study from another results folder while the folder
+        that made it still holds the run (a folder that is gone is adopted)."""
+        home = attrs_now.get("run_dir")
+        if run_dir is None or not home or Path(home) == Path(run_dir).resolve():
+            return
+        if (Path(home) / "run.json").is_file():
+            raise ConfigError(
+                f"run {self.study_name!r} lives in {home} (its study in {redact_url(self.storage_url)}), "
+                f"not in {Path(run_dir)}; resume it with --results-dir {Path(home).parent}, or choose "
+                "another --run-name")
+        log.warning("run %r was made in %s, which no longer holds it; continuing it in %s",
+                    self.study_name, home, run_dir)
 
     def set_data_digest(self, digest: str) -> None:
         """Complete the fingerprint once the data is loaded (refusing a changed selection)."""
@@ -178,10 +291,21 @@ class StudyRecorder:
         self.study.set_user_attr("fingerprint", self.fingerprint)
         self.study.set_user_attr("fingerprint_digest", fingerprint_digest(self.fingerprint))
 
-    def set_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
+    def set_choices(self, choices: Mapping[str, Sequence[str]], *, space: str = "") -> None:
+        """The space's choices per site; a study that holds trials over other choices (the space's
+        definition changed under the same name) is refused before any evaluation."""
         self.distributions = {
             name: CategoricalDistribution(list(dict.fromkeys(c))) for name, c in choices.items()
         }
+        for t in self.study.get_trials(deepcopy=False):
+            for name, dist in t.distributions.items():
+                new = self.distributions.get(name)
+                if new is not None and dist != new:
+                    raise ConfigError(
+                        f"run {self.study_name!r} was searched over other choices at site {name} "
+                        f"({', '.join(map(str, dist.choices))}), not {', '.join(map(str, new.choices))}"
+                        f"{f' (--space {space} changed)' if space else ''}; choose a new --run-name (it "
+                        "reuses this run's evaluations of the same work), or resume with the original space")
 
     def completed(self, objective: Any) -> dict[str, EvalResult]:
         """Results already in the study, by policy key, values recomputed under ``objective``."""

@@ -515,9 +515,10 @@ def check_compatible(model: nn.Module, data: Any) -> None:
     """Raise :class:`ModelError` unless ``model`` and ``data`` agree on classes and input size."""
     n = model_num_classes(model)
     if n is not None and n != data.num_classes:
-        raise ModelError(f"the model has {n} classes but the data {data.spec} has {data.num_classes}; "
-                         f"use a model with {data.num_classes} classes (num_classes={data.num_classes} "
-                         "and a checkpoint trained for them) or data with the model's classes")
+        k = data.num_classes
+        raise ModelError(f"the model has {n} classes but the data {data.spec} has {k}; pass --num-classes {k} "
+                         f"(Python: num_classes={k}) for a {k}-class head, with a --checkpoint trained for "
+                         f"those classes (random weights without one), or use data with the model's {n} classes")
     want = model_input_size(model)
     have = tuple(data.input_size)
     if want[0] != have[0] or (want[1:] != have[1:] and not _flexible_size(model)):
