@@ -54,6 +54,7 @@ __all__ = [
     "lock_run",
     "release_space",
     "reserve_space",
+    "reserved_space",
     "resolve_run_dir",
 ]
 
@@ -194,6 +195,16 @@ def reserve_space(run_dir: Path) -> None:
     except OSError as exc:
         path.unlink(missing_ok=True)
         raise disk_full(f"the run's {RESERVE_BYTES >> 20} MiB reserve in {run_dir}", exc) from None
+
+
+@contextmanager
+def reserved_space(run_dir: Path) -> Iterator[None]:
+    """:func:`reserve_space` while the block runs, released when it ends (however it ends)."""
+    reserve_space(run_dir)
+    try:
+        yield
+    finally:
+        release_space(run_dir)
 
 
 def release_space(run_dir: Path) -> bool:

@@ -53,7 +53,7 @@ from policysearch.run import (
     is_disk_full,
     lock_run,
     release_space,
-    reserve_space,
+    reserved_space,
     sensitivity_rows,
     write_outputs,
 )
@@ -199,8 +199,7 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
     storage = config.storage or default_storage(config.results_dir)
     fingerprint = run_fingerprint(config)
     try:
-        with lock_run(run_dir):
-            reserve_space(run_dir)
+        with lock_run(run_dir), reserved_space(run_dir):
             record = RunRecord.open(run_dir, name=run_name, fingerprint=fingerprint)
             recorder = StudyRecorder(
                 storage=storage, study_name=run_name, directions=objective.directions,
@@ -216,13 +215,10 @@ def search(config: SearchConfig, *, progress: bool = True) -> SearchResult:
             )
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
     except BaseException as exc:
-        release_space(run_dir)
         _mark_stopped(run_dir, exc)
         if is_disk_full(exc) and not isinstance(exc, PolicySearchError):
             raise disk_full(f"the run {run_name!r} (in {run_dir} or {redact_url(storage)})", exc) from None
         raise
-    finally:
-        release_space(run_dir)
 
 
 def run_fingerprint(config: SearchConfig) -> dict[str, Any]:
@@ -524,7 +520,6 @@ class _Loop:
                 if r.ok:
                     self.bar.set_postfix_str(", ".join(f"{k}={v:.4g}" for k, v in list(r.metrics.items())[:3]))
             yield p, r
-
 
     def _record(self, p: Policy, r: EvalResult, *, started: _dt.datetime, finished: _dt.datetime,
                 seconds: float) -> None:
