@@ -140,3 +140,27 @@ def test_a_full_disk_at_the_start_is_one_line(tmp_path, small_fs):
         search(_config(places), progress=False)
     assert isinstance(info.value, (DiskFullError,)) or "cannot write to" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_an_evaluation_the_study_took_before_a_kill_is_listed_in_run_json_on_resume(tmp_path, monkeypatch):
+    """Killed between the study's write and run.json's: the resume lists it and evaluates nothing twice."""
+    places = {"results_dir": str(tmp_path / "results"), "storage": f"sqlite:///{tmp_path / 'studies.db'}"}
+    calls = []
+    original = RunRecord.add_evaluation
+
+    def killed_on_the_second(self, summary, **kw):
+        calls.append(summary["policy"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process stops here: the study has it, run.json not
+        return original(self, summary, **kw)
+
+    monkeypatch.setattr(RunRecord, "add_evaluation", killed_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        search(_config(places), progress=False)
+    assert len(RunRecord.load(tmp_path / "results" / RUN).data["evaluations"]) == 1
+    monkeypatch.setattr(RunRecord, "add_evaluation", original)
+    res = search(_config(places), progress=False)
+    keys = _study_keys(places["storage"])
+    assert len(keys) == len(set(keys)) == 2 + res.evaluated  # nothing evaluated twice
+    listed = [e["policy"] for e in RunRecord.load(tmp_path / "results" / RUN).data["evaluations"]]
+    assert sorted(listed) == sorted(_digest(k) for k in keys)
