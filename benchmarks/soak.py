@@ -44,6 +44,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's policysearch, in this process and in the drivers
 RUN = "soak"
 
 
@@ -52,7 +53,6 @@ RUN = "soak"
 def child(log_path: str, argv: list[str]) -> int:
     """The CLI with a durable log line per recorded evaluation (``recorded``) and per result the
     runner returned (``evaluated``, before it is written)."""
-    sys.path.insert(0, str(ROOT))
     from policysearch import search as search_mod
     from policysearch.cli import main
 
