@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
@@ -51,11 +52,17 @@ from policysearch.study import redact_url, same_storage
 
 __all__ = [
     "RUN_FORMAT",
+    "DiskFullError",
     "RunLockedError",
     "RunRecord",
     "SearchOutputs",
     "check_run_name",
+    "disk_full",
+    "is_disk_full",
     "lock_run",
+    "release_space",
+    "reserve_space",
+    "reserved_space",
     "resolve_run_dir",
 ]
 
@@ -136,6 +143,89 @@ def check_writable(folder: Path) -> None:
         raise ConfigError(
             f"cannot write to {folder} ({exc.strerror or exc}); choose a writable --results-dir"
         ) from None
+
+
+# -- disk full --------------------------------------------------------------------------------
+
+class DiskFullError(ConfigError):
+    """A write failed for want of space: the run stopped, and the same command resumes it."""
+
+
+#: kept in the run folder while a run writes, released when a write finds the disk full so that
+#: what the run finished can still be written (run.json, or the study on the same filesystem)
+RESERVE_FILE = ".reserve"
+RESERVE_BYTES = 1 << 20
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FULL_TEXT = ("database or disk is full", "no space left on device", "disk quota exceeded",
+              "could not extend file")
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it wraps (SQLAlchemy's ``orig``, causes, contexts)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+
+
+def _is_full(exc: BaseException) -> bool:
+    return (isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS) or any(t in str(exc).lower() for t in _FULL_TEXT)
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an error it wraps (SQLAlchemy, Optuna), is a write refused for want of space."""
+    return any(_is_full(e) for e in _chain(exc))
+
+
+def disk_full(what: str, exc: BaseException, *, kept: str = "") -> DiskFullError:
+    """The one line a run that ran out of space stops with (``kept``: where the unwritten part is)."""
+    exc = next((e for e in _chain(exc) if _is_full(e)), exc)
+    cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
+        " ".join(str(exc).split())[:160] or type(exc).__name__
+    return DiskFullError(
+        f"no space left to write {what} ({cause}){kept}; the run stopped: free some space (or choose "
+        "another --results-dir / --storage) and run the same command again to resume it"
+    )
+
+
+def reserve_space(run_dir: Path) -> None:
+    """Keep :data:`RESERVE_BYTES` allocated in ``run_dir`` while the run writes (see :func:`release_space`)."""
+    path = Path(run_dir) / RESERVE_FILE
+    try:
+        if path.is_file() and path.stat().st_size >= RESERVE_BYTES:
+            return
+        with path.open("wb") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+            except (AttributeError, OSError) as exc:  # not every filesystem allocates ahead
+                if is_disk_full(exc):
+                    raise
+                f.write(os.urandom(RESERVE_BYTES))  # incompressible: really allocated
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise disk_full(f"the run's {RESERVE_BYTES >> 20} MiB reserve in {run_dir}", exc) from None
+
+
+@contextmanager
+def reserved_space(run_dir: Path) -> Iterator[None]:
+    """:func:`reserve_space` while the block runs, released when it ends (however it ends)."""
+    reserve_space(run_dir)
+    try:
+        yield
+    finally:
+        release_space(run_dir)
+
+
+def release_space(run_dir: Path) -> bool:
+    """Free the run's reserve (True when there was one to free)."""
+    try:
+        (Path(run_dir) / RESERVE_FILE).unlink()
+        return True
+    except FileNotFoundError:
+        return False
 
 
 # -- the record -------------------------------------------------------------------------------
@@ -237,9 +327,17 @@ class RunRecord:
         self.data.update(fields)
         self.save()
 
-    def add_evaluation(self, summary: Mapping[str, Any]) -> None:
+    def add_evaluation(self, summary: Mapping[str, Any], *, unrecorded: Mapping[str, Any] | None = None) -> None:
+        """Append ``summary``; ``unrecorded``: the whole evaluation, when the study could not take it
+        (the next start records it there, :meth:`take_unrecorded`)."""
         self.data.setdefault("evaluations", []).append(dict(summary))
+        if unrecorded is not None:
+            self.data.setdefault("unrecorded", []).append(dict(unrecorded))
         self.save()
+
+    def take_unrecorded(self) -> list[dict[str, Any]]:
+        """The evaluations the study could not take, removed from the record (saved by the caller)."""
+        return list(self.data.pop("unrecorded", None) or [])
 
     def set_stage(self, stage: Stage) -> None:
         """Record a later stage (finetune, latency, report) under ``stages``."""
@@ -250,8 +348,12 @@ class RunRecord:
     def save(self) -> None:
         self.data["updated"] = _now()
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_strict(self.data), indent=1, default=str) + "\n")
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(json.dumps(_strict(self.data), indent=1, default=str) + "\n")
+            tmp.replace(self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a partial copy only takes space; run.json is untouched
+            raise
 
 
 def _strict(obj: Any) -> Any:

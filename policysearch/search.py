@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from policysearch import runners
 from policysearch.device import DEVICE_PATTERN, resolve_device
-from policysearch.errors import ConfigError
+from policysearch.errors import ConfigError, PolicySearchError
 from policysearch.identity import data_identity
 from policysearch.models.wiring import WIRINGS
 from policysearch.models.zoo import weights_identity
@@ -50,7 +50,11 @@ from policysearch.run import (
     SearchOutputs,
     check_run_name,
     check_writable,
+    disk_full,
+    is_disk_full,
     lock_run,
+    release_space,
+    reserved_space,
     sensitivity_rows,
     write_outputs,
 )
@@ -65,6 +69,7 @@ from policysearch.study import (
     KIND_RULE,
     KIND_UNIFORM,
     StudyRecorder,
+    StudyWriteError,
     default_storage,
     redact_url,
     run_lock_path,
@@ -208,7 +213,7 @@ def search(config: SearchConfig, *, progress: bool = True, source: WorkSource | 
     settings = {"strategy": config.strategy, "space": config.space, "objective": objective.to_dict()}
     study_lock = run_lock_path(storage, run_name)  # the same name from another --results-dir waits on it too
     with lock_run(run_dir), (lock_run(run_dir, path=study_lock, where=f", with its study in {redact_url(storage)}")
-                             if study_lock is not None else nullcontext()):
+                             if study_lock is not None else nullcontext()), reserved_space(run_dir):
         # checked before any work; a refusal leaves the run as it was
         record = RunRecord.open(run_dir, name=run_name, fingerprint=fingerprint, settings=settings, storage=storage)
         recorder = StudyRecorder(
@@ -229,6 +234,8 @@ def search(config: SearchConfig, *, progress: bool = True, source: WorkSource | 
             return _search(config, spec, objective, runner, record, recorder, progress, t_start, latency)
         except BaseException as exc:  # a refused resume of a finished run leaves it finished (its answer stands)
             _mark_stopped(run_dir, exc, keep_finished=finished_before and isinstance(exc, ConfigError))
+            if is_disk_full(exc) and not isinstance(exc, PolicySearchError):
+                raise disk_full(f"the run {run_name!r} (in {run_dir} or {redact_url(storage)})", exc) from None
             raise
 
 
@@ -266,6 +273,31 @@ def _latency_model(config: SearchConfig, objective: Any, strategy_cls: Any) -> A
     return resolve_profile(config.profile, model=config.model, results_dir=config.results_dir, needed=needed)
 
 
+def _reconcile(record: Any, recorder: Any, objective: Any) -> None:
+    """On resume: evaluations the study could not take (kept in run.json) go into the study, and
+    every evaluation the study holds is listed in run.json (a run stopped between the two writes)."""
+    unrecorded = record.take_unrecorded()
+    for item in unrecorded:
+        policy, result = Policy.from_dict(item["policy"]), EvalResult.from_dict(item["result"])
+        when = {k: _dt.datetime.fromisoformat(item[k]) if item.get(k) else None for k in ("started", "finished")}
+        recorder.record(policy, result, tag=item.get("tag", ""), kind=item.get("kind"),
+                        uniform_method=item.get("uniform_method"), **when)
+    listed = {e.get("policy") for e in record.data.get("evaluations", [])}
+    results = recorder.completed(objective)
+    added = 0
+    for t in recorder.evaluation_trials():
+        digest = _digest(t["key"])
+        if t["tag"] != "reused" and digest not in listed and t["key"] in results:
+            record.data.setdefault("evaluations", []).append(
+                _summary_of(digest, t["counts"], results[t["key"]], t["tag"], t["seconds"]))
+            listed.add(digest)
+            added += 1
+    if unrecorded or added:
+        log.info("resuming: %d evaluation(s) recorded in the study from run.json, %d listed in run.json "
+                 "from the study", len(unrecorded), added)
+        record.save()
+
+
 def _mark_stopped(run_dir: Path, exc: BaseException, *, keep_finished: bool = False) -> None:
     if not (run_dir / RUN_FILE).is_file():
         return
@@ -297,6 +329,7 @@ def _search(config: SearchConfig, spec: Any, objective: Any, runner: Any, record
     strategy = create_strategy(config.strategy, space, directions=objective.directions, seed=config.seed, **options)
     recorder.set_choices({s.name: [str(c) for c in space.choices(s.name)] for s in space.sites},
                          space=config.space)
+    _reconcile(record, recorder, objective)
     record.update(float_metrics=dict(evaluator.float_metrics), sites=len(evaluator.sites))
     t_setup = time.perf_counter()
     loop = _Loop(recorder=recorder, record=record, runner=runner, spec=spec, objective=objective,
@@ -546,14 +579,62 @@ class _Loop:
             t0, started = self._started.pop(p.key(), (t1, finished))
             r = self.derive(p, r, True)
             self.derived.add(p.key())
-            kind, method, tag = self.kind_of(p)
-            self.recorder.record(p, r, tag=tag, started=started, finished=finished, kind=kind,
-                                 uniform_method=method)
-            self.record.add_evaluation(_summary(p, r, tag, t1 - t0))
+            self._record(p, r, started=started, finished=finished, seconds=t1 - t0)
             self.cache[p.key()] = r
             self.evaluated += 1
-            self._tick(r, fresh=True, candidate=kind != KIND_CEILING)
+            self._tick(r, fresh=True, candidate=self.kind_of(p)[0] != KIND_CEILING)
             yield p, r
+
+    def _record(self, p: Policy, r: EvalResult, *, started: _dt.datetime, finished: _dt.datetime,
+                seconds: float) -> None:
+        """One finished evaluation into the study and run.json. A write that fails (disk full)
+        frees the run's reserve and is tried once more; an evaluation the study still cannot take
+        is kept whole in run.json for the next start; then the run stops with one line."""
+        kind, method, tag = self.kind_of(p)
+
+        def to_study() -> None:
+            self.recorder.record(p, r, tag=tag, started=started, finished=finished, kind=kind, uniform_method=method)
+
+        failed: list[tuple[str, BaseException]] = []  # what could not be written at the first try, and why
+        study_error = _failed(to_study)
+        if study_error is not None:
+            failed.append((f"the study ({redact_url(self.recorder.storage_url)})", study_error))
+            if release_space(self.record.run_dir):
+                study_error = _failed(to_study)
+        kept = None if study_error is None else {
+            "policy": p.to_dict(), "result": r.to_dict(), "tag": tag, "kind": kind, "uniform_method": method,
+            "started": started.isoformat(), "finished": finished.isoformat()}
+        run_error = _failed(lambda: self.record.add_evaluation(_summary(p, r, tag, seconds), unrecorded=kept))
+        if run_error is not None:
+            failed.append((str(self.record.path), run_error))
+            if release_space(self.record.run_dir):
+                run_error = _failed(self.record.save)
+        if failed:
+            raise _write_stop(failed, in_study=study_error is None, in_run=run_error is None)
+
+
+def _write_stop(failed: list[tuple[str, BaseException]], *, in_study: bool, in_run: bool) -> BaseException:
+    """The error a run stops with when an evaluation's record could not be written at once."""
+    what, cause = failed[0]
+    if isinstance(cause, StudyWriteError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if not is_disk_full(cause):
+        return failed[0][1]
+    kept = ("; the evaluation was recorded with the run's space reserve" if in_study and in_run else
+            "; the evaluation is kept in run.json and goes into the study on resume" if in_run else
+            "; the evaluation is in the study and run.json lists it on resume" if in_study else
+            "; the last evaluation could not be written and is evaluated again on resume")
+    return disk_full(" and ".join(w for w, _ in failed), cause, kept=kept)
+
+
+def _failed(write: Callable[[], None]) -> BaseException | None:
+    """Run ``write``; the storage or file-system error it raised, else None."""
+    try:
+        write()
+    except (StudyWriteError, OSError) as exc:
+        log.debug("write failed", exc_info=True)
+        return exc
+    return None
 
 
 def strategy_feed(strategy: Any, lookup: Callable[[Policy], EvalResult | None] | None = None) -> Feed:
@@ -585,10 +666,18 @@ def _close(results: Iterator[Any]) -> None:
 
 
 def _summary(policy: Policy, result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:
+    return _summary_of(_digest(policy.key()), policy.method_counts(), result, tag, seconds)
+
+
+def _digest(key: str) -> str:
+    """run.json's name of a policy (its key's hash)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _summary_of(digest: str, counts: Mapping[str, Any], result: EvalResult, tag: str, seconds: float) -> dict[str, Any]:
     metrics = {k: result.metrics.get(k) for k in ("top1", "agreement", "kl", "logit_sqnr", "latency")
                if k in result.metrics}
-    return {"policy": hashlib.sha256(policy.key().encode()).hexdigest()[:12], "tag": tag,
-            "counts": policy.method_counts(), "values": list(result.values), **metrics,
+    return {"policy": digest, "tag": tag, "counts": dict(counts), "values": list(result.values), **metrics,
             "error": result.error, "seconds": round(seconds, 3)}
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "KIND_UNIFORM",
     "AnswerTrial",
     "StudyRecorder",
+    "StudyWriteError",
     "default_storage",
     "open_storage",
     "publish_answer",
@@ -187,8 +188,12 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def _write_error(storage: str, exc: BaseException) -> ConfigError:
-    return ConfigError(f"--storage {redact_url(storage)}: cannot write the study ({_first_line(exc)}); "
+class StudyWriteError(ConfigError):
+    """The storage refused a write (full disk, read-only or gone); ``__cause__`` is the storage's error."""
+
+
+def _write_error(storage: str, exc: BaseException) -> StudyWriteError:
+    return StudyWriteError(f"--storage {redact_url(storage)}: cannot write the study ({_first_line(exc)}); "
                        "use a writable database (or another --storage / --results-dir)")
 
 
@@ -365,7 +370,23 @@ class StudyRecorder:
         if started is not None:
             trial.datetime_start = started
             trial.datetime_complete = finished or started
-        self.study.add_trial(trial)
+        try:
+            self.study.add_trial(trial)
+        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            raise _write_error(self.storage_url, exc.__cause__ or exc) from exc
+
+    def evaluation_trials(self) -> list[dict[str, Any]]:
+        """What run.json lists of each evaluation in the study: ``key``, ``tag``, ``counts``,
+        ``seconds`` (answer copies left out)."""
+        out = []
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            attrs = t.user_attrs
+            if attrs.get("policy_key") and attrs.get("kind") != KIND_ANSWER:
+                took = (t.datetime_complete - t.datetime_start).total_seconds() \
+                    if t.datetime_start and t.datetime_complete else 0.0
+                out.append({"key": attrs["policy_key"], "tag": attrs.get("tag", ""),
+                            "counts": attrs.get("method_counts", {}), "seconds": round(took, 3)})
+        return out
 
     def publish_answer(self, policy: Policy, *, stage: str, artifacts: Sequence[Path],
                        artifact_dir: str | Path, attrs: Mapping[str, Any] | None = None) -> "AnswerTrial":

@@ -31,10 +31,14 @@ import dataclasses
 import logging
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -48,6 +52,7 @@ from policysearch.numerics import NUMERICS_VERSION
 from policysearch.objectives import Objective, load_objective
 from policysearch.policy import Policy
 from policysearch.result import EvalResult
+from policysearch.runners import _reaper
 from policysearch.runners.base import Feed, Runner, feed_list
 from policysearch.runners.local import safe_evaluate
 
@@ -197,6 +202,7 @@ class RayRunner(Runner):
         self.init_options = dict(init_options or {})
         self.fault = dict(inject_fault) if inject_fault else None
         self._owns_ray = False
+        self._watchdog: subprocess.Popen | None = None
         self._slots: list[_Slot] = []
         self._gpus_per_worker = 0.0
         self._actor_cls: Any = None
@@ -273,6 +279,8 @@ class RayRunner(Runner):
         else:
             options.pop("include_dashboard")  # the cluster's head decides
             _probe(self.address)
+        private = self.address == "local"
+        before = _before_private_start() if private else {}
         try:
             ray.init(address=self.address, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -281,6 +289,8 @@ class RayRunner(Runner):
             raise ConfigError(f"ray runner: cannot connect to Ray at {self.address!r} "
                               f"({_first_line(exc)}){hint}") from None
         self._owns_ray = True
+        if private:
+            self._watchdog = _start_watchdog(before)
 
     def _new_slot(self, index: int, generation: int) -> _Slot:
         if self._actor_cls is None:
@@ -454,6 +464,59 @@ class RayRunner(Runner):
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+            _stop_watchdog(self._watchdog)
+            self._watchdog = None
+
+
+# -- a private instance leaves nothing behind ----------------------------------------------------------
+
+def _watchdog_dir() -> Path:
+    """Where the watchdogs keep their records (one per private instance; per user)."""
+    return Path(tempfile.gettempdir()) / f"policysearch-ray-{os.getuid()}"
+
+
+def _before_private_start() -> dict[int, int]:
+    """Before ``ray.init`` starts a private instance: end what an earlier driver's instance left
+    (its driver and watchdog both gone), and note this process's children (``pid -> start``)."""
+    if not Path("/proc/self/stat").is_file():  # the clean-up reads Linux's /proc
+        return {}
+    ended = _reaper.clean_stale(_watchdog_dir())
+    if ended:
+        log.info("ray runner: ended %d process(es) a killed driver's private Ray instance left", len(ended))
+    return _reaper.children(os.getpid())
+
+
+def _start_watchdog(before: Mapping[int, int]) -> subprocess.Popen | None:
+    """A watchdog process (:mod:`policysearch.runners._reaper`) over the processes ``ray.init``
+    just started (this process's new children): it ends them if this process dies without
+    ``ray.shutdown()``."""
+    if not Path("/proc/self/stat").is_file():
+        return None
+    roots = [p for p, st in _reaper.children(os.getpid()).items() if before.get(p) != st]
+    folder = _watchdog_dir()
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        record = folder / f"{os.getpid()}-{time.time_ns()}.json"
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", _reaper.__file__, str(os.getpid()), str(record), *map(str, roots)],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        log.warning("ray runner: no watchdog for the private Ray instance (%s); if this process is killed, "
+                    "`ray stop` ends what it leaves", exc)
+        return None
+
+
+def _stop_watchdog(watchdog: subprocess.Popen | None) -> None:
+    """After ``ray.shutdown()``: the watchdog ends anything left and exits."""
+    if watchdog is None:
+        return
+    with contextlib.suppress(OSError):
+        watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=_reaper.GRACE_S + 5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
