@@ -198,7 +198,7 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
         lines.append(f"weights: fine-tuned, {finetuned}" + (f" (recorded on data {trained_on}; pass --data "
                                                              f"{trained_on} to compare)" if trained_on and
                                                              trained_on != data else ""))
-    res = ev.evaluate(doc.policy)
+    res = ev.evaluate(doc.policy, strict=True)  # NaN logits: an error naming the site, not a 10% top-1
     lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))}, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
     recorded = recorded_metrics
