@@ -39,7 +39,7 @@ import policysearch
 from policysearch.errors import ConfigError
 from policysearch.identity import diff_fingerprints, fingerprint_digest, refusal
 from policysearch.policy import Policy, PolicyDocument, write_policy
-from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage
+from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage, read_run_json
 
 __all__ = [
     "RUN_FORMAT",
@@ -152,11 +152,7 @@ class RunRecord:
         path = Path(run_dir) / RUN_FILE
         if not path.is_file():
             raise ConfigError(f"no run record at {path}; run `policysearch run` first")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ConfigError(f"{path} is not a readable run record ({type(exc).__name__}); "
-                              "delete the run folder and run again") from None
+        data = read_run_json(path)  # bounded, typed: every problem one ConfigError
         return cls(Path(run_dir), RunDocument.from_json(data, where=str(path)).to_json())  # v1 read as v2
 
     @property

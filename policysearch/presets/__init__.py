@@ -14,6 +14,7 @@ import yaml
 
 from policysearch.errors import ConfigError
 from policysearch.registry import Registry
+from policysearch.safeload import MAX_DEPTH, check_tree, one_line, read_text
 
 __all__ = ["KINDS", "builtin_presets", "read_yaml", "resolve_preset"]
 
@@ -21,11 +22,38 @@ __all__ = ["KINDS", "builtin_presets", "read_yaml", "resolve_preset"]
 KINDS = ("spaces", "objectives", "runners")
 
 
+#: the most values a preset may hold once its aliases are expanded (a real one has < 100)
+MAX_PRESET_VALUES = 10_000
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML says keys are unique;
+    PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A preset file as a mapping; bad YAML, duplicate keys, nesting or alias bombs are one line."""
+    text = read_text(path, error=ConfigError, what="preset")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(one_line(f"{path}: not valid YAML ({exc})")) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a 5,000-digit integer, a 13th month
+        raise ConfigError(one_line(f"{path}: a value cannot be read ({exc})")) from None
+    check_tree(data, where=str(path), error=ConfigError, max_nodes=MAX_PRESET_VALUES)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
