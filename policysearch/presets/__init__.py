@@ -6,6 +6,7 @@ The built-in presets are this package's YAML files, ``policysearch/presets/<kind
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ KINDS = ("spaces", "objectives", "runners")
 
 #: the most values a preset may hold once its aliases are expanded (a real one has < 100)
 MAX_PRESET_VALUES = 10_000
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class _Loader(yaml.SafeLoader):
@@ -42,9 +44,21 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of flow brackets (``[`` ``{``), quotes ignored: an upper bound that
+    a real preset stays far below."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """A preset file as a mapping; bad YAML, duplicate keys, nesting or alias bombs are one line."""
     text = read_text(path, error=ConfigError, what="preset")
+    if _flow_depth(text) > MAX_DEPTH:  # before parsing: PyYAML's flow scanner is quadratic in depth
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep")
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -52,7 +66,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except RecursionError:
         raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a 5,000-digit integer, a 13th month
-        raise ConfigError(one_line(f"{path}: a value cannot be read ({exc})")) from None
+        why = "an integer with too many digits" if "digits" in str(exc) else one_line(exc, 120)
+        raise ConfigError(f"{path}: a value cannot be read ({why})") from None
     check_tree(data, where=str(path), error=ConfigError, max_nodes=MAX_PRESET_VALUES)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
