@@ -395,3 +395,35 @@ def test_2500_mutations_raise_only_project_errors(tmp_path):
             counts[outcome] = counts.get(outcome, 0) + 1
     assert sum(counts.values()) == 2_500
     assert counts.get("accepted", 0) > 0 and counts.get("refused", 0) > 0
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"resumed": "two"}, "'resumed'"),
+    ({"status": 3}, "'status'"),
+    ({"evaluations": {"0": {}}}, "'evaluations'"),
+    ({"evaluations": [[]]}, "'evaluations'"),
+    ({"fingerprint": []}, "'fingerprint_fields'"),
+    ({"stages": {"report": {"figures": "a.png"}}}, "'figures'"),
+])
+def test_a_mistyped_run_record_is_one_line_naming_the_field(tmp_path, change, needle):
+    data = {**json.loads((DATA / "run_v1.json").read_text()), **change}
+    (tmp_path / "run.json").write_text(json.dumps(data))
+    with pytest.raises(PolicySearchError, match=needle) as info:
+        RunRecord.load(tmp_path)
+    assert "\n" not in str(info.value) and "delete the run folder" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("values:\n- kl: 1\nvalues:\n- top1: 1\n", "duplicate key"),
+    (_YAML_TEXT[0], "aliases are expanded"),
+    ("values: &x [*x]\n", "refers to itself"),
+    ("values: " + "[" * 3_000 + "]" * 3_000 + "\n", "nested more than"),
+    ("values: [\n  - kl\n", "not valid YAML"),
+    ("values: " + "1" * 5_000 + "\n", "too many digits"),
+])
+def test_hostile_preset_text_is_one_named_error(tmp_path, text, needle):
+    path = tmp_path / "o.yaml"
+    path.write_text(text)
+    with pytest.raises(PolicySearchError, match=needle) as info:
+        load_objective(str(path))
+    assert "\n" not in str(info.value)
