@@ -55,7 +55,7 @@ __all__ = ["Evaluator", "NonFiniteOutputError"]
 log = logging.getLogger(__name__)
 
 
-class NonFiniteOutputError(PolicySearchError, ArithmeticError):
+class NonFiniteOutputError(PolicySearchError):
     """A policy made the quantized model's logits NaN/inf; the message names the first site."""
 
 
