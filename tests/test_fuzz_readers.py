@@ -46,7 +46,8 @@ def _hostile(rng: random.Random) -> Any:
     depth = rng.choice(DEEP)
     choices: list[Callable[[], Any]] = [
         lambda: None, lambda: True, lambda: 0, lambda: -1, lambda: 1, lambda: 2**63, lambda: -(2**70),
-        lambda: 1.5, lambda: -0.0, lambda: 1e308, lambda: "", lambda: "high", lambda: "all",
+        lambda: 1.5, lambda: -0.0, lambda: 1e308, lambda: math.nan, lambda: -math.inf, lambda: "",
+        lambda: "high", lambda: "all",
         lambda: "\u00e9\u4e2d\U0001f600\u202e", lambda: "a\nb\x00", lambda: "x" * 2_000, lambda: [], lambda: {},
         lambda: [1, "two", None], lambda: {"": {"": []}}, lambda: [0] * 300,
         lambda: _Deep(depth, rng.random() < 0.5),
@@ -267,8 +268,22 @@ def _run_seeds() -> list[tuple[str, Any]]:
     return [("run_v1", v1), ("run_v2", v2)]
 
 
+#: a ray runner preset giving every option, so that each one gets mutated
+_RAY_ALL = {"type": "ray", "address": "local", "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0,
+            "num_cpus": 2, "num_gpus": 0, "max_retries": 2, "max_restarts": 1, "startup_timeout_s": 60.0,
+            "init_options": {"include_dashboard": False}, "inject_fault": {"exit_on_eval": 1}}
+#: a space preset using every field, overrides included
+_SPACE_ALL = {"methods": {"softmax": ["ibert", "ivit"], "gelu": ["ibert", "relu"], "layernorm": ["ivit"]},
+              "bits": {"softmax": [6, 8]},
+              "overrides": [{"match": "blocks.0.*", "methods": ["fp32"]},
+                            {"regex": "blocks\\.1\\.mlp\\.act", "kind": "gelu", "methods": ["relu"]},
+                            {"match": "*", "kind": "softmax", "bits": [8]}]}
+
+
 def _preset_seeds(kind: str) -> list[tuple[str, Any]]:
-    return [(p.name, yaml.safe_load(p.read_text())) for p in sorted((PRESETS / kind).glob("*.yaml"))]
+    seeds = [(p.name, yaml.safe_load(p.read_text())) for p in sorted((PRESETS / kind).glob("*.yaml"))]
+    extra = {"runners": [("ray_all", _RAY_ALL)], "spaces": [("space_all", _SPACE_ALL)]}.get(kind, [])
+    return seeds + extra
 
 
 READERS: dict[str, tuple[Callable[[Path, Path], None], Callable[[], list], str]] = {
@@ -427,3 +442,11 @@ def test_hostile_preset_text_is_one_named_error(tmp_path, text, needle):
     with pytest.raises(PolicySearchError, match=needle) as info:
         load_objective(str(path))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("weight", [".nan", ".inf", "-.inf", "1e999"])
+def test_an_objective_weight_must_be_finite(tmp_path, weight):
+    path = tmp_path / "o.yaml"
+    path.write_text(f"values:\n- kl: {weight}\n")
+    with pytest.raises(PolicySearchError, match="finite"):
+        load_objective(str(path))
