@@ -55,12 +55,14 @@ class Stage:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls: type[S], data: Mapping[str, Any], *, where: str = "run.json") -> S:
-        """The stage from its fields; a declared field of the wrong type is a :class:`ConfigError`."""
+    def from_json(cls: type[S], data: Mapping[str, Any], *, where: str | None = None) -> S:
+        """The stage from its fields. Read from a file (``where`` names it), a declared field of
+        the wrong type is a :class:`ConfigError`."""
         data = cls.upgrade(dict(data))
         names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
         known = {k: v for k, v in data.items() if k in names}
-        _check_types(cls, known, f"{where}: {cls.name or 'stage'} field")
+        if where is not None:
+            _check_types(cls, known, f"{where}: {cls.name or 'stage'} field")
         return cls(**known, extra={str(k): v for k, v in data.items() if k not in names})
 
     @classmethod
