@@ -197,12 +197,12 @@ class Evaluator:
         run = _Run(policy=policy, inputs=inputs, logits=logits, sites=site_metrics)
         self._remember(run)
         self.evaluations += 1
+        # data-aware methods: the constants fitted per site (the policy JSON's metrics carry them)
+        fitted = fitted_constants(self.model)  # before any re-run below
         error = None if bad_batch is None else self._nonfinite_error(policy, bad_batch)
         if error is not None and strict:
             raise NonFiniteOutputError(error)
         result = self._result(run, error)
-        # data-aware methods: the constants fitted per site (the policy JSON's metrics carry them)
-        fitted = fitted_constants(self.model)
         return replace(result, metrics={**result.metrics, **fitted}) if fitted else result
 
     def _site_metrics(self, name: str, xq: torch.Tensor, yq: torch.Tensor, valid: torch.Tensor | None) -> SiteMetrics:
