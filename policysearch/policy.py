@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from policysearch.errors import PolicyError
+from policysearch.safeload import check_tree, decode_json, one_line, read_text
 from policysearch.sites import KIND_METHODS, Site, check_method
 
 __all__ = [
@@ -270,6 +271,7 @@ def validate_json(data: Any, *, source: str = "policy") -> None:
     """Validate a decoded policy document against the schema; raise :class:`PolicyError`."""
     import jsonschema  # deferred: policysearch.policy stays light (CLI, strategies); ~0.1 s to load
 
+    check_tree(data, where=source, error=PolicyError)  # bounded depth: validation and repr recurse
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
     if errors:
@@ -281,14 +283,17 @@ def validate_json(data: Any, *, source: str = "policy") -> None:
             kind, method = err.instance.get("kind"), err.instance.get("method")
             allowed = KIND_METHODS.get(kind, ())
             message = f"method {method!r} is not allowed for {kind}; valid: {', '.join(allowed)}"
-        raise PolicyError(f"{source}: invalid at {where}: {message}")
+        raise PolicyError(one_line(f"{source}: invalid at {where}: {message}"))
 
 
 def write_policy(path: str | Path, doc: PolicyDocument | Policy, **meta: Any) -> Path:
     """Write a schema-valid policy JSON file; ``meta`` may give model/metrics/provenance."""
     if isinstance(doc, Policy):
         doc = PolicyDocument(policy=doc, **meta)
-    data = _finite(json.loads(json.dumps(doc.to_json(), default=_json_default)))
+    try:
+        data = _finite(json.loads(json.dumps(doc.to_json(), default=_json_default)))
+    except RecursionError:
+        raise PolicyError(f"{path}: the policy's metadata is nested too deeply to write") from None
     validate_json(data, source=str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,14 +308,16 @@ def read_policy(path: str | Path) -> PolicyDocument:
     path = Path(path)
     if not path.is_file():
         raise PolicyError(f"policy file {str(path)!r} does not exist")
+    text = read_text(path, error=PolicyError, what="policy file")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"{path}: not valid JSON ({exc}); write it with `policysearch export`") from None
+        data = decode_json(text, where=str(path), error=PolicyError)
+    except PolicyError as exc:
+        raise PolicyError(f"{exc}; write it with `policysearch export`") from None
     return document_from_json(data, source=str(path))
 
 
 def document_from_json(data: Any, *, source: str = "policy") -> PolicyDocument:
+    """A decoded policy document, validated (schema, then sites and methods)."""
     validate_json(data, source=source)
     try:
         policy = Policy.from_dict(data)

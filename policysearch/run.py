@@ -47,7 +47,7 @@ from policysearch.identity import (
     settings_refusal,
 )
 from policysearch.policy import Policy, PolicyDocument, write_policy
-from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage
+from policysearch.rundoc import RUN_FORMAT, RunDocument, SearchStage, Stage, read_run_json
 from policysearch.study import redact_url, same_storage
 
 __all__ = [
@@ -254,11 +254,7 @@ class RunRecord:
         path = Path(run_dir) / RUN_FILE
         if not path.is_file():
             raise ConfigError(f"no run record at {path}; run `policysearch run` first")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ConfigError(f"{path} is not a readable run record ({type(exc).__name__}); "
-                              "delete the run folder and run again") from None
+        data = read_run_json(path)  # bounded, typed: every problem one ConfigError
         return cls(Path(run_dir), RunDocument.from_json(data, where=str(path)).to_json())  # v1 read as v2
 
     @property

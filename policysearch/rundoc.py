@@ -15,12 +15,16 @@ registry.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from policysearch.errors import ConfigError
 from policysearch.registry import Registry
+from policysearch.safeload import decode_json, read_text
 
 __all__ = [
     "RUN_FORMAT",
@@ -30,6 +34,7 @@ __all__ = [
     "RunDocument",
     "SearchStage",
     "Stage",
+    "read_run_json",
     "register_stage",
 ]
 
@@ -50,11 +55,15 @@ class Stage:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls: type[S], data: Mapping[str, Any]) -> S:
+    def from_json(cls: type[S], data: Mapping[str, Any], *, where: str | None = None) -> S:
+        """The stage from its fields. Read from a file (``where`` names it), a declared field of
+        the wrong type is a :class:`ConfigError`."""
         data = cls.upgrade(dict(data))
         names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
         known = {k: v for k, v in data.items() if k in names}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        if where is not None:
+            _check_types(cls, known, f"{where}: {cls.name or 'stage'} field")
+        return cls(**known, extra={str(k): v for k, v in data.items() if k not in names})
 
     @classmethod
     def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -106,10 +115,53 @@ def register_stage(cls: type[S]) -> type[S]:
     return cls
 
 
-def read_stage(name: str, data: Mapping[str, Any]) -> Stage:
+def read_stage(name: str, data: Mapping[str, Any], *, where: str = "run.json") -> Stage:
     """``stages.<name>`` as its registered type, else as a :class:`RawStage`."""
     cls = STAGES.get(name) if name in STAGES else RawStage
-    return cls.from_json(data)
+    return cls.from_json(data, where=where)
+
+
+def _conforms(value: Any, tp: Any) -> bool:
+    """Whether a decoded JSON value has the declared type (``int`` is not ``bool``; ``float`` takes
+    ``int``; containers are checked one declared level deep)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is dict:
+        return isinstance(value, dict) and all(_conforms(v, args[1]) for v in value.values())
+    if origin is list:
+        return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _check_types(cls: type, values: Mapping[str, Any], what: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _conforms(value, hints[key]):
+            shown = str(hints[key]).replace("typing.", "")
+            raise ConfigError(f"{what} {key!r} must be {shown}, got {type(value).__name__}; "
+                              "the run record is damaged: delete the run folder and run again")
+
+
+def read_run_json(path: str | Path) -> dict[str, Any]:
+    """A ``run.json`` decoded (bounded depth, no duplicate keys; ``NaN`` literals of old files
+    allowed) and checked to be a run record; every problem is one :class:`ConfigError`."""
+    hint = "delete the run folder and run again"
+    text = read_text(path, error=ConfigError, what="run record")
+    try:
+        data = decode_json(text, where=f"{path}", error=ConfigError, allow_nonfinite=True)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; the run record is damaged: {hint}") from None
+    RunDocument.from_json(data, where=str(path))
+    return data
 
 
 @dataclass(kw_only=True)
@@ -204,5 +256,7 @@ class RunDocument:
             raise ConfigError(f"{where}: 'stages' must map stage names to objects")
         env = {k: data[k] for k in _ENVELOPE if k in data and k not in ("format", "stages")}
         env.setdefault("name", "")
-        search = SearchStage.from_json({k: v for k, v in data.items() if k not in _ENVELOPE})
-        return cls(**env, search=search, stages={str(n): read_stage(str(n), s) for n, s in stages.items()})
+        _check_types(cls, env, f"{where}: field")
+        search = SearchStage.from_json({k: v for k, v in data.items() if k not in _ENVELOPE}, where=where)
+        return cls(**env, search=search,
+                   stages={str(n): read_stage(str(n), s, where=where) for n, s in stages.items()})

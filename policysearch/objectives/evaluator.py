@@ -33,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from policysearch.artifact import load_artifact
+from policysearch.errors import PolicySearchError
 from policysearch.models.loading import ModelError
 from policysearch.models.segments import Segment, segments
 from policysearch.models.wiring import (
@@ -50,9 +51,13 @@ from policysearch.policy import Policy
 from policysearch.result import EvalResult, PerImage, SiteMetrics
 from policysearch.sites import Site
 
-__all__ = ["Evaluator"]
+__all__ = ["Evaluator", "NonFiniteOutputError"]
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteOutputError(PolicySearchError):
+    """A policy made the quantized model's logits NaN/inf; the message names the first site."""
 
 
 @dataclass
@@ -167,8 +172,9 @@ class Evaluator:
         return best, min(start, len(self.segments) - 1)
 
     @torch.no_grad()
-    def evaluate(self, policy: Policy) -> EvalResult:
-        """Score ``policy``; a non-finite output gives a failed result, never an exception."""
+    def evaluate(self, policy: Policy, *, strict: bool = False) -> EvalResult:
+        """Score ``policy``. Non-finite logits give a failed result whose ``error`` names the first
+        site that went non-finite; with ``strict`` they raise :class:`NonFiniteOutputError`."""
         apply_policy(self.model, policy)
         if self.relu_repair is not None:
             self.relu_repair.apply(policy)  # repaired MLP weights at relu sites, the originals elsewhere
@@ -176,6 +182,7 @@ class Evaluator:
         recorded: dict[str, SiteMetrics] = {}
         inputs: list[list[torch.Tensor]] = []
         logits: list[torch.Tensor] = []
+        bad_batch: int | None = None
         for b, x in enumerate(self._bar(self.batches, "evaluate")):
             seg_inputs = list(base.inputs[b][:start]) if base is not None else []
             h = base.inputs[b][start] if base is not None else x
@@ -188,15 +195,21 @@ class Evaluator:
                     self.segment_calls += 1
             inputs.append(seg_inputs)
             logits.append(h)
+            # one check per batch; the evaluation images' logits (batch 0 is the SQNR batch)
+            if bad_batch is None and (b > 0 or len(self.batches) == 1) and not bool(torch.isfinite(h).all()):
+                bad_batch = b
         site_metrics = {n: m for n, m in (base.sites.items() if base is not None else ())
                         if self._site_segment[n] < start}
         site_metrics.update(recorded)
         run = _Run(policy=policy, inputs=inputs, logits=logits, sites=site_metrics)
         self._remember(run)
         self.evaluations += 1
-        result = self._result(run)
         # data-aware methods: the constants fitted per site (the policy JSON's metrics carry them)
-        fitted = fitted_constants(self.model)
+        fitted = fitted_constants(self.model)  # before any re-run below
+        error = None if bad_batch is None else self._nonfinite_error(policy, bad_batch)
+        if error is not None and strict:
+            raise NonFiniteOutputError(error)
+        result = self._result(run, error)
         return replace(result, metrics={**result.metrics, **fitted}) if fitted else result
 
     def _site_metrics(self, name: str, xq: torch.Tensor, yq: torch.Tensor, valid: torch.Tensor | None) -> SiteMetrics:
@@ -224,7 +237,41 @@ class Evaluator:
         self._runs.append(run)
         del self._runs[: -self.keep_runs]
 
-    def _result(self, run: _Run) -> EvalResult:
+    def _nonfinite_error(self, policy: Policy, batch: int) -> str:
+        """Re-run ``batch`` watching every site: which one first saw or made a NaN/inf."""
+        found: list[tuple[str, str]] = []
+
+        def watch(name: str, x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> None:
+            if found:
+                return
+            if valid is not None:  # masked attention entries may be -inf by design
+                x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+            if not bool(torch.isfinite(x).all()):
+                found.append((name, "input"))
+            elif not bool(torch.isfinite(y).all()):
+                found.append((name, "output"))
+
+        with record_sites(self.model, watch, masks=True):
+            h = self.batches[batch]
+            for seg in self.segments:
+                h = seg.fn(h)
+        head = "the quantized model produced non-finite logits (NaN/inf)"
+        if not found:
+            return (f"{head}; every site's output is finite, so they arise after the last site (the head): "
+                    f"try more weight/activation bits (now w{policy.weight_bits}a{policy.act_bits})")
+        name, where = found[0]
+        choice = policy[name]
+        if where == "output":
+            return (f"{head}: the first non-finite values are the output of site {name!r} "
+                    f"({self._kind(name)}, {choice}); choose another method or more bits at that site")
+        return (f"{head}: the input of site {name!r} ({self._kind(name)}, {choice}) is already non-finite, "
+                f"so they arise in the layers before it; try more weight/activation bits "
+                f"(now w{policy.weight_bits}a{policy.act_bits}) or other methods at the sites before it")
+
+    def _kind(self, name: str) -> str:
+        return next(s.kind for s in self.sites if s.name == name)
+
+    def _result(self, run: _Run, error: str | None = None) -> EvalResult:
         ordered = {s.name: run.sites[s.name] for s in self.sites if s.name in run.sites}
         eval_logits = torch.cat(run.logits[1:]) if len(run.logits) > 1 else run.logits[0]
         eval_ref = torch.cat(self.ref_logits[1:]) if len(self.ref_logits) > 1 else self.ref_logits[0]
@@ -237,8 +284,7 @@ class Evaluator:
         metrics["mean_sqnr_drop"] = sum(m.drop for m in finite) / n if finite else math.nan
         metrics["mean_beta"] = sum(m.beta for m in finite) / n if finite else math.nan
         values = self.objective.compute(metrics)
-        error = None
-        if not bool(torch.isfinite(eval_logits).all()):
+        if error is None and not bool(torch.isfinite(eval_logits).all()):
             error = "the quantized model produced non-finite logits (NaN/inf)"
         return EvalResult(values=values, metrics=metrics, sites=ordered, error=error,
                           images=self._per_image(eval_ref, eval_logits))

@@ -46,7 +46,10 @@ class Objective:
             if d not in ("maximize", "minimize"):
                 raise ConfigError(f"objective {self.name!r}: direction {d!r} is not maximize/minimize")
         for terms in self.values:
-            for metric, _ in terms:
+            for metric, weight in terms:
+                if not math.isfinite(weight):
+                    raise ConfigError(f"objective {self.name!r}: the weight of {metric!r} must be a finite "
+                                      f"number, got {weight!r}")
                 if metric not in METRICS:
                     raise ConfigError(
                         f"objective {self.name!r}: unknown metric {metric!r}; valid: {', '.join(METRICS)}"

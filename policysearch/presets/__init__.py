@@ -6,6 +6,7 @@ The built-in presets are this package's YAML files, ``policysearch/presets/<kind
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import yaml
 
 from policysearch.errors import ConfigError
 from policysearch.registry import Registry
+from policysearch.safeload import MAX_DEPTH, check_tree, one_line, read_text
 
 __all__ = ["KINDS", "builtin_presets", "read_yaml", "resolve_preset"]
 
@@ -21,11 +23,52 @@ __all__ = ["KINDS", "builtin_presets", "read_yaml", "resolve_preset"]
 KINDS = ("spaces", "objectives", "runners")
 
 
+#: the most values a preset may hold once its aliases are expanded (a real one has < 100)
+MAX_PRESET_VALUES = 10_000
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML says keys are unique;
+    PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of flow brackets (``[`` ``{``), quotes ignored: an upper bound that
+    a real preset stays far below."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        depth = depth + 1 if m.group() in "[{" else max(depth - 1, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A preset file as a mapping; bad YAML, duplicate keys, nesting or alias bombs are one line."""
+    text = read_text(path, error=ConfigError, what="preset")
+    if _flow_depth(text) > MAX_DEPTH:  # before parsing: PyYAML's flow scanner is quadratic in depth
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(one_line(f"{path}: not valid YAML ({exc})")) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested more than {MAX_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a 5,000-digit integer, a 13th month
+        why = "an integer with too many digits" if "digits" in str(exc) else one_line(exc, 120)
+        raise ConfigError(f"{path}: a value cannot be read ({why})") from None
+    check_tree(data, where=str(path), error=ConfigError, max_nodes=MAX_PRESET_VALUES)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

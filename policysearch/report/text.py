@@ -328,7 +328,7 @@ def check_policy_file(policy: str | None, *, model: str | None, checkpoint: str 
         if ev.model._policysearch.policy != doc.policy:
             raise ConfigError(f"{spec.artifact} holds another policy than {policy}; export the run again")
         lines.append(f"integer model: {spec.artifact} (loaded, not recalibrated)")
-    res = ev.evaluate(doc.policy)
+    res = ev.evaluate(doc.policy, strict=True)  # NaN logits: an error naming the site, not a 10% top-1
     lines.append(f"policy {policy}: top-1 {_pct(res.metrics.get('top1'))} on {n_eval} images, "
                  f"agreement {_pct(res.metrics.get('agreement'))}, KL {res.metrics.get('kl', math.nan):.5f}")
     recorded = recorded_metrics

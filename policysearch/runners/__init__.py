@@ -31,6 +31,9 @@ def create_runner(name: str = "local", **options: Any) -> Runner:
     data, _ = resolve_preset("runners", name, PRESETS)
     data = {k: v for k, v in data.items() if k != "name"}
     kind = data.pop("type", "local")
+    if not isinstance(kind, str) or any(not isinstance(k, str) for k in data):  # a hand-edited preset
+        raise ConfigError(f"runner preset {name!r}: 'type' must be one of {', '.join(RUNNERS.names())} "
+                          f"and every option a name, got type {kind!r}")
     cls = RUNNERS.get(kind)
     merged = {**data, **options}
     params = inspect.signature(cls).parameters

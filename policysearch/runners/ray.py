@@ -188,9 +188,18 @@ class RayRunner(Runner):
             raise ConfigError(f"ray runner: max_restarts must be an integer >= 0, got {max_restarts!r}")
         if address is not None and not isinstance(address, str):
             raise ConfigError(f"ray runner: address must be a string (local, auto, HOST:PORT), got {address!r}")
+        for key, n in (("num_cpus", num_cpus), ("num_gpus", num_gpus)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+                raise ConfigError(f"ray runner: {key} must be an integer >= 0, got {n!r}")
+        if isinstance(startup_timeout_s, bool) or not isinstance(startup_timeout_s, (int, float)) \
+                or not 0 < startup_timeout_s < float("inf"):
+            raise ConfigError(f"ray runner: startup_timeout_s must be a positive number, got {startup_timeout_s!r}")
+        for key, opts in (("init_options", init_options), ("inject_fault", inject_fault)):
+            if opts is not None and not isinstance(opts, Mapping):
+                raise ConfigError(f"ray runner: {key} must be a mapping, got {type(opts).__name__}")
         unknown = set(inject_fault or {}) - {"exit_on_eval", "exit_on_policies", "slow_policies"}
         if unknown:
-            raise ConfigError(f"ray runner: unknown inject_fault key(s) {', '.join(sorted(unknown))}")
+            raise ConfigError(f"ray runner: unknown inject_fault key(s) {', '.join(sorted(map(str, unknown)))}")
         self.address = address or "local"
         self.workers_option = workers
         self.cpus_per_worker = cpus_per_worker

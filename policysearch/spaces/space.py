@@ -73,7 +73,10 @@ class SearchSpace:
         where = f"space {name!r}: "
         methods, bits = _kind_tables(data, where)
         per_site = [[list(methods.get(s.kind, KIND_METHODS[s.kind])), bits.get(s.kind)] for s in sites]
-        for i, rule in enumerate(data.get("overrides") or []):
+        rules = data.get("overrides") or []
+        if not isinstance(rules, list):
+            raise ConfigError(f"{where}'overrides' must be a list of rules, got {type(rules).__name__}")
+        for i, rule in enumerate(rules):
             _apply_rule(rule, i, sites, per_site, where)
         options = tuple(_expand(s.kind, m, b, f"{where}site {s.name!r}: ")
                         for s, (m, b) in zip(sites, per_site))
@@ -199,7 +202,7 @@ def _bits(value: Any, what: str) -> list[int] | None:
 def _kind_tables(data: Any, where: str) -> tuple[dict[str, list[str]], dict[str, list[int] | None]]:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}expected a mapping with 'methods: {{kind: [..]}}', got {type(data).__name__}")
-    unknown = sorted(set(data) - _PRESET_KEYS)
+    unknown = sorted(map(str, set(data) - _PRESET_KEYS))
     if unknown:
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_PRESET_KEYS))}")
     tables = []
@@ -234,14 +237,14 @@ def _apply_rule(rule: Any, i: int, sites: Sequence[Site], per_site: list[list[An
     where = f"{where}override {i}: "
     if not isinstance(rule, Mapping):
         raise ConfigError(f"{where}expected a mapping like {{match: 'blocks.0.*', methods: [fp32]}}")
-    unknown = sorted(set(rule) - _RULE_KEYS)
+    unknown = sorted(map(str, set(rule) - _RULE_KEYS))
     if unknown:
         raise ConfigError(f"{where}unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_RULE_KEYS))}")
     if "methods" not in rule and "bits" not in rule:
         raise ConfigError(f"{where}needs 'methods' and/or 'bits'")
     pattern, hit = _matcher(rule, where)
     kind = rule.get("kind")
-    if kind is not None and kind not in KIND_METHODS:
+    if kind is not None and (not isinstance(kind, str) or kind not in KIND_METHODS):
         raise ConfigError(f"{where}unknown kind {kind!r}; valid kinds: {', '.join(KIND_METHODS)}")
     hits = [j for j, s in enumerate(sites) if hit(s.name) and kind in (None, s.kind)]
     if not hits:
