@@ -15,11 +15,11 @@ calibrated on random images, and every round runs, back to back,
   simulation (``intmm.use_engine("float")``), and two search evaluations (``objectives.Evaluator``,
   no segment reuse), each per forward of a batch of this size:
 
-  - ``eval``: a search evaluation as ``policysearch run`` makes it: the per-site SQNR recording
-    (gamma, beta at every site) on the SQNR batch of 64 calibration images (the product's default
-    ``sqnr_batch``), then ``--eval-batches`` evaluation batches (default 4); its time over the
-    evaluation batches (the recorded batch's cost included). The CLI's default scores 1,000
-    images per evaluation, so its recording share is smaller still.
+  - ``eval``: a search evaluation in the proportions ``policysearch run`` makes it: the per-site
+    SQNR recording (gamma, beta at every site) on one batch of calibration images, then
+    ``--eval-batches`` evaluation batches (default 16), its time divided by the evaluation batches
+    (the recorded batch's cost included). The CLI records 64 images (``sqnr_batch``) per 1,000
+    evaluated (``--eval-size``): 1 in 15.6; one batch in 16 is that share.
   - ``rec``: the worst case: the recorded SQNR batch (this batch size) and one evaluation batch,
     divided by 2, so ``2 * rec - int`` is what one recorded batch costs.
 
@@ -46,7 +46,6 @@ from policysearch.quant.intmm import use_engine
 
 MODELS = ["fmnist_vit", "deit_tiny_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224"]
 TARGET = {"int": 1.0, "eval": 1.2}
-SQNR_BATCH = 64  # the product's default (Evaluator / EvaluatorSpec sqnr_batch)
 
 
 def load(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -77,13 +76,13 @@ def bench(name: str, batch: int, args: argparse.Namespace) -> None:
     plain = plain.to(dev)
     model = ps.prepare(copy.deepcopy(base), wiring=args.wiring).to(dev)
     x = torch.randn(batch, *size).to(dev)
-    calib = torch.randn(max(SQNR_BATCH, batch), *size).to(dev)
+    calib = torch.randn(batch, *size).to(dev)
     ps.calibrate(model, [calib])
     sites = ps.find_sites(model)
     # both evaluators calibrate the shared model on the same images: the same ranges as above
     worst = Evaluator(model, calib_images=calib, eval_images=x, batch_size=batch, sqnr_batch=batch, reuse=False)
     ev = Evaluator(model, calib_images=calib, eval_images=x.repeat(args.eval_batches, *[1] * (x.dim() - 1)),
-                   batch_size=batch, sqnr_batch=SQNR_BATCH, reuse=False)
+                   batch_size=batch, sqnr_batch=batch, reuse=False)
     policies = {m: Policy.uniform(sites, m, fallback={"gelu": "ivit"}) for m in args.methods}
 
     def run_float() -> None:
@@ -147,7 +146,8 @@ def main() -> None:
     ap.add_argument("--wiring", default="paper", choices=("paper", "native"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: the same engine on a GPU")
-    ap.add_argument("--eval-batches", type=int, default=4, help="evaluation batches of ``eval`` (default 4)")
+    ap.add_argument("--eval-batches", type=int, default=None,
+                    help="evaluation batches per recorded batch in ``eval`` (default 16; --quick 2)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 7)")
     ap.add_argument("--quick", action="store_true", help="smoke check: small models, batch 2, one round")
     args = ap.parse_args()
@@ -156,6 +156,7 @@ def main() -> None:
     batches = args.batch or ([2] if quick else [32, 8])
     args.methods = [m.strip() for m in (args.methods or ("ivit" if quick else "ibert,fqvit,ivit")).split(",") if m.strip()]
     args.repeats = args.repeats or (1 if quick else 7)
+    args.eval_batches = args.eval_batches or (2 if quick else 16)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
