@@ -402,11 +402,19 @@ def numerics_line(blocks: Sequence[Mapping[str, Any]], default: str) -> str:
     return line + ", the current code's."
 
 
+def block_commands(rec: Mapping[str, Any]) -> list[str]:
+    """The commands that made the record's blocks, in order (each block names its own; a record made
+    before blocks did lists every command it was appended with)."""
+    if any("command" not in b for b in rec["blocks"]):
+        return list(rec["commands"])
+    return list(dict.fromkeys(b["command"] for b in rec["blocks"]))
+
+
 def render(rec: Mapping[str, Any]) -> str:
     blocks = rec["blocks"]
     absent = missing(blocks)
     lines = ["# Headroom: where the choice of non-linear methods can matter", "",
-             "Produced by " + ", then ".join(f"`{c}`" for c in rec["commands"])
+             "Produced by " + ", then ".join(f"`{c}`" for c in block_commands(rec))
              + f" (numerics {rec['numerics']} unless a table says otherwise, torch {rec['torch']}); rendered from `results/headroom.json` "
              "by `python reproduce/headroom.py --render`.", "", numerics_line(blocks, rec["numerics"]), "",
              "## Summary", "", *summary(blocks), "",
@@ -544,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     done: list[dict[str, Any]] = []
 
     def write(block: dict[str, Any]) -> None:
-        done.append(block)
+        done.append({**block, "command": cmd})
         # re-read under --append: another process (e.g. the random-weight models) may have added blocks
         now = read_record(record) if args.append else None
         base, cmds = (now["blocks"], now["commands"]) if now else (old, [])
