@@ -46,14 +46,14 @@ def main() -> None:
     trees = {"this": HERE} | ({"against": args.against.resolve()} if args.against else {})
     rounds = args.rounds or (3 if args.against else 1)
     times: dict[str, list[float]] = {k: [] for k in trees}
+    first: dict[str, str] = {}
     for _ in range(rounds):
         for k, tree in trees.items():
-            wall, first = run_once(tree)
+            wall, first[k] = run_once(tree)
             times[k].append(wall)
-    print(first)
     for k, tree in trees.items():
         print(f"policysearch run --strategy sqnr_diff ({k}: {tree}): median {statistics.median(times[k]):.1f} s wall "
-              f"of {rounds} (budget 60 s, 2 cores)")
+              f"of {rounds} (budget 60 s, 2 cores); it printed: {first[k]}")
     if args.against:
         r = statistics.median(a / b for a, b in zip(times["this"], times["against"], strict=True))
         print(f"this / against: {r:.2f} (median of per-round ratios)")

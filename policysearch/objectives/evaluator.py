@@ -190,7 +190,8 @@ class Evaluator:
                 else (lambda *a: None)
             with record_sites(self.model, rec, masks=True):
                 for seg in self.segments[start:]:
-                    seg_inputs.append(h)
+                    if self.reuse:  # kept for later policies that restart there; else freed as it goes
+                        seg_inputs.append(h)
                     h = seg.fn(h)
                     self.segment_calls += 1
             inputs.append(seg_inputs)
