@@ -10,6 +10,7 @@ an escape. The hypothesis tests are derandomized; the slow-marked loop runs 2,50
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import random
@@ -370,6 +371,8 @@ def test_readers_raise_only_project_errors(kind, rng, tmp_path_factory):
 def test_the_seeds_are_accepted_and_round_trip(kind, tmp_path):
     read, _, fmt = READERS[kind]
     for i, (_name, seed) in enumerate(_SEEDS[kind]):
+        if kind == "runner" and seed.get("type") == "ray" and importlib.util.find_spec("ray") is None:
+            continue  # without the ray extra a ray preset is refused by name (MissingExtraError), rightly
         case = tmp_path / str(i)
         case.mkdir()
         path = case / ("run.json" if kind == "run" else "policy.json" if kind == "policy" else "preset.yaml")
