@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 
 import policysearch as ps
+from policysearch.models.loading import load_model, model_input_size
 from policysearch.objectives import Evaluator
 from policysearch.policy import Policy
 from policysearch.quant.intmm import use_engine
@@ -49,16 +50,9 @@ TARGET = {"int": 1.0, "eval": 1.2}
 
 
 def load(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    from policysearch.models.loading import load_model, model_input_size
-    from policysearch.models.zoo import ZOO
-
-    if name in ZOO:
-        model = load_model(name)
-        return model, tuple(model_input_size(model))
-    import timm
-
-    model = timm.create_model(name, pretrained=False).eval()
-    return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    """A zoo model with its weights, or a timm model with random weights (``pretrained=False``)."""
+    model = load_model(name)
+    return model, tuple(model_input_size(model))
 
 
 def loadavg() -> str:

@@ -16,6 +16,7 @@ import copy
 import torch
 
 import policysearch as ps
+from policysearch.models.loading import load_model, model_input_size
 from policysearch.objectives import Evaluator
 from policysearch.policy import Policy
 
@@ -23,16 +24,9 @@ MODELS = {"fmnist_vit": 4, "deit_small_patch16_224": 2, "swin_tiny_patch4_window
 
 
 def load(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    from policysearch.models.loading import load_model, model_input_size
-    from policysearch.models.zoo import ZOO
-
-    if name in ZOO:
-        model = load_model(name)
-        return model, tuple(model_input_size(model))
-    import timm
-
-    model = timm.create_model(name, pretrained=False).eval()
-    return model, tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    """A zoo model with its weights, or a timm model with random weights (``pretrained=False``)."""
+    model = load_model(name)
+    return model, tuple(model_input_size(model))
 
 
 def policies(sites: list) -> dict[str, Policy]:
