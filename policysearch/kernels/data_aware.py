@@ -172,6 +172,11 @@ class PolyGELU(_Fitted):
     def _set_constants(self, constants: dict[str, float]) -> None:
         self.a, self.b = float(constants["a"]), float(constants["b"])
 
+    def row_local(self) -> bool:
+        """Elementwise once its constants are fixed (fitted on calibration, or the fixed pair); an
+        uncalibrated kernel fits on each call's whole input, a statistic of the batch."""
+        return self.fixed or self.fitted_range is not None
+
     def constants(self) -> dict[str, float]:
         out = {"a": self.a, "b": self.b}
         if self.fitted_range is not None and not self.fixed:

@@ -165,6 +165,11 @@ class IBertGELU(nn.Module):
     N = 14
     COEF = (-0.2888, -1.769, 1.0)
 
+    @staticmethod
+    def row_local() -> bool:
+        """Elementwise: slices of a batch give the same integers (``QuantSite.row_local``)."""
+        return True
+
     def _int_erf(self, x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(floor(sign(x) ((min(|x|, -b) + b)^2 + c) / 2^N), scale * 2^N)``: the reference's
         operations in its order, on one new buffer (``x_int`` is kept)."""

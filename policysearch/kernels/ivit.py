@@ -87,6 +87,11 @@ class IViTGELU(nn.Module):
     N = 23
     SIGMOID_K = 1.702
 
+    @staticmethod
+    def row_local() -> bool:
+        """Its one reduction is the row maximum: slices of a batch give the same integers."""
+        return True
+
     def __init__(self, output_bit: int = 8) -> None:
         super().__init__()
         self.output_bit = output_bit

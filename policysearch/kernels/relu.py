@@ -15,6 +15,11 @@ __all__ = ["IntReLU", "gelu"]
 
 
 class IntReLU(nn.Module):
+    @staticmethod
+    def row_local() -> bool:
+        """Elementwise (``QuantSite.row_local``)."""
+        return True
+
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.relu(x), as_scale(scale, x)
 

@@ -105,6 +105,19 @@ class QuantSite(nn.Module):
             k.fit(*self.fit_range)  # deterministic in the calibration data (already fingerprinted)
         return k
 
+    def row_local(self) -> bool:
+        """Whether the output's every row (last dim) depends on that input row alone, so that the
+        site may run on slices of a batch with the same result: not while calibrating or
+        recording, and only for a method whose kernel says so (``row_local()``; e.g. not I-BERT's
+        softmax, which requantizes by a statistic of the whole tensor)."""
+        if self.calibrating or self.recorder is not None:
+            return False
+        if not self.enabled or self.choice.method == "fp32":
+            return self.kind == "gelu"  # the float GELU: elementwise
+        k = self.kernel(self.choice.method)
+        local = getattr(k, "row_local", None)
+        return bool(local()) if callable(local) else False
+
     def fitted_constants(self) -> dict[str, float]:
         """The constants the current method fitted here (data-aware methods; else empty)."""
         if not self.enabled or self.choice.method == "fp32":

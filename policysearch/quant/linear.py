@@ -312,7 +312,10 @@ class IntLinear(_IntMixin, QuantLinear):
         acc = g.acc(q.reshape(-1, q.shape[-1]), bits, b_int)
         return acc.view(*q.shape[:-1], g.N)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, *,
+                ints: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``ints``: the integers of ``x`` on ``scale`` where the caller already has them (a slice
+        of what the quantizer before kept); else they come from ``source`` or are divided out."""
         if not self.enabled or self.act.calibrating:
             return F.linear(x, self.weight, self.bias), None
         if scale is None:
@@ -320,7 +323,10 @@ class IntLinear(_IntMixin, QuantLinear):
         if _needs_grad(x, self.weight, self.bias):
             return self._qat(x, scale, _LinearGrads, F.linear)
         w_int, s_acc, b = self._int_params(scale)
-        q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
+        if ints is not None:
+            q = ints
+        else:
+            q = self.source[0].ints_of(x, scale) if self.source else torch.div(x, scale).round_()
         if get_engine() == "float":  # the old float32 simulation (benchmarks, tests)
             return F.linear(q.to(w_int.dtype), w_int, b).mul_(s_acc), s_acc
         return self._exact_acc(q, _bits_of(self.source, q), b).mul_(s_acc), s_acc
