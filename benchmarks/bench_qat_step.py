@@ -37,22 +37,12 @@ import policysearch as ps
 from policysearch.finetune.kd import freeze, kd_loss
 from policysearch.finetune.qat import track_ranges
 from policysearch.kernels._common import ste_gradients
+from policysearch.models.loading import load_model, model_input_size
 from policysearch.policy import Policy
 from policysearch.quant.intmm import use_engine
 from policysearch.train import param_groups
 
 BUDGET = 2.5
-
-
-def load(name: str) -> torch.nn.Module:
-    from policysearch.models.loading import load_model
-    from policysearch.models.zoo import ZOO
-
-    if name in ZOO:
-        return load_model(name)
-    import timm
-
-    return timm.create_model(name, pretrained=False).eval()
 
 
 def loadavg() -> str:
@@ -64,10 +54,8 @@ def loadavg() -> str:
 
 def bench(name: str, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    base = load(name)
-    size = base.pretrained_cfg.get("input_size") or (3, 224, 224)
-    if name.startswith("fmnist"):
-        size = (1, 28, 28)
+    base = load_model(name)  # zoo weights, or timm's random weights (pretrained=False)
+    size = tuple(model_input_size(base))
     x = torch.randn(args.batch, *size)
     y = torch.randint(0, base.num_classes, (args.batch,))
     teacher = freeze(copy.deepcopy(base))
