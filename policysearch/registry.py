@@ -12,7 +12,8 @@ missing backend is one :class:`MissingExtraError` saying which extra to install.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -20,7 +21,7 @@ from policysearch.errors import ConfigError, MissingExtraError, UnknownNameError
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "UnknownNameError"]
+__all__ = ["Registry", "UnknownNameError", "lazy_exports"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +133,24 @@ class Registry(Generic[T]):
 def _is_within(module_name: str, missing: str) -> bool:
     """``missing`` is ``module_name`` itself or one of its parent packages."""
     return bool(missing) and (module_name == missing or module_name.startswith(missing + "."))
+
+
+def lazy_exports(module: str, lazy: Mapping[str, str],
+                 public: Sequence[str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's PEP 562 ``__getattr__`` and ``__dir__``: each name of ``lazy`` (name -> the
+    module defining it) is imported on first access and then bound in the package, so later
+    lookups skip the hook. ``__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)``."""
+    namespace = sys.modules[module].__dict__
+
+    def __getattr__(name: str) -> Any:
+        target = lazy.get(name)
+        if target is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(target), name)
+        namespace[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(public))
+
+    return __getattr__, __dir__

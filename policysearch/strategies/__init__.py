@@ -9,12 +9,12 @@ The strategies built on a heavy library (Optuna: ``tpe``, ``nsga2``, ``random``;
 """
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
+from policysearch.registry import lazy_exports
 from policysearch.spaces.space import SearchSpace
 from policysearch.strategies.base import STRATEGIES, Strategy, dominates, rank_key, register
 from policysearch.strategies.exhaustive import Exhaustive, ExhaustiveOptions
@@ -100,17 +100,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, __all__)
 
 #: Options a driver may pass to any strategy; one that does not take it ignores it (logged).
 BUDGET_OPTIONS = ("trials",)
