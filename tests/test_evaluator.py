@@ -5,18 +5,19 @@ import torch
 
 import policysearch as ps
 from policysearch.models.tiny import tiny_swin, tiny_vit
+from policysearch.errors import PolicySearchError
 from policysearch.objectives import Evaluator, asqnr, kl_divergence
 from policysearch.policy import Policy
 
 
-def _evaluator(make=tiny_vit, reuse=True, objective="kl", wiring="paper"):
+def _evaluator(make=tiny_vit, reuse=True, objective="kl", wiring="paper", **options):
     torch.manual_seed(0)
     model = ps.prepare(make(), wiring=wiring)
     calib = torch.randn(16, 3, 32, 32)
     images = torch.randn(24, 3, 32, 32)
     labels = torch.randint(0, 10, (24,))
     return Evaluator(model, calib_images=calib, eval_images=images, eval_labels=labels,
-                     objective=objective, batch_size=8, sqnr_batch=8, reuse=reuse)
+                     objective=objective, batch_size=8, sqnr_batch=8, reuse=reuse, **options)
 
 
 def test_asqnr_definition():
@@ -64,6 +65,32 @@ def test_activation_reuse_gives_identical_results_with_fewer_segment_calls(make,
         assert a.values == b.values
         assert a.sites == b.sites
     assert with_reuse.segment_calls < without.segment_calls
+
+
+def _kept_bytes(ev: Evaluator) -> int:
+    """Bytes of the kept segment inputs (segment 0's is the evaluator's own batch)."""
+    return sum(t.numel() * t.element_size() for run in ev._runs for batch in run.inputs for h in batch[1:]
+               if h is not None for t in (h if isinstance(h, tuple) else (h,)) if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_reuse_memory_keeps_every_kth_segment_input_with_identical_results(make):
+    full = _evaluator(make)
+    base = Policy.uniform(full.sites, "ivit")
+    changes = [base] + [base.replace({s.name: c}) for s in full.sites[2:] for c in ("fp32", "ibert")]
+    for p in changes:
+        full.evaluate(p)
+    assert full.stride == 1
+    budget = _kept_bytes(full) // 3  # a third of what keeping everything takes
+    bounded, without = _evaluator(make, reuse_memory=budget), _evaluator(make, reuse=False)
+    for p in changes:
+        a, b = bounded.evaluate(p), without.evaluate(p)
+        assert a.values == b.values and a.sites == b.sites
+        assert _kept_bytes(bounded) <= budget * 1.05  # the inputs' scale tensors aside
+    assert bounded.stride >= 3
+    assert full.segment_calls < bounded.segment_calls < without.segment_calls
+    with pytest.raises(PolicySearchError, match="reuse_memory"):
+        _evaluator(make, reuse_memory=0)
 
 
 def test_non_finite_logits_give_failed_result():

@@ -11,9 +11,13 @@ the kernel's input (each method's own input quantization is part of that wiring'
 Beta compares the site outputs. Masked attention entries (Swin's shifted-window mask) are left
 out of both (``asqnr(..., valid=)``).
 
-Activation reuse: the forward is a chain of segments (stem, blocks, head). The inputs of every
-segment are kept for the last evaluated policies; a policy whose first changed site lies in
-segment ``k`` restarts there. Site metrics of earlier segments are reused too.
+Activation reuse: the forward is a chain of segments (stem, blocks, head). The inputs of the
+segments are kept for the last evaluated policies; a policy whose first changed site lies in
+segment ``k`` restarts from the nearest kept input at or before ``k``. Site metrics of earlier
+segments are reused too. The kept inputs are bounded by ``reuse_memory`` bytes: where keeping
+every segment's input for ``keep_runs`` policies would exceed it (a 224-px model on thousands of
+images: many GiB), only every ``stride``-th segment's input is kept (measured on the first batch;
+logged), so a restart recomputes at most ``stride - 1`` segments more.
 
 ReLU repair (``relu_repair=RepairSettings(...)``, or ``True`` for the defaults; off by default):
 a GELU site that chooses ``relu`` runs its block's MLP with weights re-fitted to the float block
@@ -60,12 +64,25 @@ class NonFiniteOutputError(PolicySearchError):
     """A policy made the quantized model's logits NaN/inf; the message names the first site."""
 
 
+def _nbytes(h: object) -> int:
+    """Bytes of a segment input: a tensor, or the paper wiring's ``(x, scale)`` pair."""
+    if isinstance(h, torch.Tensor):
+        return h.numel() * h.element_size()
+    if isinstance(h, (tuple, list)):
+        return sum(_nbytes(t) for t in h)
+    return 0
+
+
+def _ordinal(n: int) -> str:
+    return "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
 @dataclass
 class _Run:
     """Cached activations of one evaluated policy."""
 
     policy: Policy
-    inputs: list[list[torch.Tensor]]  # [batch][segment] -> input of that segment
+    inputs: list[list[torch.Tensor | None]]  # [batch][segment] -> input of that segment (None: not kept)
     logits: list[torch.Tensor]
     sites: dict[str, SiteMetrics] = field(default_factory=dict)
 
@@ -86,6 +103,7 @@ class Evaluator:
         device: str | torch.device = "cpu",
         reuse: bool = True,
         keep_runs: int = 2,
+        reuse_memory: int = 2 * 2**30,
         progress: bool = False,
         relu_repair: RepairSettings | bool | None = None,
         artifact: str | None = None,
@@ -97,6 +115,11 @@ class Evaluator:
         self.objective = load_objective(objective)
         self.reuse = reuse
         self.keep_runs = keep_runs
+        if reuse_memory <= 0:
+            raise PolicySearchError(f"reuse_memory must be a positive number of bytes, got {reuse_memory}")
+        self.reuse_memory = reuse_memory
+        #: keep every ``stride``-th segment's input (set from the first evaluated batch)
+        self.stride: int | None = None
         self.progress = progress
         self.sites: list[Site] = find_sites(self.model)
         self.segments: list[Segment] = segments(self.model)
@@ -169,7 +192,20 @@ class Evaluator:
                 k = self.first_changed_segment(policy, run)
                 if k > start:
                     best, start = run, k
-        return best, min(start, len(self.segments) - 1)
+        start = min(start, len(self.segments) - 1)
+        return best, start - start % (self.stride or 1)  # the nearest kept input at or before it
+
+    def _set_stride(self, kept: Sequence[torch.Tensor | None], images: int) -> None:
+        """The stride that keeps ``keep_runs`` policies' inputs under ``reuse_memory``, from one
+        batch's inputs (``images`` images) scaled to every batch."""
+        total_images = sum(len(b) for b in self.batches)
+        # segment 0's input is the batch itself, held by the evaluator anyway
+        per_run = sum(_nbytes(h) for h in kept[1:] if h is not None) / max(images, 1) * total_images
+        self.stride = max(1, math.ceil(per_run * self.keep_runs / self.reuse_memory))
+        if self.stride > 1:
+            log.info("activation reuse keeps every %d%s segment's input (%.1f GiB for all of them over %d "
+                     "policies; budget %.1f GiB)", self.stride, _ordinal(self.stride),
+                     per_run * self.keep_runs / 2**30, self.keep_runs, self.reuse_memory / 2**30)
 
     @torch.no_grad()
     def evaluate(self, policy: Policy, *, strict: bool = False) -> EvalResult:
@@ -180,7 +216,7 @@ class Evaluator:
             self.relu_repair.apply(policy)  # repaired MLP weights at relu sites, the originals elsewhere
         base, start = self._best_run(policy)
         recorded: dict[str, SiteMetrics] = {}
-        inputs: list[list[torch.Tensor]] = []
+        inputs: list[list[torch.Tensor | None]] = []
         logits: list[torch.Tensor] = []
         bad_batch: int | None = None
         for b, x in enumerate(self._bar(self.batches, "evaluate")):
@@ -189,11 +225,14 @@ class Evaluator:
             rec = (lambda n, xi, yo, v: recorded.__setitem__(n, self._site_metrics(n, xi, yo, v))) if b == 0 \
                 else (lambda *a: None)
             with record_sites(self.model, rec, masks=True):
-                for seg in self.segments[start:]:
+                for i, seg in enumerate(self.segments[start:], start):
                     if self.reuse:  # kept for later policies that restart there; else freed as it goes
-                        seg_inputs.append(h)
+                        seg_inputs.append(h if self.stride is None or i % self.stride == 0 else None)
                     h = seg.fn(h)
                     self.segment_calls += 1
+            if self.reuse and self.stride is None:  # the first batch ever: measure, then thin it
+                self._set_stride(seg_inputs, len(x))
+                seg_inputs = [t if i % (self.stride or 1) == 0 else None for i, t in enumerate(seg_inputs)]
             inputs.append(seg_inputs)
             logits.append(h)
             # one check per batch; the evaluation images' logits (batch 0 is the SQNR batch)
