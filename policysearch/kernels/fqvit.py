@@ -106,6 +106,11 @@ class FQViTSoftmax(nn.Module):
         super().__init__()
         self.bits = bits
 
+    @staticmethod
+    def row_local() -> bool:
+        """Its reductions are the row's maximum and sum: slices of a batch give the same integers."""
+        return True
+
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
         top = 2**self.bits - 1

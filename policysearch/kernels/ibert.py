@@ -91,6 +91,15 @@ class IBertSoftmax(nn.Module):
         super().__init__()
         self.output_bit = output_bit
 
+    def row_local(self) -> bool:
+        """Row-local although the 16-bit requantization takes the range of the whole tensor: every
+        row holds a 0 after its maximum is subtracted (a row of NaN/inf becomes 0s), and i-exp is
+        largest there (``q = 0``, ``r = 0``: ``z = c_int``; elsewhere ``r (r + b_int) <= 0`` as
+        ``-b_int < x0_int <= r <= 0``, and ``q >= 1`` halves the power), with ``exp_int >= 0``; so
+        the range is ``[0, exp_int(0)]``, a function of the scale alone, for any batch. A subclass
+        with another exponential (``fit_exp``) does not inherit this."""
+        return type(self) is IBertSoftmax
+
     @staticmethod
     def _coarsen(x_int: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Below :data:`SOFTMAX_MIN_SCALE`, ``(floor(x_int / 2^k), s * 2^k)`` with the least ``k``

@@ -59,6 +59,11 @@ class IViTSoftmax(nn.Module):
         super().__init__()
         self.output_bit = output_bit
 
+    @staticmethod
+    def row_local() -> bool:
+        """Its reductions are the row's maximum and sum: slices of a batch give the same integers."""
+        return True
+
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
         with torch.no_grad():

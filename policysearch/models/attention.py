@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from policysearch.models.site import QuantSite
+from policysearch.models.slicing import ATTENTION_SLICE_FACTOR, calibrated, run_sliced, slice_step
 from policysearch.quant import IntAct, IntLinear, QuantAct, QuantLinear
 from policysearch.quant.intmm import exact_matmul, int_bmm, to_float32
 
@@ -183,9 +184,10 @@ class _PaperAttnBase(nn.Module):
         return attn, (s * s * self.scale) if s is not None else None
 
     def _attend(self, x: torch.Tensor, scale: torch.Tensor | None, mask: torch.Tensor | None,
-                bias: tuple[torch.Tensor, torch.Tensor | None] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                bias: tuple[torch.Tensor, torch.Tensor | None] | None,
+                ints: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, _ = x.shape
-        y, s_acc = self.qkv(x, scale)
+        y, s_acc = self.qkv(x, scale, ints=ints)
         y, s = self.qkv_act(y, s_acc, owned=True)
         integer = s is not None and not (torch.is_grad_enabled() and y.requires_grad)
         qkv = y.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
@@ -216,7 +218,21 @@ class PaperAttention(_PaperAttnBase):
     """``timm.layers.Attention`` in the ``paper`` wiring (no qk-norm, no scale-norm, no gate)."""
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self._attend(x, scale, None, None)
+        step = self._slice_rows(x, scale)
+        if not step:
+            return self._attend(x, scale, None, None)
+        return run_sliced(lambda xs, s, q: self._attend(xs, s, None, None, q), x, scale, step, self.qkv)
+
+    def _slice_rows(self, x: torch.Tensor, scale: torch.Tensor | None) -> int:
+        """Images to run at a time (0: all at once; ``models.slicing``): attention works image by
+        image; a slice holds about ``ATTENTION_SLICE_FACTOR * SLICE_ELEMENTS`` attention scores (or
+        qkv outputs)."""
+        if scale is None or torch.is_grad_enabled() or x.dim() != 3:
+            return 0
+        if not calibrated(self.qkv_act, self.attn_act, self.av_act, self.proj_act) or not self.softmax.row_local():
+            return 0
+        N, C = x.shape[1], x.shape[2]
+        return slice_step(x.shape[0], max(self.num_heads * N * N, N * 3 * C), ATTENTION_SLICE_FACTOR)
 
 
 class PaperWindowAttention(_PaperAttnBase):

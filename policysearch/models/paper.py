@@ -55,6 +55,7 @@ from timm.models.swin_transformer import window_partition, window_reverse
 from torch import nn
 
 from policysearch.models.site import QuantSite
+from policysearch.models.slicing import calibrated, run_sliced, slice_step
 from policysearch.quant import IntAct, IntConv2d, IntLinear, onto_grid
 
 __all__ = [
@@ -68,9 +69,6 @@ __all__ = [
 ]
 
 Carry = tuple[torch.Tensor, "torch.Tensor | None"]
-
-#: hidden activations per slice of an MLP run in slices (``PaperMlp``): 1 MiB of float32, an L2 cache
-SLICE_ELEMENTS = 2**18
 
 
 def _feed(act: IntAct, consumer: nn.Module) -> None:
@@ -118,31 +116,16 @@ class PaperMlp(nn.Module):
         step = self._slice_rows(x, scale)
         if not step:
             return self._forward(x, scale)
-        # fc1's input integers (kept by the quantizer before it), sliced with the tensor
-        ints = self.fc1.source[0].ints_of(x, scale) if self.fc1.source else None
-        parts = [self._forward(x[i:i + step], scale, None if ints is None else ints[i:i + step])
-                 for i in range(0, x.shape[0], step)]
-        return torch.cat([y for y, _ in parts]), parts[0][1]
+        return run_sliced(self._forward, x, scale, step, self.fc1)
 
     def _slice_rows(self, x: torch.Tensor, scale: torch.Tensor | None) -> int:
-        """How many entries of dim 0 to run at a time (0: all at once).
-
-        The MLP works token by token, so slices of the batch give the same integers as the whole,
-        provided nothing in it takes a statistic over the batch: every quantizer calibrated (a
-        static scale), the GELU site row-local (``QuantSite.row_local``), no recorder, no autograd.
-        Then a slice of about :data:`SLICE_ELEMENTS` hidden activations keeps the GELU's many
-        elementwise passes in cache instead of streaming the whole hidden tensor through memory.
-        """
+        """Entries of dim 0 to run at a time (0: all at once; ``models.slicing``): the MLP works
+        token by token; a slice holds about ``SLICE_ELEMENTS`` hidden activations."""
         if scale is None or torch.is_grad_enabled() or not isinstance(self.act, QuantSite) or x.dim() < 2:
             return 0
-        if not all(a.enabled and not a.calibrating and a.observer.ready
-                   for a in (self.gelu_act, self.act_out, self.out_act)):
+        if not calibrated(self.gelu_act, self.act_out, self.out_act) or not self.act.row_local():
             return 0
-        if not self.act.row_local():
-            return 0
-        per_entry = x[0].numel() // x.shape[-1] * self.fc1.out_features
-        step = max(1, SLICE_ELEMENTS // max(per_entry, 1))
-        return step if step < x.shape[0] else 0
+        return slice_step(x.shape[0], x[0].numel() // x.shape[-1] * self.fc1.out_features)
 
     def _forward(self, x: torch.Tensor, scale: torch.Tensor | None, ints: torch.Tensor | None = None) -> Carry:
         y, s = self.fc1(x, scale, ints=ints)

@@ -113,7 +113,7 @@ class QuantSite(nn.Module):
         if self.calibrating or self.recorder is not None:
             return False
         if not self.enabled or self.choice.method == "fp32":
-            return self.kind == "gelu"  # the float GELU: elementwise
+            return self.kind != "layernorm"  # the float GELU and softmax (a LayerNorm may requantize first)
         k = self.kernel(self.choice.method)
         local = getattr(k, "row_local", None)
         return bool(local()) if callable(local) else False

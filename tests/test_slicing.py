@@ -1,13 +1,15 @@
-"""The ``paper`` MLP runs in slices of the batch (``PaperMlp``, issue 24: the GELU's elementwise
-passes stay in cache) and gives the same integers as the whole batch at once; where anything in
-it takes a statistic of the whole batch it does not slice."""
+"""The ``paper`` MLP and ViT attention run in slices of the batch (``models.slicing``, issue 24:
+the kernels' elementwise passes stay in cache) and give the same integers as the whole batch at
+once; where anything in them takes a statistic of the whole batch they do not slice."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import policysearch as ps
-import policysearch.models.paper as paper
+import policysearch.models.slicing as slicing
+from policysearch.kernels.ibert import IBertSoftmax
+from policysearch.models.attention import PaperAttention
 from policysearch.models.paper import PaperMlp
 from policysearch.models.site import QuantSite
 from policysearch.models.tiny import tiny_swin, tiny_vit
@@ -23,19 +25,20 @@ def _model(make, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def _steps(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The slice sizes every MLP chose on one forward of ``x``."""
+def _steps(model: torch.nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
+           cls: type = PaperMlp) -> list[int]:
+    """The slice sizes every module of ``cls`` chose on one forward of ``x``."""
     seen: list[int] = []
-    real = PaperMlp._slice_rows
+    real = cls._slice_rows
 
     def spy(self, x_, s_):  # noqa: ANN001, ANN202
         seen.append(real(self, x_, s_))
         return seen[-1]
 
-    monkeypatch.setattr(PaperMlp, "_slice_rows", spy)
+    monkeypatch.setattr(cls, "_slice_rows", spy)
     with torch.inference_mode():
         model(x)
-    monkeypatch.setattr(PaperMlp, "_slice_rows", real)
+    monkeypatch.setattr(cls, "_slice_rows", real)
     return seen
 
 
@@ -48,18 +51,52 @@ def test_sliced_mlp_gives_the_whole_batchs_logits_exactly(make, gelu, bits, monk
     ps.apply_policy(model, Policy.uniform(sites, {"softmax": "ibert", "gelu": gelu, "layernorm": "ibert"},
                                           weight_bits=bits, act_bits=bits))
     x = torch.randn(6, 3, 32, 32) * 1.5
-    monkeypatch.setattr(paper, "SLICE_ELEMENTS", 2**40)  # one slice: the whole batch
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 2**40)  # one slice: the whole batch
     with torch.inference_mode():
         whole = model(x)
-    monkeypatch.setattr(paper, "SLICE_ELEMENTS", 1)  # one image per slice
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 1)  # one image per slice
     assert set(_steps(model, x, monkeypatch)) == {1}
     with torch.inference_mode():
         sliced = model(x)
     assert torch.equal(whole, sliced)
 
 
+@pytest.mark.parametrize("softmax", ["ibert", "ivit", "fqvit", "fp32"])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_sliced_attention_gives_the_whole_batchs_logits_exactly(softmax, bits, monkeypatch):
+    model = _model(tiny_vit)
+    sites = ps.find_sites(model)
+    ps.apply_policy(model, Policy.uniform(sites, {"softmax": softmax, "gelu": "ivit", "layernorm": "ivit"},
+                                          weight_bits=bits, act_bits=bits))
+    x = torch.randn(5, 3, 32, 32) * 2.0
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 2**40)
+    with torch.inference_mode():
+        whole = model(x)
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 1)
+    assert set(_steps(model, x, monkeypatch, PaperAttention)) == {1}
+    with torch.inference_mode():
+        sliced = model(x)
+    assert torch.equal(whole, sliced)
+
+
+@pytest.mark.parametrize("scale", [1e-2, 1e-3, 1e-4, 3e-6])
+def test_ibert_softmax_is_row_local(scale):
+    """Its 16-bit requantization's range is the same for any batch (``IBertSoftmax.row_local``)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 2, 9, 9, generator=gen) * 4.0
+    x[1, 0, 3] = float("-inf")  # a masked entry
+    x[2, 1, 4] = float("nan")  # a broken row
+    s = torch.tensor(scale)
+    x = torch.round(x / s) * s
+    kern = IBertSoftmax(8)
+    assert kern.row_local()
+    whole, _ = kern(x, s)
+    rows = torch.cat([kern(x[i:i + 1], s)[0] for i in range(len(x))])
+    assert torch.equal(whole, rows)
+
+
 def test_no_slices_where_a_batch_statistic_or_a_recorder_is_involved(monkeypatch):
-    monkeypatch.setattr(paper, "SLICE_ELEMENTS", 1)
+    monkeypatch.setattr(slicing, "SLICE_ELEMENTS", 1)
     model = _model(tiny_vit)
     sites = ps.find_sites(model)
     x = torch.randn(4, 3, 32, 32)
@@ -89,11 +126,17 @@ def test_row_local_says_which_kernels_may_run_on_slices():
         ps.apply_policy(model, Policy.uniform(list(ps.find_sites(model)),
                                               {"softmax": "ibert", "gelu": method, "layernorm": "ibert"}))
         assert gelu.row_local(), method
-    # I-BERT's softmax (and the fitted one built on it) requantizes by a statistic of the tensor
-    for method in ["ibert", "fit_exp"]:
+    for method in ["ibert", "ivit", "fqvit", "fp32"]:
         ps.apply_policy(model, Policy.uniform(list(ps.find_sites(model)),
                                               {"softmax": method, "gelu": "ibert", "layernorm": "ibert"}))
-        assert not softmax.row_local(), method
+        assert softmax.row_local(), method
+    # the fitted exponential takes its 16-bit range from the whole tensor (no proof it is fixed);
+    # a LayerNorm is never sliced (I-BERT's overflow shift is the whole tensor's)
+    ps.apply_policy(model, Policy.uniform(list(ps.find_sites(model)),
+                                          {"softmax": "fit_exp", "gelu": "ibert", "layernorm": "ibert"}))
+    assert not softmax.row_local()
+    norm = qs[sites["layernorm"]]
+    assert not norm.row_local()
     # an unfitted data-aware GELU fits on its whole input
     fresh = ps.prepare(tiny_vit(), wiring="paper")
     ps.apply_policy(fresh, Policy.uniform(ps.find_sites(fresh), {"softmax": "ibert", "gelu": "poly_gelu",
