@@ -31,7 +31,7 @@ from torch import nn
 from policysearch.quant.ste import floor_ste, round_ste
 
 __all__ = ["STE_MODES", "IntSqrtLayerNorm", "as_scale", "current_ste", "exp2_int", "exp2_int_traceable",
-           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "round_ste", "shift_exp", "shift_exp_ste",
+           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "round_ste", "shift_exp", "shift_exp_parts", "shift_exp_ste",
            "ste_gradients", "value_with_grad_of", "with_ste"]
 
 def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -237,23 +237,29 @@ def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
     bounds, as ``torch.clamp``'s gradient); the op-by-op graph gives the
     same up to float rounding (tested). One guard the reference lacks: the exponent ``n - q`` is
     capped at 127 (where the integer pass saturates to ``inf`` the gradient is then 0, not NaN)."""
-    s = s.detach()
     with torch.no_grad():
-        x = x_int.detach()
-        x0_int = torch.floor(-1.0 / s)
-        t = x + torch.floor(x / 2) - torch.floor(x / 16)
-        floor_at = n * x0_int
-        tc = torch.maximum(t, floor_at)
-        q = torch.floor(tc / x0_int)
-        k = n - q
-        ep = ((tc - x0_int * q) / 2 - x0_int) * exp2_int(torch.clamp(k, max=127.0))
-        exp_int = torch.clamp(torch.floor(ep), min=0)
-        if not x_int.requires_grad:
-            return exp_int
-        coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(_max_mask(t, floor_at)).mul_(exp_int.clamp(max=1.0))
-        coef = coef.mul_((126.5 - k).mul_(2.0).clamp_(0.0, 1.0))  # the cap's clamp passes where n - q < 127
-        coef = coef.nan_to_num_(nan=0.0, posinf=0.0)  # a saturated 2^127 row (inf * 0): no gradient
-    return _ExpSTE.apply(x_int, exp_int, coef)
+        exp_int, coef = shift_exp_parts(x_int.detach(), s.detach(), n, grad=x_int.requires_grad)
+    return exp_int if coef is None else _ExpSTE.apply(x_int, exp_int, coef)
+
+
+def shift_exp_parts(x: torch.Tensor, s: torch.Tensor, n: int, *,
+                    grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`shift_exp_ste`'s value (the graph's, exponent capped at 127) and its derivative
+    ``d exp / dx`` (``None`` unless ``grad``), without autograd: for closed forms built on it."""
+    x0_int = torch.floor(-1.0 / s)
+    t = x + torch.floor(x / 2) - torch.floor(x / 16)
+    floor_at = n * x0_int
+    tc = torch.maximum(t, floor_at)
+    q = torch.floor(tc / x0_int)
+    k = n - q
+    ep = ((tc - x0_int * q) / 2 - x0_int) * exp2_int(torch.clamp(k, max=127.0))
+    exp_int = torch.clamp(torch.floor(ep), min=0)
+    if not grad:
+        return exp_int, None
+    coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(_max_mask(t, floor_at)).mul_(exp_int.clamp(max=1.0))
+    coef = coef.mul_((126.5 - k).mul_(2.0).clamp_(0.0, 1.0))  # the cap's clamp passes where n - q < 127
+    coef = coef.nan_to_num_(nan=0.0, posinf=0.0)  # a saturated 2^127 row (inf * 0): no gradient
+    return exp_int, coef
 
 
 class IntSqrtLayerNorm(nn.Module):

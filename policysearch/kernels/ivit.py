@@ -43,6 +43,7 @@ from policysearch.kernels._common import (
     floor_ste,
     round_ste,
     shift_exp,
+    shift_exp_parts,
     shift_exp_ste,
     with_ste,
 )
@@ -112,44 +113,54 @@ class IViTGELU(nn.Module):
         return with_ste(x, y, lambda: F.gelu(x), lambda: self._reference_graph(x, s.detach())), out_scale
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``IntGELU.forward``'s autograd graph (straight-through floors; the row maximum and
-        ``e^(-x_max)`` carry gradient as there; ``x_int`` rounded straight through, as forward)."""
-        pre_x_int = round_ste(x / s)
+        """``IntGELU.forward``'s straight-through gradient (floors pass; the row maximum and
+        ``e^(-x_max)`` carry gradient as there; ``x_int`` rounded straight through, as forward),
+        in closed form (:class:`_GELUGrad`): equal to the op-by-op graph up to float rounding (tested)."""
+        with torch.no_grad():
+            d, w, idx = self._gradient_parts(x.detach(), s)
+        return _GELUGrad.apply(x, d, w, idx)
+
+    def _gradient_parts(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The graph's values (exps with the exponent capped, as :func:`shift_exp_ste`) and
+        ``dy_i/dx_i = d``, ``dy_j/dx_max = s * w_j`` (``x_max`` at ``idx``, as ``max``'s gradient).
+
+        With ``u = x_int - x_max``, ``e = exp(u)``, ``m = exp(-x_max)``, ``t = min(e + m, NUM)``,
+        ``f = floor(NUM / t)``, ``sig = floor(e f 2^-k)`` and ``y = x_int sig c``: ``dy/dx_int = c sig
+        + c x_int (f 2^-k + T) e'(u)`` with ``T = -e 2^-k NUM / t^2`` (where ``e + m < NUM``, the
+        clamp's open bound), and ``dy/dx_max = -c x_int ((f 2^-k + T) e'(u) + T m'(-x_max))``."""
+        shift, out_scale = 2.0 ** (self.output_bit - 32), s / 2 ** (self.output_bit - 1)
+        pre = torch.round(x / s)
         s_sig = s * self.SIGMOID_K
-        x_max = pre_x_int.max(dim=-1, keepdim=True).values
-        exp_int = shift_exp_ste(pre_x_int - x_max, s_sig, self.N)
-        exp_max = shift_exp_ste(-x_max, s_sig, self.N)
-        return _SigmoidTail.apply(pre_x_int, exp_int, exp_max, 2.0 ** (self.output_bit - 32),
-                                  s / 2 ** (self.output_bit - 1))
-
-
-class _SigmoidTail(torch.autograd.Function):
-    """``pre_x * floor(e * floor(NUM / min(e + e_max, NUM)) * 2^-k) * c`` (I-ViT's GELU after its
-    two exps) with the closed-form gradient of its straight-through graph: each floor passes, the
-    clamp at ``NUM`` passes where ``e + e_max < NUM`` (open bound, as ``torch.clamp``), and
-    ``d floor(NUM / t) / dt = -NUM / t^2``. Same as the op-by-op graph up to float rounding (tested)."""
-
-    @staticmethod
-    def forward(ctx, pre_x_int: torch.Tensor, exp_int: torch.Tensor, exp_max: torch.Tensor,  # noqa: ANN001
-                shift: float, out_scale: torch.Tensor) -> torch.Tensor:
-        total = exp_int + exp_max
+        x_max, idx = pre.max(dim=-1, keepdim=True)
+        e, de = shift_exp_parts(pre - x_max, s_sig, self.N)
+        m, dm = shift_exp_parts(-x_max, s_sig, self.N)
+        total = e + m
         passes = (total < _NUMERATOR).to(total.dtype)
         total = torch.clamp_(total, max=_NUMERATOR)
         factor = torch.floor(_NUMERATOR / total)
-        sig_int = torch.floor((exp_int * factor) * shift)
-        ctx.save_for_backward(pre_x_int, exp_int, factor, total, passes, sig_int, out_scale)
-        ctx.shift = shift
-        return pre_x_int * sig_int * out_scale
+        sig = torch.floor((e * factor) * shift)
+        t_coef = (e * (-shift * _NUMERATOR)).div_(total).div_(total).mul_(passes)
+        c_pre = pre.mul_(out_scale)  # c * x_int
+        q = factor.mul_(shift).add_(t_coef).mul_(de).mul_(c_pre)
+        w = t_coef.mul_(dm).mul_(c_pre).add_(q).neg_().div_(s)
+        d = sig.mul_(out_scale).add_(q).div_(s)
+        return d, w, idx
+
+
+class _GELUGrad(torch.autograd.Function):
+    """Backward ``dx_i = (g_i d_i + [i = idx] sum_j g_j w_j)`` (:meth:`IViTGELU._gradient_parts`;
+    the ``1 / s`` of ``x / s`` is in ``d`` and ``w``); forward returns a zero-cost surrogate value."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
-        pre_x_int, exp_int, factor, total, passes, sig_int, out_scale = ctx.saved_tensors
-        g = grad * out_scale
-        g_sig = g * pre_x_int
-        g_total = (g_sig * exp_int).mul_(-ctx.shift * _NUMERATOR).div_(total).div_(total).mul_(passes)
-        g_exp = g_sig.mul_(factor).mul_(ctx.shift).add_(g_total)
-        g_max = g_total.sum(dim=-1, keepdim=True)
-        return g.mul_(sig_int), g_exp, g_max, None, None
+    def forward(ctx, x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(d, w, idx)
+        return d
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        d, w, idx = ctx.saved_tensors
+        row = (grad * w).sum(dim=-1, keepdim=True)
+        return (grad * d).scatter_add_(-1, idx, row), None, None, None
 
 
 class IViTLayerNorm(IntSqrtLayerNorm):

@@ -1,0 +1,84 @@
+"""The kernels' reference-STE gradients in closed form against the op-by-op straight-through graphs
+they replace (kept here as the oracles): same forward value bit for bit, same gradient up to float
+rounding (exactly 0 where the graph's is), on several scales including saturating inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from policysearch import kernels
+from policysearch.kernels._common import ste_gradients
+from policysearch.quant.ste import floor_ste, round_ste
+
+RTOL = 1e-5
+
+
+# ---- the op-by-op graphs (the kernels' reference gradients before they were closed forms) -------
+def _shift_exp_graph(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
+    """I-ViT's ``int_exp_shift`` with ``floor_ste`` (the exponent capped at 127, as the kernel)."""
+    t = x_int + floor_ste(x_int / 2) - floor_ste(x_int / 16)
+    x0_int = torch.floor(-1.0 / s)
+    t = torch.maximum(t, n * x0_int)
+    q = floor_ste(t / x0_int)
+    e = (t - x0_int * q) / 2 - x0_int
+    return torch.clamp(floor_ste(e * torch.pow(2.0, torch.clamp(n - q, max=127.0))), min=0)
+
+
+def _ivit_gelu_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    num = 2**31 - 1
+    pre_x_int = round_ste(x / s)
+    s_sig = s * 1.702
+    x_max = pre_x_int.max(dim=-1, keepdim=True).values
+    exp_int = _shift_exp_graph(pre_x_int - x_max, s_sig, 23)
+    exp_max = _shift_exp_graph(-x_max, s_sig, 23)
+    total = torch.clamp(exp_int + exp_max, max=num)
+    factor = floor_ste(num / total)
+    sig_int = floor_ste(exp_int * factor / 2 ** (32 - bits))
+    return pre_x_int * sig_int * (s / 2 ** (bits - 1))
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def _close(fast: torch.Tensor, slow: torch.Tensor) -> None:
+    """Equal up to float rounding, relative to the gradient's magnitude (sums of terms of both
+    signs cancel), exactly 0 where the graph's is exactly 0, NaN where it is NaN."""
+    assert torch.equal(fast.isnan(), slow.isnan())
+    f, g = fast.nan_to_num(0.0), slow.nan_to_num(0.0)
+    assert torch.equal(f[g == 0], g[g == 0])
+    torch.testing.assert_close(f, g, rtol=RTOL, atol=RTOL * float(g.abs().max()))
+
+
+def _compare(make, graph, x: torch.Tensor, s: torch.Tensor, params=()) -> None:
+    """The kernel (``make()``) under reference STE against ``graph(x, s)``: value bit-identical to
+    the kernel's no-grad integer pass, gradients (input and ``params``) as the graph's."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        value, _ = make()(x, s)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with ste_gradients("reference"):
+        y, _ = make()(a, s)
+    assert torch.equal(y, value)
+    grads_fast = torch.autograd.grad((y * w).sum(), [a, *params])
+    grads_slow = torch.autograd.grad((graph(b, s) * w).sum(), [b, *params])
+    assert grads_slow[0].abs().sum() > 0
+    for fast, slow in zip(grads_fast, grads_slow, strict=True):
+        _close(fast, slow)
+
+
+def _inputs(shape, s_val: float, spread: float, seed: int) -> torch.Tensor:
+    """Values on the grid of ``s``, with a saturating row and a row of ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.round(torch.randn(shape, generator=g) * spread / s_val) * s_val
+    x.view(-1, shape[-1])[0] = -torch.rand(shape[-1], generator=g) * 200 - 50  # very negative row
+    x.view(-1, shape[-1])[1, : shape[-1] // 2] = x.view(-1, shape[-1])[1].max()  # tied maxima
+    return x
+
+
+# ---- I-ViT GELU ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("s_val, spread", [(1e-3, 2.0), (0.02, 2.0), (0.1, 3.0), (0.05, 30.0)])
+def test_ivit_gelu(s_val, spread) -> None:
+    s = torch.tensor(s_val)
+    x = _inputs((3, 7, 48), s_val, spread, 1)
+    _compare(lambda: kernels.create("gelu", "ivit"), _ivit_gelu_graph, x, s)
