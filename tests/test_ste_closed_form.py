@@ -82,3 +82,26 @@ def test_ivit_gelu(s_val, spread) -> None:
     s = torch.tensor(s_val)
     x = _inputs((3, 7, 48), s_val, spread, 1)
     _compare(lambda: kernels.create("gelu", "ivit"), _ivit_gelu_graph, x, s)
+
+
+# ---- I-BERT GELU ---------------------------------------------------------------------------------
+def _ibert_gelu_graph(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """I-BERT's ``IntGELU.forward`` graph (with the kernel's ``round_ste`` on ``x / s``)."""
+    a, b, c = -0.2888, -1.769, 1.0
+    s_e = s / 1.4142
+    x_int = round_ste(x / s)
+    b_int = torch.floor(b / s_e)
+    y_int = torch.sign(x_int.detach()) * ((torch.minimum(x_int.abs(), -b_int) + b_int) ** 2
+                                          + torch.floor((c / a) / s_e**2))
+    sig_scale = s_e**2 * a * 2**14
+    y_int = floor_ste(y_int / 2**14)
+    return x_int * (y_int + torch.floor(1.0 / sig_scale)) * (s * sig_scale / 2)
+
+
+@pytest.mark.parametrize("s_val, spread", [(1e-4, 2.0), (3e-3, 2.0), (0.02, 3.0), (0.3, 3.0)])
+def test_ibert_gelu(s_val, spread) -> None:
+    s = torch.tensor(s_val)
+    x = _inputs((3, 7, 48), s_val, spread, 2)
+    tie = -torch.floor(-1.769 / (s / 1.4142))  # |x_int| = -b_int: torch.minimum's tie
+    x.view(-1, 48)[2, :5] = torch.stack([tie * s, -tie * s, (tie + 1) * s, torch.tensor(0.0), s])
+    _compare(lambda: kernels.create("gelu", "ibert"), _ibert_gelu_graph, x, s)

@@ -32,7 +32,7 @@ from policysearch.quant.ste import floor_ste, round_ste
 
 __all__ = ["STE_MODES", "IntSqrtLayerNorm", "as_scale", "current_ste", "exp2_int", "exp2_int_traceable",
            "floor_ste", "i_exp_poly", "i_exp_poly_ste", "round_ste", "shift_exp", "shift_exp_parts", "shift_exp_ste",
-           "ste_gradients", "value_with_grad_of", "with_ste"]
+           "ste_gradients", "value_with_grad_of", "with_grad_coef", "with_ste"]
 
 def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A float32 scale tensor on ``x``'s device, shape () / (1,) / (C,) broadcasting on the last dim."""
@@ -191,6 +191,12 @@ class _ExpSTE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
         (coef,) = ctx.saved_tensors
         return grad * coef, None, None
+
+
+def with_grad_coef(x: torch.Tensor, value: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``value`` (computed without autograd) whose gradient is ``grad * coef`` into ``x``: an
+    elementwise operator's straight-through gradient in closed form (``coef = d value / d x``)."""
+    return _ExpSTE.apply(x, value, coef)
 
 
 def _max_mask(x: torch.Tensor, floor_at: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,10 @@ from policysearch.kernels._common import (
     i_exp_poly,
     i_exp_poly_ste,
     round_ste,
+    with_grad_coef,
     with_ste,
 )
+
 
 __all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax", "gelu", "layernorm", "softmax"]
 
@@ -84,6 +86,11 @@ _F64_SLICE = 2**18
 def _frexp31(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mantissa, exponent = torch.frexp(ratio.double())
     return torch.floor(mantissa * 2.0**31 + 0.5), 31.0 - exponent.double()
+
+
+def _min_mask(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``torch.minimum(x, bound)``'s gradient for ``x``: 1 below, 1/2 at a tie, 0 above."""
+    return (bound - x).sign_().add_(1.0).mul_(0.5)
 
 
 class IBertSoftmax(nn.Module):
@@ -184,17 +191,24 @@ class IBertGELU(nn.Module):
         return torch.floor_(y_int.mul_(2.0**-self.N)), scale * 2**self.N
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``IntGELU.forward``'s autograd graph: ``sign``, ``b_int``, ``c_int`` and ``shift_int``
-        held fixed, ``floor_ste`` on the 2^14 shift."""
+        """``IntGELU.forward``'s straight-through gradient (``sign``, ``b_int``, ``c_int`` and
+        ``shift_int`` held fixed, ``floor_ste`` on the 2^14 shift, ``round_ste`` on ``x / s``) in
+        closed form: with ``m = min(|x_int|, -b_int)`` (``torch.minimum``: half the gradient at a
+        tie), ``d out / dx = c (y_int + shift_int + x_int 2^(1-N) (m + b_int) [|x_int| < -b_int]) / s``,
+        ``c = s sig_scale / 2``. Equal to the op-by-op graph up to float rounding (tested)."""
         a, b, c = self.COEF
-        s_e = s / self.K
-        x_int = round_ste(x / s)
-        b_int = torch.floor(b / s_e)
-        y_int = torch.sign(x_int.detach()) * ((torch.minimum(x_int.abs(), -b_int) + b_int) ** 2
-                                              + torch.floor((c / a) / s_e**2))
-        sig_scale = s_e**2 * a * 2**self.N
-        y_int = floor_ste(y_int / 2**self.N)
-        return x_int * (y_int + torch.floor(1.0 / sig_scale)) * (s * sig_scale / 2)
+        with torch.no_grad():
+            s_e = s / self.K
+            x_int = torch.round(x.detach() / s)
+            b_int = torch.floor(b / s_e)
+            mag = x_int.abs()
+            passes = _min_mask(mag, -b_int)
+            mn = torch.minimum(mag, -b_int).add_(b_int)
+            y_int = torch.sign(x_int).mul_(mn * mn + torch.floor((c / a) / s_e**2))
+            sig_scale = s_e**2 * a * 2**self.N
+            y_int = torch.floor_(y_int.div_(2**self.N)).add_(torch.floor(1.0 / sig_scale))
+            coef = mn.mul_(passes).mul_(x_int).mul_(2.0 ** (1 - self.N)).add_(y_int).mul_(s * sig_scale / 2).div_(s)
+        return with_grad_coef(x, coef, coef)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
