@@ -105,3 +105,48 @@ def test_ibert_gelu(s_val, spread) -> None:
     tie = -torch.floor(-1.769 / (s / 1.4142))  # |x_int| = -b_int: torch.minimum's tie
     x.view(-1, 48)[2, :5] = torch.stack([tie * s, -tie * s, (tie + 1) * s, torch.tensor(0.0), s])
     _compare(lambda: kernels.create("gelu", "ibert"), _ibert_gelu_graph, x, s)
+
+
+# ---- I-BERT / I-ViT LayerNorm --------------------------------------------------------------------
+def _ibert_std_graph(y_int: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        var = (y_int.detach().double() ** 2).sum(dim=-1).max()
+        shift = torch.clamp(torch.ceil((torch.ceil(torch.log2(var)) - 32) / 2), min=0).float()
+    var_int = (floor_ste(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
+    return floor_ste(torch.sqrt(torch.clamp(var_int, min=1.0))) * 2**shift
+
+
+def _ivit_std_graph(y_int: torch.Tensor) -> torch.Tensor:
+    var_int = (y_int**2).sum(dim=-1, keepdim=True)
+    k = torch.full_like(var_int, 2.0**16)
+    for _ in range(10):
+        k = floor_ste((k + floor_ste(var_int / k)) / 2)
+    return k
+
+
+def _sqrt_layernorm_graph(norm: nn.LayerNorm, std_graph, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """I-BERT's / I-ViT's ``IntLayerNorm.forward`` graph (the bias passing straight through)."""
+    weight, bias = norm.weight, norm.bias
+    x_int = x / s
+    y_int = x_int - round_ste(x_int.mean(dim=-1, keepdim=True))
+    factor = floor_ste(2**31 / std_graph(y_int))
+    y_int = floor_ste(y_int * factor / 2)
+    base = torch.full((), x.shape[-1] ** 0.5 / 2**30)
+    y_int = y_int + floor_ste((bias / weight.detach()) / base)
+    return y_int * (base * weight)
+
+
+@pytest.mark.parametrize("method", ["ibert", "ivit"])
+@pytest.mark.parametrize("s_val, spread", [(1e-3, 1.0), (0.01, 3.0), (0.2, 3.0), (3e-6, 1.0)])
+def test_sqrt_layernorm(method, s_val, spread) -> None:
+    torch.manual_seed(4)
+    norm = nn.LayerNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(32) + 0.5)
+        norm.bias.copy_(torch.randn(32) * 0.1)
+    s = torch.tensor(s_val)
+    x = _inputs((3, 5, 32), s_val, spread, 3)
+    x.view(-1, 32)[2] = s  # a constant row (the clamp of var / the Newton floor)
+    std_graph = _ibert_std_graph if method == "ibert" else _ivit_std_graph
+    _compare(lambda: kernels.create("layernorm", method, norm=norm),
+             lambda b, s: _sqrt_layernorm_graph(norm, std_graph, b, s), x, s, params=(norm.weight, norm.bias))

@@ -99,6 +99,35 @@ def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.T
     return value_with_grad_of(y_int, surrogate)
 
 
+class _LayerNormGrad(torch.autograd.Function):
+    """Backward of :meth:`IntSqrtLayerNorm._reference_graph`: ``out = (floor(y f / 2) + bias_int)
+    base w`` with ``f = floor(NUM / std(y))``, ``y = x / s - round(mean)``; the forward returns
+    ``out_int`` (a surrogate value: ``with_ste`` forwards the integer pass)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s: torch.Tensor,  # noqa: ANN001, PLR0913
+                y: torch.Tensor, dstd: torch.Tensor, factor: torch.Tensor, dfactor: torch.Tensor,
+                out_int: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, s, y, dstd, factor, dfactor, out_int, base)
+        return out_int
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        weight, s, y, dstd, factor, dfactor, out_int, base = ctx.saved_tensors
+        lead = tuple(range(grad.dim() - 1))
+        g_w = g_b = g_x = None
+        if ctx.needs_input_grad[1]:
+            g_w = (grad * out_int).sum(dim=lead) * base
+        if ctx.needs_input_grad[2]:
+            g_b = grad.sum(dim=lead) * (base * weight) / base / weight
+        if ctx.needs_input_grad[0]:
+            g_out = grad * (base * weight)
+            g_std = (g_out * y).sum(dim=-1, keepdim=True).mul_(0.5).mul_(dfactor)
+            g_y = g_out.mul_(factor).mul_(0.5).add_(dstd.mul(g_std))
+            g_x = g_y.sub_(g_y.mean(dim=-1, keepdim=True)).div_(s)
+        return g_x, g_w, g_b, *([None] * 7)
+
+
 def exp2_int(k: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """``2.0 ** k`` for integer-valued float ``k``, built from the float32 bits.
 
@@ -290,8 +319,9 @@ class IntSqrtLayerNorm(nn.Module):
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
-        """:meth:`std_int` as the reference's autograd graph (straight-through floors)."""
+    def std_int_grad(self, y_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference graph's ``std_int`` of ``y_int`` (not integral: ``x / s`` there) and its
+        straight-through derivative ``d std_int / d y_int`` (each floor passing), without autograd."""
         raise NotImplementedError
 
     @staticmethod
@@ -301,18 +331,22 @@ class IntSqrtLayerNorm(nn.Module):
         return torch.full((), math.sqrt(x.shape[-1]) / 2**30, dtype=torch.float32, device=x.device)
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The reference's QAT graph (I-BERT / I-ViT ``IntLayerNorm.forward``): the output scale
-        ``sqrt(C) / 2^30 * weight`` carries the weight's gradient. One deviation: the reference
-        computes ``bias_int`` from ``bias.data`` (its LayerNorm biases never train); here
-        ``bias_int`` passes the bias's gradient straight through, which makes it the float one."""
+        """The reference's QAT graph's gradient (I-BERT / I-ViT ``IntLayerNorm.forward``: ``x_int =
+        x / s``, ``round_ste`` on the mean, ``floor_ste`` on each floor, the output scale ``sqrt(C) /
+        2^30 * weight`` carrying the weight's gradient) in closed form (:class:`_LayerNormGrad`),
+        equal to the op-by-op graph up to float rounding (tested). One deviation: the reference
+        computes ``bias_int`` from ``bias.data`` (its LayerNorm biases never train); here ``bias_int``
+        passes the bias's gradient straight through, which makes it the float one."""
         weight, bias = self.norm.weight, self.norm.bias
-        x_int = x / s.detach()
-        y_int = x_int - round_ste(x_int.mean(dim=-1, keepdim=True))
-        factor = floor_ste(self.NUMERATOR / self.std_int_ste(y_int))
-        y_int = floor_ste(y_int * factor / 2)
-        base = self._base(x)
-        y_int = y_int + floor_ste((bias / weight.detach()) / base)
-        return y_int * (base * weight)
+        with torch.no_grad():
+            x_int = x.detach() / s
+            y = x_int - torch.round(x_int.mean(dim=-1, keepdim=True))
+            std, dstd = self.std_int_grad(y)
+            factor = torch.floor(self.NUMERATOR / std)
+            dfactor = (-self.NUMERATOR / std) / std
+            base = self._base(x)
+            out_int = torch.floor(y * factor / 2) + torch.floor((bias.detach() / weight.detach()) / base)
+        return _LayerNormGrad.apply(x, weight, bias, s, y, dstd, factor, dfactor, out_int, base)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)

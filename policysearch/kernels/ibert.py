@@ -244,11 +244,16 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         r = torch.where((r + 1) * (r + 1) <= var, r + 1, r)
         return torch.clamp(r.float() * 2**shift, min=1.0)
 
-    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            shift = self._shift(y_int.detach())
-        var_int = (floor_ste(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
-        return floor_ste(torch.sqrt(torch.clamp(var_int, min=1.0))) * 2**shift
+    def std_int_grad(self, y_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph's ``floor(sqrt(max(sum floor(y / 2^shift)^2, 1))) 2^shift`` and its derivative
+        ``floor(y_i / 2^shift) / sqrt(var)`` (0 where ``var <= 1``: the clamp's bound); the
+        reference's graph with ``floor_ste``, its ``sqrt`` guarded by the clamp (module docstring)."""
+        shift = self._shift(y_int)
+        fy = torch.floor(y_int / 2**shift)
+        var = (fy**2).sum(dim=-1, keepdim=True)
+        root = torch.sqrt(torch.clamp(var, min=1.0))
+        dstd = fy.mul_(((var > 1.0).to(var.dtype) / root))
+        return torch.floor(root) * 2**shift, dstd
 
 
 # ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----

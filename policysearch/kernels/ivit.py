@@ -178,12 +178,16 @@ class IViTLayerNorm(IntSqrtLayerNorm):
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         return self.newton_sqrt((y_int.double() ** 2).sum(dim=-1, keepdim=True).float())
 
-    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
-        var_int = (y_int**2).sum(dim=-1, keepdim=True)
-        k = torch.full_like(var_int, 2.0**16)
+    def std_int_grad(self, y_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph's Newton root of ``sum y^2`` and its straight-through derivative: each step
+        ``k' = floor((k + floor(v / k)) / 2)`` passes ``dk' = (dk + 1 / k - v dk / k^2) / 2``."""
+        var = (y_int**2).sum(dim=-1, keepdim=True)
+        k = torch.full_like(var, 2.0**16)
+        dk = torch.zeros_like(var)
         for _ in range(self.ITERATIONS):
-            k = floor_ste((k + floor_ste(var_int / k)) / 2)
-        return k
+            dk = (dk + (1.0 / k - var * dk / k**2)) / 2
+            k = torch.floor((k + torch.floor(var / k)) / 2)
+        return k, (2.0 * y_int).mul_(dk)
 
 
 # ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
