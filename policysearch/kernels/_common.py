@@ -277,24 +277,28 @@ def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
     return exp_int if coef is None else _ExpSTE.apply(x_int, exp_int, coef)
 
 
-def shift_exp_parts(x: torch.Tensor, s: torch.Tensor, n: int, *,
-                    grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shift_exp_parts(x: torch.Tensor, s: torch.Tensor, n: int, *, grad: bool = True,
+                    inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`shift_exp_ste`'s value (the graph's, exponent capped at 127) and its derivative
-    ``d exp / dx`` (``None`` unless ``grad``), without autograd: for closed forms built on it."""
+    ``d exp / dx`` (``None`` unless ``grad``), without autograd: for closed forms built on it.
+    In place in a few buffers (``inplace=True`` may overwrite ``x``): the same values."""
     x0_int = torch.floor(-1.0 / s)
-    t = x + torch.floor(x / 2) - torch.floor(x / 16)
     floor_at = n * x0_int
-    tc = torch.maximum(t, floor_at)
-    q = torch.floor(tc / x0_int)
-    k = n - q
-    ep = ((tc - x0_int * q) / 2 - x0_int) * exp2_int(torch.clamp(k, max=127.0))
-    exp_int = torch.clamp(torch.floor(ep), min=0)
+    t = torch.floor_(x * 0.5).add_(x).sub_(torch.floor_(x * 0.0625))  # x + floor(x/2) - floor(x/16)
+    work = x if inplace else torch.empty_like(t)
+    mask = torch.sub(t, floor_at, out=work).sign_().add_(1.0).mul_(0.5) if grad else None  # _max_mask
+    tc = torch.maximum(t, floor_at, out=t)
+    q = torch.floor_(tc / x0_int)
+    r = tc.sub_(x0_int * q) if x0_int.dim() else tc.sub_(q * x0_int)
+    k = q.neg_().add_(n)
+    cap = torch.sub(126.5, k).mul_(2.0).clamp_(0.0, 1.0) if grad else None  # n - q < 127 passes
+    ep = r.mul_(0.5).sub_(x0_int).mul_(exp2_int(k.clamp_(max=127.0), inplace=True))
+    exp_int = torch.floor(ep).clamp_(min=0)
     if not grad:
         return exp_int, None
-    coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(_max_mask(t, floor_at)).mul_(exp_int.clamp(max=1.0))
-    coef = coef.mul_((126.5 - k).mul_(2.0).clamp_(0.0, 1.0))  # the cap's clamp passes where n - q < 127
-    coef = coef.nan_to_num_(nan=0.0, posinf=0.0)  # a saturated 2^127 row (inf * 0): no gradient
-    return exp_int, coef
+    cap = cap.mul_(mask).mul_(mask.copy_(exp_int).clamp_(max=1.0))  # the clamp at 0 passes where exp > 0
+    coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(cap)
+    return exp_int, coef.nan_to_num_(nan=0.0, posinf=0.0)  # a saturated 2^127 row (inf * 0): no gradient
 
 
 class IntSqrtLayerNorm(nn.Module):

@@ -132,14 +132,14 @@ class IViTGELU(nn.Module):
         pre = torch.round(x / s)
         s_sig = s * self.SIGMOID_K
         x_max, idx = pre.max(dim=-1, keepdim=True)
-        e, de = shift_exp_parts(pre - x_max, s_sig, self.N)
+        e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True)
         m, dm = shift_exp_parts(-x_max, s_sig, self.N)
         total = e + m
         passes = (total < _NUMERATOR).to(total.dtype)
         total = torch.clamp_(total, max=_NUMERATOR)
         factor = torch.floor(_NUMERATOR / total)
-        sig = torch.floor((e * factor) * shift)
-        t_coef = (e * (-shift * _NUMERATOR)).div_(total).div_(total).mul_(passes)
+        t_coef = e.mul(-shift * _NUMERATOR).div_(total).div_(total).mul_(passes)
+        sig = torch.floor_(e.mul_(factor).mul_(shift))  # floor((e * factor) * shift), in e's buffer
         c_pre = pre.mul_(out_scale)  # c * x_int
         q = factor.mul_(shift).add_(t_coef).mul_(de).mul_(c_pre)
         w = t_coef.mul_(dm).mul_(c_pre).add_(q).neg_().div_(s)
