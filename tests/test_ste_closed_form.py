@@ -150,3 +150,49 @@ def test_sqrt_layernorm(method, s_val, spread) -> None:
     std_graph = _ibert_std_graph if method == "ibert" else _ivit_std_graph
     _compare(lambda: kernels.create("layernorm", method, norm=norm),
              lambda b, s: _sqrt_layernorm_graph(norm, std_graph, b, s), x, s, params=(norm.weight, norm.bias))
+
+
+# ---- softmaxes -----------------------------------------------------------------------------------
+def _i_exp_poly_graph(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """I-BERT's ``int_exp`` with ``floor_ste``."""
+    a, b, c = 0.35815147, 0.96963238, 1.0
+    x0_int = torch.floor(-0.6931 / s)
+    x_int = torch.maximum(x_int, 30 * x0_int)
+    q = floor_ste(x_int / x0_int)
+    r = x_int - x0_int * q
+    z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
+    return torch.clamp(floor_ste(z * torch.pow(2.0, 30 - q)), min=0)
+
+
+def _shifted_rows(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    x_int = x / s
+    return torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
+
+
+def _ibert_softmax_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """I-BERT's ``IntSoftmax.forward`` graph (with the kernel's coarsening and this call's range)."""
+    x_int = _shifted_rows(x, s)
+    k = torch.clamp(torch.ceil(torch.log2(2e-5 / s)), 0.0, 126.0)
+    x_int = torch.where(k > 0, floor_ste(x_int * 2.0**-k), x_int)
+    exp_int = _i_exp_poly_graph(x_int, s * 2.0**k)
+    act_sf = torch.clamp(exp_int.detach().abs().max(), min=1e-8) / (2**15 - 1)
+    exp_int = torch.clamp(round_ste(exp_int / act_sf), -(2**15), 2**15 - 1)
+    factor = floor_ste(2**32 / exp_int.sum(dim=-1, keepdim=True))
+    return floor_ste(exp_int * factor / 2 ** (32 - bits)) * (1.0 / 2**bits)
+
+
+def _softmax_inputs(s_val: float, spread: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.round(torch.randn(3, 4, 12, 12, generator=g) * spread / s_val) * s_val
+    x[0, 0, 0, 5:] = -100.0  # masked entries, as attention masks write them
+    x[0, 0, 1, 3:] = float("-inf")
+    x[0, 1, 2, :6] = x[0, 1, 2].max()  # tied maxima
+    x[1, 0, 0] = 0.0  # a constant row
+    return x
+
+
+@pytest.mark.parametrize("s_val, spread", [(1e-5, 1e-3), (5e-5, 2e-2), (1e-3, 2.0), (0.05, 2.0), (0.3, 3.0)])
+def test_ibert_softmax(s_val, spread) -> None:
+    s = torch.tensor(s_val)
+    _compare(lambda: kernels.create("softmax", "ibert", bits=8), _ibert_softmax_graph,
+             _softmax_inputs(s_val, spread, 5), s)

@@ -31,7 +31,7 @@ from torch import nn
 from policysearch.quant.ste import floor_ste, round_ste
 
 __all__ = ["STE_MODES", "IntSqrtLayerNorm", "as_scale", "current_ste", "exp2_int", "exp2_int_traceable",
-           "floor_ste", "i_exp_poly", "i_exp_poly_ste", "round_ste", "shift_exp", "shift_exp_parts", "shift_exp_ste",
+           "floor_ste", "i_exp_poly", "i_exp_poly_parts", "i_exp_poly_ste", "round_ste", "shift_exp", "softmax_front", "softmax_grad", "shift_exp_parts", "shift_exp_ste",
            "ste_gradients", "value_with_grad_of", "with_grad_coef", "with_ste"]
 
 def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -228,6 +228,42 @@ def with_grad_coef(x: torch.Tensor, value: torch.Tensor, coef: torch.Tensor) -> 
     return _ExpSTE.apply(x, value, coef)
 
 
+class _SoftmaxGrad(torch.autograd.Function):
+    """Backward of a softmax kernel's straight-through graph in closed form (:func:`softmax_grad`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,  # noqa: ANN001
+                idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b, d, idx)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        a, b, d, idx = ctx.saved_tensors
+        row = (grad * d).sum(dim=-1, keepdim=True)
+        g = torch.mul(grad, a).addcmul_(b, row)
+        return g.scatter_add_(-1, idx, g.sum(dim=-1, keepdim=True).neg_()), None, None, None, None
+
+
+def softmax_grad(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """A surrogate whose gradient into ``x`` is ``G_i - [i = idx] sum_j G_j`` with ``G_i = g_i a_i +
+    b_i sum_j g_j d_j``: a softmax kernel's straight-through gradient (the row maximum at ``idx``
+    subtracted, as ``max``'s gradient; a per-element derivative ``a`` and a row-sum term through
+    ``d`` and ``b``). The parts come from :func:`softmax_front` and the kernel, without autograd."""
+    return _SoftmaxGrad.apply(x, a, b, d, idx)
+
+
+def softmax_front(x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The softmax graphs' first steps without autograd: ``u = nan_to_num(x / s - max)`` (``-inf``
+    to ``-3e38``), ``d u / d x_i`` where the row maximum passes nothing (``1 / s`` where ``x / s - max``
+    is finite, else 0: ``nan_to_num``'s gradient) and the maximum's index (``max``'s gradient)."""
+    x_int = x / s
+    top, idx = x_int.max(dim=-1, keepdim=True)
+    u = x_int.sub_(top)
+    du = torch.isfinite(u).to(u.dtype).div_(s)
+    return torch.nan_to_num_(u, nan=0.0, neginf=-3.0e38), du, idx
+
+
 def _max_mask(x: torch.Tensor, floor_at: torch.Tensor) -> torch.Tensor:
     """``torch.maximum(x, floor_at)``'s gradient for ``x``: 1 above, 1/2 at a tie, 0 below
     (``(sign(x - floor_at) + 1) / 2``: float passes only, no bool tensors)."""
@@ -244,22 +280,31 @@ def i_exp_poly_ste(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     bound); the op-by-op graph gives the same up to float rounding
     (tested) at a fraction of the cost. ``s`` carries no gradient (the reference computes the
     constants under ``torch.no_grad``)."""
-    s = s.detach()
+    with torch.no_grad():
+        exp_int, coef = i_exp_poly_parts(x_int.detach(), s.detach(), grad=x_int.requires_grad)
+    return exp_int if coef is None else _ExpSTE.apply(x_int, exp_int, coef)
+
+
+def i_exp_poly_parts(x: torch.Tensor, s: torch.Tensor, *, grad: bool = True,
+                     inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`i_exp_poly_ste`'s value and its derivative ``d exp / dx`` (``None`` unless ``grad``),
+    without autograd: for closed forms built on it. :func:`i_exp_poly`'s operations, keeping
+    ``z 2^(n - q)`` before the floor, in a few buffers (``inplace=True`` may overwrite ``x``)."""
     a, b, c = IEXP_COEF
-    with torch.no_grad():  # i_exp_poly's operations, keeping z * 2^(n - q) before the floor
-        x = x_int.detach()
-        x0_int = torch.floor(IEXP_X0 / s)
-        floor_at = IEXP_N * x0_int
-        xc = torch.maximum(x, floor_at)
-        q = torch.floor(xc / x0_int)
-        r = xc - x0_int * q
-        zp = (r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)) * exp2_int(IEXP_N - q)
-        exp_int = torch.clamp(torch.floor(zp), min=0)
-        if not x_int.requires_grad:
-            return exp_int
-        # the clamp at 0 passes where exp_int > 0 (torch's clamp stops the gradient at its bound)
-        coef = zp.mul_((-_LN2) / x0_int).mul_(_max_mask(x, floor_at)).mul_(exp_int.clamp(max=1.0))
-    return _ExpSTE.apply(x_int, exp_int, coef)
+    x0_int = torch.floor(IEXP_X0 / s)
+    floor_at = IEXP_N * x0_int
+    mask = torch.sub(x, floor_at).sign_().add_(1.0).mul_(0.5) if grad else None  # _max_mask
+    xc = torch.maximum(x, floor_at, out=x) if inplace else torch.maximum(x, floor_at)
+    q = torch.floor_(xc / x0_int)
+    r = xc.sub_(x0_int * q)
+    zp = torch.add(r, torch.floor((b / a) / s)).mul_(r).add_(torch.floor((c / a) / s**2))
+    zp = zp.mul_(exp2_int(q.neg_().add_(IEXP_N), inplace=True))
+    exp_int = torch.floor(zp).clamp_(min=0)
+    if not grad:
+        return exp_int, None
+    # the clamp at 0 passes where exp_int > 0 (torch's clamp stops the gradient at its bound)
+    mask = mask.mul_(r.copy_(exp_int).clamp_(max=1.0))
+    return exp_int, zp.mul_((-_LN2) / x0_int).mul_(mask)
 
 
 def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:

@@ -65,10 +65,10 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     exp2_int,
-    floor_ste,
     i_exp_poly,
-    i_exp_poly_ste,
-    round_ste,
+    i_exp_poly_parts,
+    softmax_front,
+    softmax_grad,
     with_grad_coef,
     with_ste,
 )
@@ -136,18 +136,30 @@ class IBertSoftmax(nn.Module):
         return z_int.mul_(act_sf).div_(act_sf)
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``IntSoftmax.forward``'s autograd graph (straight-through floors and rounds)."""
-        x_int = x / s
-        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
+        """``IntSoftmax.forward``'s straight-through gradient (``x / s`` minus the row maximum, the
+        coarsening shift, i-exp, the 16-bit requantization ``clamp(round(e / act_sf))`` with this
+        call's ``act_sf`` fixed, ``f = floor(2^32 / sum z)``, ``floor(z f 2^(b-32))``; every floor and
+        round passing) in closed form (:func:`softmax_grad`): ``dy_i/dz_i = c f``, ``dy_i/dz_j``
+        gains ``-c z_i 2^32 / T^2``, ``dz/de = 1 / act_sf`` inside the clamp's open bounds. Equal to
+        the op-by-op graph up to float rounding (tested)."""
         with torch.no_grad():
+            u, du, idx = softmax_front(x.detach(), s)
             k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
-        x_int = torch.where(k > 0, floor_ste(x_int * exp2_int(-k)), x_int)
-        exp_int = i_exp_poly_ste(x_int, s * exp2_int(k))
-        with torch.no_grad():  # this call's QuantAct(16) range (module docstring)
-            act_sf = torch.clamp(exp_int.detach().abs().max(), min=1e-8) / (2 ** (_EXP_BITS - 1) - 1)
-        exp_int = torch.clamp(round_ste(exp_int / act_sf), -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1)
-        factor = floor_ste(2**32 / exp_int.sum(dim=-1, keepdim=True))
-        return floor_ste(exp_int * factor / 2 ** (32 - self.output_bit)) * out_scale
+            shift = exp2_int(-k)
+            u = torch.where(k > 0, torch.floor(u * shift), u)
+            du = du.mul_(torch.where(k > 0, shift, torch.ones_like(shift)))
+            e, de = i_exp_poly_parts(u, s * exp2_int(k), inplace=True)
+            lim = 2 ** (_EXP_BITS - 1)
+            act_sf = torch.clamp(e.abs().max(), min=1e-8) / (lim - 1)
+            z = torch.round_(e.div_(act_sf))
+            du = du.mul_(de).mul_(((z > -lim) & (z < lim - 1)).to(z.dtype)).div_(act_sf)  # the clamp's open bounds
+            z = z.clamp_(-lim, lim - 1)
+            total = z.sum(dim=-1, keepdim=True)
+            factor = torch.floor(2**32 / total)
+            c = out_scale / 2 ** (32 - self.output_bit)
+            d = z.mul_(((-(2**32) / total) / total).mul_(c))
+            a = du.mul(factor.mul_(c))
+        return softmax_grad(x, a, du, d, idx)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
