@@ -196,3 +196,44 @@ def test_ibert_softmax(s_val, spread) -> None:
     s = torch.tensor(s_val)
     _compare(lambda: kernels.create("softmax", "ibert", bits=8), _ibert_softmax_graph,
              _softmax_inputs(s_val, spread, 5), s)
+
+
+def _ivit_softmax_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """I-ViT's ``IntSoftmax.forward`` graph."""
+    num = 2**31 - 1
+    exp_int = _shift_exp_graph(_shifted_rows(x, s), s, 15)
+    total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=num)
+    factor = floor_ste(num / total)
+    return floor_ste(exp_int * factor / 2 ** (32 - bits)) * (1.0 / 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("s_val, spread", [(1e-3, 2.0), (0.02, 2.0), (0.05, 2.0), (0.3, 3.0), (2.0, 3.0)])
+def test_ivit_softmax(s_val, spread) -> None:
+    s = torch.tensor(s_val)
+    _compare(lambda: kernels.create("softmax", "ivit", bits=8), _ivit_softmax_graph,
+             _softmax_inputs(s_val, spread, 6), s)
+
+
+def _fqvit_softmax_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """FQ-ViT's Log-Int-Softmax with straight-through roundings (``log2`` code passing the gradient
+    of ``log2(ratio)``, the ``fqvit`` module docstring)."""
+    from policysearch.kernels._common import value_with_grad_of
+    from policysearch.kernels.fqvit import log_round
+
+    top = 2**bits - 1
+    exp_int = _i_exp_poly_graph(_shifted_rows(x, s), s)
+    zero = (exp_int == 0).detach()
+    ratio = round_ste(exp_int.sum(dim=-1, keepdim=True) / torch.where(zero, torch.ones_like(exp_int), exp_int))
+    ratio = torch.clamp(ratio, min=1.0)
+    with torch.no_grad():
+        code_int = log_round(ratio)
+        mask = zero | (code_int >= 2**bits)
+    code = torch.clamp(value_with_grad_of(code_int, torch.log2(ratio)), 0, top)
+    return torch.pow(2.0, top - code).masked_fill(mask, 0.0) * 2.0**-top
+
+
+@pytest.mark.parametrize("s_val, spread", [(1e-3, 2.0), (0.05, 2.0), (0.3, 3.0), (1.0, 3.0)])
+def test_fqvit_softmax(s_val, spread) -> None:
+    s = torch.tensor(s_val)
+    _compare(lambda: kernels.create("softmax", "fqvit", bits=4), _fqvit_softmax_graph,
+             _softmax_inputs(s_val, spread, 7), s)

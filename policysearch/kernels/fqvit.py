@@ -56,8 +56,10 @@ from policysearch.kernels._common import (
     exp2_int,
     exp2_int_traceable,
     i_exp_poly,
-    i_exp_poly_ste,
+    i_exp_poly_parts,
     round_ste,
+    softmax_front,
+    softmax_grad,
     value_with_grad_of,
     with_ste,
 )
@@ -125,42 +127,28 @@ class FQViTSoftmax(nn.Module):
                         lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """The integer computation with straight-through roundings (module docstring)."""
-        x_int = x / s
-        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-        return _LogIntTail.apply(i_exp_poly_ste(x_int, s), 2**self.bits - 1, out_scale)
-
-
-class _LogIntTail(torch.autograd.Function):
-    """``exp_int -> 2^-log_round(round(sum / exp))`` (masked), with the closed-form gradient of its
-    straight-through graph: ``y = 2^(top - code)``, ``code`` passing ``d log2(ratio)``, gives
-    ``dy/dratio = -y / ratio``, and ``ratio = round_ste(S / d)`` (``d = exp``, or 1 where ``exp = 0``)
-    sends ``1/d`` of that to the row sum ``S`` and ``-S / d^2`` to its own non-zero entry; the
-    clamp of ``code`` to ``[0, top]`` passes for ``0 < code < top`` (``torch.clamp``'s gradient is 0
-    at its bounds). The op-by-op graph gives the same up to float rounding (tested)."""
-
-    @staticmethod
-    def forward(ctx, exp_int: torch.Tensor, top: int, out_scale: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        total = exp_int.sum(dim=-1, keepdim=True)
-        zero = exp_int == 0
-        denom = torch.where(zero, torch.ones_like(exp_int), exp_int)
-        ratio = torch.clamp(torch.round(total / denom), min=1.0)
-        power = log_round_power(ratio)
-        y = power.reciprocal_().mul_(2.0**top).floor_().masked_fill_(zero, 0.0)  # 2^(top - code)
-        # the clamp of code to [0, top] passes its gradient for 0 < code < top only (open bounds, as
-        # torch.clamp's gradient), i.e. for 2 <= y <= 2^(top - 1); masked entries are y = 0
-        passes = ((y > 1.0) & (y < 2.0**top)).to(y.dtype)
-        y = y.mul_(out_scale)
-        ctx.save_for_backward(y * passes, ratio, denom, zero, total)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
-        y_passing, ratio, denom, zero, total = ctx.saved_tensors
-        g_ratio = (grad * y_passing).div_(ratio).neg_()
-        g_sum = (g_ratio / denom).sum(dim=-1, keepdim=True)
-        g_own = g_ratio.mul_(total).div_(denom).div_(denom).neg_().masked_fill_(zero, 0.0)
-        return g_own.add_(g_sum), None, None
+        """The integer computation's straight-through gradient (module docstring) in closed form
+        (:func:`softmax_grad`): ``y = 2^(top - code)``, ``code`` passing ``d log2(ratio)``, gives
+        ``dy/dratio = -y / ratio``, and ``ratio = round_ste(S / d)`` (``d = exp``, or 1 where ``exp =
+        0``) sends ``1/d`` of that to the row sum ``S`` and ``-S / d^2`` to its own non-zero entry; the
+        clamp of ``code`` to ``[0, top]`` passes for ``0 < code < top`` (``torch.clamp``'s gradient
+        is 0 at its bounds). Equal to the op-by-op graph up to float rounding (tested)."""
+        top = 2**self.bits - 1
+        with torch.no_grad():
+            u, du, idx = softmax_front(x.detach(), s)
+            e, de = i_exp_poly_parts(u, s, inplace=True)
+            total = e.sum(dim=-1, keepdim=True)
+            zero = (e == 0).to(e.dtype)
+            denom = e.add_(zero)  # exp, or 1 where exp = 0
+            ratio = torch.clamp(torch.round(total / denom), min=1.0)
+            y = log_round_power(ratio).reciprocal_().mul_(2.0**top).floor_().mul_(1.0 - zero)  # 2^(top - code)
+            # the clamp of code to [0, top] passes for 0 < code < top, i.e. 2 <= y <= 2^(top - 1)
+            y_passing = y.mul_(((y > 1.0) & (y < 2.0**top)).to(y.dtype)).mul_(out_scale)
+            d = y_passing.div_(ratio).div_(denom)  # y / (ratio d)
+            a = (d * total).div_(denom).mul_(1.0 - zero)
+            d = d.neg_()
+            du = du.mul_(de)
+        return softmax_grad(x, a.mul_(du), du, d, idx)
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

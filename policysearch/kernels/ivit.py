@@ -40,11 +40,10 @@ from torch import nn
 from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
-    floor_ste,
-    round_ste,
     shift_exp,
     shift_exp_parts,
-    shift_exp_ste,
+    softmax_front,
+    softmax_grad,
     with_ste,
 )
 
@@ -75,13 +74,22 @@ class IViTSoftmax(nn.Module):
                         lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``IntSoftmax.forward``'s autograd graph (straight-through floors)."""
-        x_int = x / s
-        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-        exp_int = shift_exp_ste(x_int, s, self.N)
-        total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
-        factor = floor_ste(_NUMERATOR / total)
-        return floor_ste(exp_int * factor / 2 ** (32 - self.output_bit)) * out_scale
+        """``IntSoftmax.forward``'s straight-through gradient (``e = int_exp_shift(x / s - max)``,
+        ``T = min(sum e, NUM)``, ``f = floor(NUM / T)``, ``floor(e f 2^(b-32))``; floors passing) in
+        closed form (:func:`softmax_grad`): ``dy_i/de_i = c f`` and ``dy_i/de_j`` gains ``-c e_i NUM /
+        T^2`` where ``sum e < NUM`` (the clamp's open bound). Equal to the op-by-op graph up to
+        float rounding (tested)."""
+        with torch.no_grad():
+            u, du, idx = softmax_front(x.detach(), s)
+            e, de = shift_exp_parts(u, s, self.N, inplace=True)
+            total = e.sum(dim=-1, keepdim=True)
+            passes = (total < _NUMERATOR).to(total.dtype)
+            total = torch.clamp_(total, max=_NUMERATOR)
+            factor = torch.floor(_NUMERATOR / total)
+            c = out_scale / 2 ** (32 - self.output_bit)
+            d = e.mul_(((-_NUMERATOR / total) / total).mul_(passes).mul_(c))
+            du = du.mul_(de)
+        return softmax_grad(x, du.mul(factor.mul_(c)), du, d, idx)
 
 
 class IViTGELU(nn.Module):
