@@ -237,3 +237,58 @@ def test_fqvit_softmax(s_val, spread) -> None:
     s = torch.tensor(s_val)
     _compare(lambda: kernels.create("softmax", "fqvit", bits=4), _fqvit_softmax_graph,
              _softmax_inputs(s_val, spread, 7), s)
+
+
+# ---- FQ-ViT LayerNorm ----------------------------------------------------------------------------
+def _fqvit_layernorm_graph(norm: nn.LayerNorm, x: torch.Tensor, in_scale: torch.Tensor,
+                           out_scale: torch.Tensor) -> torch.Tensor:
+    """``QIntLayerNorm`` ``'int'`` mode with straight-through roundings (the ``fqvit`` module docstring)."""
+    from policysearch.kernels._common import value_with_grad_of
+    from policysearch.kernels.fqvit import get_mn
+
+    weight, bias = norm.weight, norm.bias
+    channels = x.shape[-1]
+    s1 = in_scale.min()
+    x_q = round_ste(x / in_scale) * torch.round(in_scale / s1)
+    mean = x_q.mean(dim=-1) * s1
+    spread = channels * (x_q**2).sum(dim=-1) - x_q.sum(dim=-1) ** 2
+    flat = ~(spread.detach() > 0)
+    std = torch.where(flat, torch.ones_like(spread), (s1 / channels) * torch.sqrt(torch.clamp(spread, min=1.0)))
+    a = (s1 / std).unsqueeze(-1) * weight / out_scale
+    with torch.no_grad():
+        m, n = get_mn(a.detach().abs())
+        p2n = 2.0**n
+    m = value_with_grad_of(m, a.abs() * p2n)
+    b = round_ste((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
+    out_int = round_ste((a.detach().sign() * m * x_q + b) / p2n)
+    out_int = torch.where(flat.unsqueeze(-1), round_ste(bias / out_scale).expand_as(out_int), out_int)
+    return out_int * out_scale
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("s_val, spread", [(0.01, 1.0), (0.05, 3.0), (0.5, 3.0)])
+def test_fqvit_layernorm(per_channel, s_val, spread) -> None:
+    torch.manual_seed(8)
+    norm = nn.LayerNorm(32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(32))
+        norm.weight[3] = 0.0  # sign(a) = 0
+        norm.bias.copy_(torch.randn(32) * 0.1)
+    in_scale = torch.full((32,), s_val) * (2.0 ** torch.randint(0, 3, (32,)).float() if per_channel else 1.0)
+    out_scale = torch.tensor(0.02)
+    x = _inputs((3, 5, 32), s_val, spread, 9)
+    x.view(-1, 32)[2] = 0.0  # a flat row
+    make = lambda: _FixedOut(kernels.create("layernorm", "fqvit", norm=norm), out_scale)  # noqa: E731
+    _compare(make, lambda b, s: _fqvit_layernorm_graph(norm, b, s, out_scale), x, in_scale,
+             params=(norm.weight, norm.bias))
+
+
+class _FixedOut(nn.Module):
+    """The FQ-ViT LayerNorm with the next quantizer's scale given (as the wiring passes it)."""
+
+    def __init__(self, kernel: nn.Module, out_scale: torch.Tensor) -> None:
+        super().__init__()
+        self.kernel, self.out_scale = kernel, out_scale
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernel(x, s, out_scale=self.out_scale)

@@ -213,24 +213,68 @@ class FQViTLayerNorm(nn.Module):
                         params=(self.norm.weight, self.norm.bias)), out_scale
 
     def _reference_graph(self, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``QIntLayerNorm`` ``'int'`` mode with straight-through roundings (module docstring)."""
+        """``QIntLayerNorm`` ``'int'`` mode's straight-through gradient (module docstring) in closed
+        form (:class:`_LayerNormGrad`), equal to the op-by-op graph up to float rounding (tested).
+
+        The graph: ``x_q = round(x / s) R``, ``mean = avg(x_q) s1``, ``spread = C sum x_q^2 - (sum
+        x_q)^2``, ``std = s1 / C sqrt(max(spread, 1))`` (1 on a flat row), ``a = s1 / std w / o``,
+        ``m`` passing the gradient of ``|a| 2^N``, ``b = round((bias - mean / std w) / o 2^N)``,
+        ``out = round((sign(a) m x_q + b) / 2^N) o`` (``round(bias / o) o`` on a flat row). Per
+        element, ``d out`` sends ``g o / 2^N sign(a) m`` to ``x_q`` directly, ``g o x_q |sign(a)|``
+        to ``a`` and ``g`` to ``b o / 2^N``; ``a`` and ``mean / std`` collect per row into ``std``
+        and ``mean``, which return to ``x_q`` through the spread and the average."""
         weight, bias = self.norm.weight, self.norm.bias
         in_scale, out_scale = in_scale.detach(), out_scale.detach()
-        channels = x.shape[-1]
-        s1 = in_scale.min()
-        x_q = round_ste(x / in_scale) * torch.round(in_scale / s1)
-        mean = x_q.mean(dim=-1) * s1
-        spread = channels * (x_q**2).sum(dim=-1) - x_q.sum(dim=-1) ** 2  # an integer, >= C - 1 unless flat
-        flat = ~(spread.detach() > 0)
-        std = torch.where(flat, torch.ones_like(spread), (s1 / channels) * torch.sqrt(torch.clamp(spread, min=1.0)))
-        a = (s1 / std).unsqueeze(-1) * weight / out_scale
         with torch.no_grad():
-            m, _, p2n = _mn_and_power(a.detach().abs())
-        m = value_with_grad_of(m, a.abs() * p2n)
-        b = round_ste((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
-        out_int = round_ste((a.detach().sign() * m * x_q + b) / p2n)
-        out_int = torch.where(flat.unsqueeze(-1), round_ste(bias / out_scale).expand_as(out_int), out_int)
-        return out_int * out_scale
+            w = weight.detach()
+            channels = x.shape[-1]
+            s1 = in_scale.min()
+            rep = torch.round(in_scale / s1)
+            x_q = torch.round(x.detach() / in_scale) * rep
+            total = x_q.sum(dim=-1, keepdim=True)
+            mean = x_q.mean(dim=-1, keepdim=True) * s1
+            spread = channels * (x_q**2).sum(dim=-1, keepdim=True) - total**2
+            live = (spread > 0).to(x_q.dtype)  # 0 on a flat row: its output is the bias's
+            root = torch.sqrt(torch.clamp(spread, min=1.0))
+            std = torch.where(live > 0, (s1 / channels) * root, torch.ones_like(root))
+            inv = s1 / std
+            a = inv * w / out_scale
+            m, _, p2n = _mn_and_power(a.abs())
+            sign = a.sign()
+            k_a = (x_q * out_scale).mul_(sign.abs()).mul_(live)  # d out / d a, per unit g
+            k_std = (k_a * (w / out_scale)).mul_(-s1).add_(live * w * mean).div_(std).div_(std)
+            k_mean = (live * w).div_(std).neg_()
+            k_w = (k_a * inv / out_scale).sub_(live * (mean / std))
+            d_in = rep / in_scale
+            d_direct = (out_scale * live / p2n).mul_(sign).mul_(m).mul_(d_in)
+            d_spread = (x_q * (2 * channels)).sub_(2 * total).mul_(
+                ((s1 / channels) * 0.5 / root).mul_((spread > 1.0).to(root.dtype)).mul_(live)).mul_(d_in)
+            d_mean = (s1 / channels) * d_in
+        return _LayerNormGrad.apply(x, weight, bias, d_direct, d_spread, d_mean, k_std, k_mean, k_w)
+
+
+class _LayerNormGrad(torch.autograd.Function):
+    """Backward of :meth:`FQViTLayerNorm._reference_graph`: ``dx = g d_direct + (sum g k_std)
+    d_spread + (sum g k_mean) d_mean`` (row sums), ``dw = sum_rows g k_w``, ``db = sum_rows g``;
+    the forward returns ``d_direct`` (a surrogate value: ``with_ste`` forwards the integer pass)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(*parts)
+        return parts[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        d_direct, d_spread, d_mean, k_std, k_mean, k_w = ctx.saved_tensors
+        lead = tuple(range(grad.dim() - 1))
+        g_w = (grad * k_w).sum(dim=lead) if ctx.needs_input_grad[1] else None
+        g_b = grad.sum(dim=lead) if ctx.needs_input_grad[2] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_std = (grad * k_std).sum(dim=-1, keepdim=True)
+            g_mean = (grad * k_mean).sum(dim=-1, keepdim=True)
+            g_x = (grad * d_direct).addcmul_(g_std, d_spread).addcmul_(g_mean, d_mean)
+        return g_x, g_w, g_b, *([None] * 6)
 
 
 # ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
