@@ -31,8 +31,8 @@ from torch import nn
 from policysearch.quant.ste import floor_ste, round_ste
 
 __all__ = ["STE_MODES", "IntSqrtLayerNorm", "as_scale", "current_ste", "exp2_int", "exp2_int_traceable",
-           "floor_ste", "i_exp_poly", "i_exp_poly_parts", "i_exp_poly_ste", "round_ste", "shift_exp", "softmax_front", "softmax_grad", "shift_exp_parts", "shift_exp_ste",
-           "ste_gradients", "value_with_grad_of", "with_grad_coef", "with_ste"]
+           "floor_ste", "i_exp_poly", "i_exp_poly_parts", "i_exp_poly_ste", "i_exp_scale", "round_ste", "shift_exp", "softmax_front", "softmax_grad", "shift_exp_parts", "shift_exp_ste",
+           "reference_grad", "ste_gradients", "value_with_grad_of", "with_grad_coef", "with_ste"]
 
 def as_scale(scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A float32 scale tensor on ``x``'s device, shape () / (1,) / (C,) broadcasting on the last dim."""
@@ -81,6 +81,14 @@ _LN2 = math.log(2.0)
 def value_with_grad_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """``value`` (a tensor computed without autograd) whose gradient flows into ``surrogate``."""
     return _ValueWithGradOf.apply(value, surrogate)
+
+
+def reference_grad(x: torch.Tensor, params: tuple[torch.Tensor, ...] = ()) -> bool:
+    """Whether this call must build the ``"reference"`` gradient (autograd on, ``x`` or a param
+    needing a gradient, :func:`current_ste` ``"reference"``): kernels whose closed form shares its
+    work with the integer pass take their fused path then."""
+    return (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+            and current_ste() == "reference")
 
 
 def with_ste(x: torch.Tensor, y_int: torch.Tensor, y_float: Callable[[], torch.Tensor],
@@ -176,10 +184,14 @@ def i_exp_poly(x_int: torch.Tensor, s: torch.Tensor, *, inplace: bool = False) -
     c_int = torch.floor(c_over_a / s**2)
     # z = r * (r + b_int) + c_int, in z's buffer: 0 * finite + r is r exactly
     z = z.mul_(0.0).add_(r).add_(b_int).mul_(r).add_(c_int)
-    poly_scale = a * s**2
     # 2^(n-q) can reach 2^30 * c_int (~1e12): float32 as in the reference
     exp_int = torch.clamp_(torch.floor_(z.mul_(exp2_int(q.neg_().add_(IEXP_N), inplace=True))), min=0)
-    return exp_int, poly_scale / 2**IEXP_N
+    return exp_int, i_exp_scale(s)
+
+
+def i_exp_scale(s: torch.Tensor) -> torch.Tensor:
+    """The scale of :func:`i_exp_poly`'s ``exp_int`` at input scale ``s``: ``a s^2 / 2^n``."""
+    return IEXP_COEF[0] * s**2 / 2**IEXP_N
 
 
 def shift_exp(x_int: torch.Tensor, s: torch.Tensor, n: int, *, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,25 +244,26 @@ class _SoftmaxGrad(torch.autograd.Function):
     """Backward of a softmax kernel's straight-through graph in closed form (:func:`softmax_grad`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,  # noqa: ANN001
-                idx: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,  # noqa: ANN001
+                d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b, d, idx)
-        return a
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         a, b, d, idx = ctx.saved_tensors
         row = (grad * d).sum(dim=-1, keepdim=True)
         g = torch.mul(grad, a).addcmul_(b, row)
-        return g.scatter_add_(-1, idx, g.sum(dim=-1, keepdim=True).neg_()), None, None, None, None
+        return g.scatter_add_(-1, idx, g.sum(dim=-1, keepdim=True).neg_()), None, None, None, None, None
 
 
-def softmax_grad(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """A surrogate whose gradient into ``x`` is ``G_i - [i = idx] sum_j G_j`` with ``G_i = g_i a_i +
+def softmax_grad(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+                 idx: torch.Tensor) -> torch.Tensor:
+    """``y`` (computed without autograd), whose gradient into ``x`` is ``G_i - [i = idx] sum_j G_j`` with ``G_i = g_i a_i +
     b_i sum_j g_j d_j``: a softmax kernel's straight-through gradient (the row maximum at ``idx``
     subtracted, as ``max``'s gradient; a per-element derivative ``a`` and a row-sum term through
     ``d`` and ``b``). The parts come from :func:`softmax_front` and the kernel, without autograd."""
-    return _SoftmaxGrad.apply(x, a, b, d, idx)
+    return _SoftmaxGrad.apply(x, y, a, b, d, idx)
 
 
 def softmax_front(x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -57,6 +57,7 @@ from policysearch.kernels._common import (
     exp2_int_traceable,
     i_exp_poly,
     i_exp_poly_parts,
+    reference_grad,
     round_ste,
     softmax_front,
     softmax_grad,
@@ -110,24 +111,31 @@ class FQViTSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
-        top = 2**self.bits - 1
+        out_scale = torch.tensor(2.0 ** -(2**self.bits - 1), device=x.device)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach(), out_scale), out_scale
         with torch.no_grad():
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).nan_to_num_(nan=0.0, neginf=-3.0e38)
             exp_int, _ = i_exp_poly(x_int, s, inplace=True)
-            total = exp_int.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # 0 only when every exp is
-            # ratio = round(sum / exp) >= 1, inf where exp_int = 0 (the reference's inf, masked)
-            ratio = (total / exp_int).round_()
-            # 2^(top - code) for code <= top, and floor(2^top / 2^code) = 0 for code > top (the
-            # reference's mask, qlog >= 2^bits) and for ratio = inf: one pass each, no bool mask
-            power = log_round_power(ratio, inplace=True)
-            q_out = power.reciprocal_().mul_(2.0**top).floor_()
-            out_scale = torch.tensor(2.0**-top, device=x.device)
-        return with_ste(x, q_out.mul_(out_scale), lambda: x.softmax(-1),
-                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+            y = self._output(exp_int, exp_int.sum(dim=-1, keepdim=True), out_scale, inplace=True)
+        return with_ste(x, y, lambda: x.softmax(-1)), out_scale
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """The integer computation's straight-through gradient (module docstring) in closed form
+    def _output(self, exp_int: torch.Tensor, total: torch.Tensor, out_scale: torch.Tensor, *,
+                inplace: bool) -> torch.Tensor:
+        """``2^-log_round(round(sum / exp))`` on the output grid (``inplace=True`` overwrites
+        ``exp_int`` and ``total``)."""
+        total = total.clamp_(min=1.0) if inplace else total.clamp(min=1.0)  # 0 only when every exp is
+        # ratio = round(sum / exp) >= 1, inf where exp_int = 0 (the reference's inf, masked)
+        ratio = (torch.div(total, exp_int, out=exp_int) if inplace else total / exp_int).round_()
+        # 2^(top - code) for code <= top, and floor(2^top / 2^code) = 0 for code > top (the
+        # reference's mask, qlog >= 2^bits) and for ratio = inf: one pass each, no bool mask
+        power = log_round_power(ratio, inplace=True)
+        return power.reciprocal_().mul_(2.0 ** (2**self.bits - 1)).floor_().mul_(out_scale)
+
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers) with the integer
+        computation's straight-through gradient (module docstring) in closed form
         (:func:`softmax_grad`): ``y = 2^(top - code)``, ``code`` passing ``d log2(ratio)``, gives
         ``dy/dratio = -y / ratio``, and ``ratio = round_ste(S / d)`` (``d = exp``, or 1 where ``exp =
         0``) sends ``1/d`` of that to the row sum ``S`` and ``-S / d^2`` to its own non-zero entry; the
@@ -138,6 +146,7 @@ class FQViTSoftmax(nn.Module):
             u, du, idx = softmax_front(x.detach(), s)
             e, de = i_exp_poly_parts(u, s, inplace=True)
             total = e.sum(dim=-1, keepdim=True)
+            out = self._output(e, total, out_scale, inplace=False)
             zero = (e == 0).to(e.dtype)
             denom = e.add_(zero)  # exp, or 1 where exp = 0
             ratio = torch.clamp(torch.round(total / denom), min=1.0)
@@ -148,7 +157,7 @@ class FQViTSoftmax(nn.Module):
             a = (d * total).div_(denom).mul_(1.0 - zero)
             d = d.neg_()
             du = du.mul_(de)
-        return softmax_grad(x, a.mul_(du), du, d, idx)
+        return softmax_grad(x, out, a.mul_(du), du, d, idx)
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

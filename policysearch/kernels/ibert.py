@@ -67,6 +67,8 @@ from policysearch.kernels._common import (
     exp2_int,
     i_exp_poly,
     i_exp_poly_parts,
+    i_exp_scale,
+    reference_grad,
     softmax_front,
     softmax_grad,
     with_grad_coef,
@@ -135,20 +137,42 @@ class IBertSoftmax(nn.Module):
             z_int.copy_(z_int.double().mul_(ratio).round_().clamp_(-lim, lim - 1))
         return z_int.mul_(act_sf).div_(act_sf)
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``IntSoftmax.forward``'s straight-through gradient (``x / s`` minus the row maximum, the
-        coarsening shift, i-exp, the 16-bit requantization ``clamp(round(e / act_sf))`` with this
-        call's ``act_sf`` fixed, ``f = floor(2^32 / sum z)``, ``floor(z f 2^(b-32))``; every floor and
-        round passing) in closed form (:func:`softmax_grad`): ``dy_i/dz_i = c f``, ``dy_i/dz_j``
-        gains ``-c z_i 2^32 / T^2``, ``dz/de = 1 / act_sf`` inside the clamp's open bounds. Equal to
-        the op-by-op graph up to float rounding (tested)."""
+    def _output(self, exp_int: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``floor(z floor(2^32 / sum z) 2^(b-32)) out_scale`` of the requantized ``z`` (overwritten)."""
+        total = exp_int.sum(dim=-1, keepdim=True)
+        factor = torch.floor_(2**32 / total)
+        # floor(exp_int * factor / 2^(32 - bits)): the division by a power of two is exact
+        return torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32))).mul_(out_scale)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = as_scale(scale, x)
+        out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach(), out_scale), out_scale
+        with torch.no_grad():
+            x_int = x.detach() / s
+            x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
+            x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
+            x_int, s_exp = self._coarsen(x_int, s)
+            exp_int, exp_scale = i_exp_poly(x_int, s_exp, inplace=True)
+            y = self._output(self._requant16(exp_int, exp_scale), out_scale)
+        return with_ste(x, y, lambda: x.softmax(-1)), out_scale
+
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers up to i-exp, then the
+        requantization on a copy) with ``IntSoftmax.forward``'s straight-through gradient (``x / s``
+        minus the row maximum, the coarsening shift, i-exp, the 16-bit requantization ``clamp(round(e
+        / act_sf))`` with this call's ``act_sf`` fixed, ``f = floor(2^32 / sum z)``, ``floor(z f
+        2^(b-32))``; every floor and round passing) in closed form (:func:`softmax_grad`): ``dy_i/dz_i
+        = c f``, ``dy_i/dz_j`` gains ``-c z_i 2^32 / T^2``, ``dz/de = 1 / act_sf`` inside the clamp's
+        open bounds. Equal to the op-by-op graph up to float rounding (tested)."""
         with torch.no_grad():
             u, du, idx = softmax_front(x.detach(), s)
             k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
-            shift = exp2_int(-k)
-            u = torch.where(k > 0, torch.floor(u * shift), u)
-            du = du.mul_(torch.where(k > 0, shift, torch.ones_like(shift)))
-            e, de = i_exp_poly_parts(u, s * exp2_int(k), inplace=True)
+            du = du.mul_(torch.where(k > 0, exp2_int(-k), torch.ones_like(k)))
+            u, s_exp = self._coarsen(u, s)
+            e, de = i_exp_poly_parts(u, s_exp, inplace=True)
+            y = self._output(self._requant16(e.clone(), i_exp_scale(s_exp)), out_scale)
             lim = 2 ** (_EXP_BITS - 1)
             act_sf = torch.clamp(e.abs().max(), min=1e-8) / (lim - 1)
             z = torch.round_(e.div_(act_sf))
@@ -159,24 +183,7 @@ class IBertSoftmax(nn.Module):
             c = out_scale / 2 ** (32 - self.output_bit)
             d = z.mul_(((-(2**32) / total) / total).mul_(c))
             a = du.mul(factor.mul_(c))
-        return softmax_grad(x, a, du, d, idx)
-
-    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = as_scale(scale, x)
-        with torch.no_grad():
-            x_int = x.detach() / s
-            x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
-            x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
-            x_int, s_exp = self._coarsen(x_int, s)
-            exp_int, exp_scale = i_exp_poly(x_int, s_exp, inplace=True)
-            exp_int = self._requant16(exp_int, exp_scale)
-            total = exp_int.sum(dim=-1, keepdim=True)
-            factor = torch.floor_(2**32 / total)
-            # floor(exp_int * factor / 2^(32 - bits)): the division by a power of two is exact
-            out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
-        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1),
-                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+        return softmax_grad(x, y, a, du, d, idx)
 
 
 class IBertGELU(nn.Module):

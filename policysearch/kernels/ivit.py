@@ -41,6 +41,7 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     shift_exp,
+    reference_grad,
     shift_exp_parts,
     softmax_front,
     softmax_grad,
@@ -61,6 +62,9 @@ class IViTSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
+        out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach(), out_scale), out_scale
         with torch.no_grad():
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
@@ -69,16 +73,15 @@ class IViTSoftmax(nn.Module):
             total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
             out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
-        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1),
-                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1)), out_scale
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``IntSoftmax.forward``'s straight-through gradient (``e = int_exp_shift(x / s - max)``,
-        ``T = min(sum e, NUM)``, ``f = floor(NUM / T)``, ``floor(e f 2^(b-32))``; floors passing) in
-        closed form (:func:`softmax_grad`): ``dy_i/de_i = c f`` and ``dy_i/de_j`` gains ``-c e_i NUM /
-        T^2`` where ``sum e < NUM`` (the clamp's open bound). Equal to the op-by-op graph up to
-        float rounding (tested)."""
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers: ``x / s - max <= 0`` never
+        reaches :func:`shift_exp_parts`' exponent cap) with ``IntSoftmax.forward``'s straight-through
+        gradient (``e = int_exp_shift(x / s - max)``, ``T = min(sum e, NUM)``, ``f = floor(NUM / T)``,
+        ``floor(e f 2^(b-32))``; floors passing) in closed form (:func:`softmax_grad`): ``dy_i/de_i =
+        c f`` and ``dy_i/de_j`` gains ``-c e_i NUM / T^2`` where ``sum e < NUM`` (the clamp's open
+        bound). Equal to the op-by-op graph up to float rounding (tested)."""
         with torch.no_grad():
             u, du, idx = softmax_front(x.detach(), s)
             e, de = shift_exp_parts(u, s, self.N, inplace=True)
@@ -86,10 +89,11 @@ class IViTSoftmax(nn.Module):
             passes = (total < _NUMERATOR).to(total.dtype)
             total = torch.clamp_(total, max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
+            y = torch.floor_(e.mul(factor).mul_(2.0 ** (self.output_bit - 32))).mul_(out_scale)
             c = out_scale / 2 ** (32 - self.output_bit)
             d = e.mul_(((-_NUMERATOR / total) / total).mul_(passes).mul_(c))
             du = du.mul_(de)
-        return softmax_grad(x, du.mul(factor.mul_(c)), du, d, idx)
+        return softmax_grad(x, y, du.mul(factor.mul_(c)), du, d, idx)
 
 
 class IViTGELU(nn.Module):
@@ -107,40 +111,52 @@ class IViTGELU(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
+        out_scale = s / 2 ** (self.output_bit - 1)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach()), out_scale
         with torch.no_grad():
             pre_x_int = torch.div(x.detach(), s).round_()  # the integers (see the deviation)
             s_sig = s * self.SIGMOID_K
             x_max = pre_x_int.amax(dim=-1, keepdim=True)
             exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N, inplace=True)
-            exp_max, _ = shift_exp(-x_max, s_sig, self.N)
-            total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
-            factor = torch.floor_(total.reciprocal_().mul_(_NUMERATOR))  # NUM / total, as torch forms it
-            sig_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_scale = s / 2 ** (self.output_bit - 1)
-            y = sig_int.mul_(pre_x_int).mul_(out_scale)
-        return with_ste(x, y, lambda: F.gelu(x), lambda: self._reference_graph(x, s.detach())), out_scale
+            y = self._sigmoid_times_x(pre_x_int, exp_int, shift_exp(-x_max, s_sig, self.N)[0], out_scale)
+        return with_ste(x, y, lambda: F.gelu(x)), out_scale
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``IntGELU.forward``'s straight-through gradient (floors pass; the row maximum and
-        ``e^(-x_max)`` carry gradient as there; ``x_int`` rounded straight through, as forward),
-        in closed form (:class:`_GELUGrad`): equal to the op-by-op graph up to float rounding (tested)."""
+    def _sigmoid_times_x(self, pre_x_int: torch.Tensor, exp_int: torch.Tensor, exp_max: torch.Tensor,
+                         out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass after its two exps, in one new buffer."""
+        total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
+        factor = torch.floor_(total.reciprocal_().mul_(_NUMERATOR))  # NUM / total, as torch forms it
+        sig_int = torch.floor_(factor.mul_(exp_int).mul_(2.0 ** (self.output_bit - 32)))  # (e * f) * 2^-k
+        return sig_int.mul_(pre_x_int).mul_(out_scale)
+
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers: ``x_int - x_max <= 0`` never
+        reaches :func:`shift_exp_parts`' exponent cap) with ``IntGELU.forward``'s straight-through
+        gradient (floors pass; the row maximum and ``e^(-x_max)`` carry gradient as there; ``x_int``
+        rounded straight through, as forward) in closed form (:class:`_GELUGrad`): equal to the
+        op-by-op graph up to float rounding (tested)."""
         with torch.no_grad():
-            d, w, idx = self._gradient_parts(x.detach(), s)
-        return _GELUGrad.apply(x, d, w, idx)
+            pre = torch.div(x.detach(), s).round_()
+            s_sig = s * self.SIGMOID_K
+            x_max, idx = pre.max(dim=-1, keepdim=True)
+            e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True)
+            y = self._sigmoid_times_x(pre, e, shift_exp(-x_max, s_sig, self.N)[0], s / 2 ** (self.output_bit - 1))
+            d, w = self._gradient_parts(pre, x_max, e, de, s)
+        return _GELUGrad.apply(x, y, d, w, idx)
 
-    def _gradient_parts(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The graph's values (exps with the exponent capped, as :func:`shift_exp_ste`) and
-        ``dy_i/dx_i = d``, ``dy_j/dx_max = s * w_j`` (``x_max`` at ``idx``, as ``max``'s gradient).
+    def _gradient_parts(self, pre: torch.Tensor, x_max: torch.Tensor, e: torch.Tensor, de: torch.Tensor,
+                        s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dy_i/dx_i = d`` and ``dy_j/dx_max = s w_j`` (``x_max`` at the ``max``'s index) from the
+        graph's values (``e^(-x_max)`` with the exponent capped, as :func:`shift_exp_ste`); may
+        overwrite ``pre`` and ``e``.
 
         With ``u = x_int - x_max``, ``e = exp(u)``, ``m = exp(-x_max)``, ``t = min(e + m, NUM)``,
         ``f = floor(NUM / t)``, ``sig = floor(e f 2^-k)`` and ``y = x_int sig c``: ``dy/dx_int = c sig
         + c x_int (f 2^-k + T) e'(u)`` with ``T = -e 2^-k NUM / t^2`` (where ``e + m < NUM``, the
         clamp's open bound), and ``dy/dx_max = -c x_int ((f 2^-k + T) e'(u) + T m'(-x_max))``."""
         shift, out_scale = 2.0 ** (self.output_bit - 32), s / 2 ** (self.output_bit - 1)
-        pre = torch.round(x / s)
         s_sig = s * self.SIGMOID_K
-        x_max, idx = pre.max(dim=-1, keepdim=True)
-        e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True)
         m, dm = shift_exp_parts(-x_max, s_sig, self.N)
         total = e + m
         passes = (total < _NUMERATOR).to(total.dtype)
@@ -152,23 +168,24 @@ class IViTGELU(nn.Module):
         q = factor.mul_(shift).add_(t_coef).mul_(de).mul_(c_pre)
         w = t_coef.mul_(dm).mul_(c_pre).add_(q).neg_().div_(s)
         d = sig.mul_(out_scale).add_(q).div_(s)
-        return d, w, idx
+        return d, w
 
 
 class _GELUGrad(torch.autograd.Function):
-    """Backward ``dx_i = (g_i d_i + [i = idx] sum_j g_j w_j)`` (:meth:`IViTGELU._gradient_parts`;
-    the ``1 / s`` of ``x / s`` is in ``d`` and ``w``); forward returns a zero-cost surrogate value."""
+    """Forward ``y`` (the integer pass); backward ``dx_i = g_i d_i + [i = idx] sum_j g_j w_j``
+    (:meth:`IViTGELU._gradient_parts`; the ``1 / s`` of ``x / s`` is in ``d`` and ``w``)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, d: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, w: torch.Tensor,  # noqa: ANN001
+                idx: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(d, w, idx)
-        return d
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
         d, w, idx = ctx.saved_tensors
         row = (grad * w).sum(dim=-1, keepdim=True)
-        return (grad * d).scatter_add_(-1, idx, row), None, None, None
+        return (grad * d).scatter_add_(-1, idx, row), None, None, None, None
 
 
 class IViTLayerNorm(IntSqrtLayerNorm):
