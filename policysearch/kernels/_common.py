@@ -14,8 +14,12 @@ without autograd. What flows backward is chosen by :func:`ste_gradients` (defaul
   computation itself, with every floor and round passed straight through (``floor_ste`` /
   ``round_ste``: identity backward), the scales and integer constants held fixed (they come from
   ``torch.no_grad`` blocks or from running ranges there). FQ-ViT has no training code; its
-  operators get the same rule. Each kernel builds this graph next to its integer pass (which
-  stays the forward value); deviations from the references' graphs are listed per kernel.
+  operators get the same rule. No kernel builds this graph op by op: each computes its derivative
+  in closed form without autograd (every floor and round passing, the constants held as the graph
+  holds them), next to or fused with its integer pass (which stays the forward value, bit for
+  bit), and applies it in one backward node; ``tests/test_ste_closed_form.py`` checks each against
+  the op-by-op graph (equal up to float rounding). Deviations from the references' graphs are
+  listed per kernel.
 """
 from __future__ import annotations
 

@@ -48,8 +48,9 @@ Deviations, each tested:
   ``dim_sqrt`` is computed per call from the last dim (the reference caches it and needs 3-D input);
   any rank works, reduced over the last dim.
 
-Gradients with ``ste_gradients("reference")`` (``_common``): the graphs of ``IntSoftmax``,
-``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``, on this module's
+Gradients with ``ste_gradients("reference")`` (``_common``): the gradients of the graphs of
+``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``, computed
+in closed form (equal to the op-by-op graphs up to float rounding, tested), on this module's
 integers (so with the deviations above: the coarsened grid, this call's 16-bit range). The 16-bit
 requantisation passes ``1 / act_sf`` backward, as the reference's ``fixedpoint_mul`` does. Guards
 the reference lacks: the LayerNorm's ``sqrt`` sees ``var_int >= 1`` (a constant row has no
@@ -74,7 +75,6 @@ from policysearch.kernels._common import (
     with_grad_coef,
     with_ste,
 )
-
 
 __all__ = ["IBertGELU", "IBertLayerNorm", "IBertSoftmax", "gelu", "layernorm", "softmax"]
 
@@ -271,7 +271,7 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         fy = torch.floor(y_int / 2**shift)
         var = (fy**2).sum(dim=-1, keepdim=True)
         root = torch.sqrt(torch.clamp(var, min=1.0))
-        dstd = fy.mul_(((var > 1.0).to(var.dtype) / root))
+        dstd = fy.mul_((var > 1.0).to(var.dtype) / root)
         return torch.floor(root) * 2**shift, dstd
 
 

@@ -25,9 +25,10 @@ Not a deviation: at fine input scales a very negative GELU row makes ``2^(n - q)
 ``inf`` in the reference (its output is then 0 or garbage); the same ``inf`` is reproduced here.
 GELU ``bits`` is the sigmoid's ``output_bit`` (8 only, the reference's default and wiring).
 
-Gradients with ``ste_gradients("reference")`` (``_common``): the graphs of the reference's
-``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``
-(``shift_exp_ste``; the LayerNorm's Newton steps pass straight through). Deviations: the exponent
+Gradients with ``ste_gradients("reference")`` (``_common``): the gradients of the graphs of the
+reference's ``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` /
+``round_ste`` (the LayerNorm's Newton steps pass straight through), computed in closed form
+(equal to the op-by-op graphs up to float rounding, tested). Deviations: the exponent
 ``n - q`` is capped at 127 in the graph (no NaN gradient where the integers saturate to ``inf``),
 and the LayerNorm bias gets its gradient (``IntSqrtLayerNorm``).
 """
@@ -40,8 +41,8 @@ from torch import nn
 from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
-    shift_exp,
     reference_grad,
+    shift_exp,
     shift_exp_parts,
     softmax_front,
     softmax_grad,
