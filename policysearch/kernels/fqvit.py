@@ -117,16 +117,14 @@ class FQViTSoftmax(nn.Module):
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).nan_to_num_(nan=0.0, neginf=-3.0e38)
             exp_int, _ = i_exp_poly(x_int, s, inplace=True)
-            y = self._output(exp_int, exp_int.sum(dim=-1, keepdim=True), out_scale, inplace=True)
+            y = self._output(exp_int, out_scale)
         return with_ste(x, y, lambda: x.softmax(-1)), out_scale
 
-    def _output(self, exp_int: torch.Tensor, total: torch.Tensor, out_scale: torch.Tensor, *,
-                inplace: bool) -> torch.Tensor:
-        """``2^-log_round(round(sum / exp))`` on the output grid (``inplace=True`` overwrites
-        ``exp_int`` and ``total``)."""
-        total = total.clamp_(min=1.0) if inplace else total.clamp(min=1.0)  # 0 only when every exp is
+    def _output(self, exp_int: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``2^-log_round(round(sum / exp))`` on the output grid (overwrites ``exp_int``)."""
+        total = exp_int.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # 0 only when every exp is
         # ratio = round(sum / exp) >= 1, inf where exp_int = 0 (the reference's inf, masked)
-        ratio = (torch.div(total, exp_int, out=exp_int) if inplace else total / exp_int).round_()
+        ratio = (total / exp_int).round_()
         # 2^(top - code) for code <= top, and floor(2^top / 2^code) = 0 for code > top (the
         # reference's mask, qlog >= 2^bits) and for ratio = inf: one pass each, no bool mask
         power = log_round_power(ratio, inplace=True)
@@ -145,11 +143,13 @@ class FQViTSoftmax(nn.Module):
             u, du, idx = softmax_front(x.detach(), s)
             e, de = i_exp_poly_parts(u, s, inplace=True)
             total = e.sum(dim=-1, keepdim=True)
-            out = self._output(e, total, out_scale, inplace=False)
             zero = (e == 0).to(e.dtype)
             denom = e.add_(zero)  # exp, or 1 where exp = 0
             ratio = torch.clamp(torch.round(total / denom), min=1.0)
             y = log_round_power(ratio).reciprocal_().mul_(2.0**top).floor_().mul_(1.0 - zero)  # 2^(top - code)
+            # the integer pass's output: its ratio is the same where exp > 0 (then sum >= exp >= 1),
+            # and it gives 0 where exp = 0 (ratio = inf), as the masked 2^(top - code) here
+            out = y * out_scale
             # the clamp of code to [0, top] passes for 0 < code < top, i.e. 2 <= y <= 2^(top - 1)
             y_passing = y.mul_(((y > 1.0) & (y < 2.0**top)).to(y.dtype)).mul_(out_scale)
             d = y_passing.div_(ratio).div_(denom)  # y / (ratio d)
