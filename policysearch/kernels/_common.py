@@ -339,11 +339,14 @@ def shift_exp_ste(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
     return exp_int if coef is None else _ExpSTE.apply(x_int, exp_int, coef)
 
 
-def shift_exp_parts(x: torch.Tensor, s: torch.Tensor, n: int, *, grad: bool = True,
-                    inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shift_exp_parts(x: torch.Tensor, s: torch.Tensor, n: int, *, grad: bool = True, inplace: bool = False,
+                    nonpositive: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`shift_exp_ste`'s value (the graph's, exponent capped at 127) and its derivative
     ``d exp / dx`` (``None`` unless ``grad``), without autograd: for closed forms built on it.
-    In place in a few buffers (``inplace=True`` may overwrite ``x``): the same values."""
+    In place in a few buffers (``inplace=True`` may overwrite ``x``): the same values.
+    ``nonpositive=True``: the caller's ``x`` is ``<= 0`` (or NaN), so ``t <= x <= 0`` (``floor(x/2)
+    <= floor(x/16)``), ``q >= 0`` and ``n - q <= n <= 127``: the cap never acts and is skipped; the
+    value is then :func:`shift_exp`'s, bit for bit."""
     x0_int = torch.floor(-1.0 / s)
     floor_at = n * x0_int
     t = torch.floor_(x * 0.5).add_(x).sub_(torch.floor_(x * 0.0625))  # x + floor(x/2) - floor(x/16)
@@ -353,13 +356,16 @@ def shift_exp_parts(x: torch.Tensor, s: torch.Tensor, n: int, *, grad: bool = Tr
     q = torch.floor_(tc / x0_int)
     r = tc.sub_(x0_int * q) if x0_int.dim() else tc.sub_(q * x0_int)
     k = q.neg_().add_(n)
-    cap = torch.sub(126.5, k).mul_(2.0).clamp_(0.0, 1.0) if grad else None  # n - q < 127 passes
-    ep = r.mul_(0.5).sub_(x0_int).mul_(exp2_int(k.clamp_(max=127.0), inplace=True))
+    capped = not (nonpositive and n <= 127)
+    cap = torch.sub(126.5, k).mul_(2.0).clamp_(0.0, 1.0) if grad and capped else None  # n - q < 127 passes
+    ep = r.mul_(0.5).sub_(x0_int).mul_(exp2_int(k.clamp_(max=127.0) if capped else k, inplace=True))
     exp_int = torch.floor(ep).clamp_(min=0)
     if not grad:
         return exp_int, None
-    cap = cap.mul_(mask).mul_(mask.copy_(exp_int).clamp_(max=1.0))  # the clamp at 0 passes where exp > 0
-    coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(cap)
+    passes = mask.mul_(torch.clamp(exp_int, max=1.0))  # the clamp at 0 passes where exp > 0
+    if cap is not None:
+        passes = passes.mul_(cap)
+    coef = ep.mul_((-1.4375 * _LN2) / x0_int).mul_(passes)
     return exp_int, coef.nan_to_num_(nan=0.0, posinf=0.0)  # a saturated 2^127 row (inf * 0): no gradient
 
 

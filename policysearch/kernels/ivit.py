@@ -85,7 +85,7 @@ class IViTSoftmax(nn.Module):
         bound). Equal to the op-by-op graph up to float rounding (tested)."""
         with torch.no_grad():
             u, du, idx = softmax_front(x.detach(), s)
-            e, de = shift_exp_parts(u, s, self.N, inplace=True)
+            e, de = shift_exp_parts(u, s, self.N, inplace=True, nonpositive=True)
             total = e.sum(dim=-1, keepdim=True)
             passes = (total < _NUMERATOR).to(total.dtype)
             total = torch.clamp_(total, max=_NUMERATOR)
@@ -141,7 +141,7 @@ class IViTGELU(nn.Module):
             pre = torch.div(x.detach(), s).round_()
             s_sig = s * self.SIGMOID_K
             x_max, idx = pre.max(dim=-1, keepdim=True)
-            e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True)
+            e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True, nonpositive=True)
             y = self._sigmoid_times_x(pre, e, shift_exp(-x_max, s_sig, self.N)[0], s / 2 ** (self.output_bit - 1))
             d, w = self._gradient_parts(pre, x_max, e, de, s)
         return _GELUGrad.apply(x, y, d, w, idx)
