@@ -291,3 +291,16 @@ class _FixedOut(nn.Module):
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kernel(x, s, out_scale=self.out_scale)
+
+
+def test_row_max_is_torch_max() -> None:
+    """Values and first-maximum indices as ``torch.max`` (ties, ``-inf`` rows, one-element rows)."""
+    from policysearch.kernels._common import row_max
+
+    g = torch.Generator().manual_seed(12)
+    for shape in [(50, 7), (4, 3, 384), (5, 1)]:
+        x = torch.randint(-3, 3, shape, generator=g).float()
+        x.view(-1, shape[-1])[0] = float("-inf")
+        top, idx = row_max(x)
+        ref = x.max(dim=-1, keepdim=True)
+        assert torch.equal(top, ref.values) and torch.equal(idx, ref.indices)

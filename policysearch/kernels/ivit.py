@@ -42,6 +42,7 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     reference_grad,
+    row_max,
     shift_exp,
     shift_exp_parts,
     softmax_front,
@@ -140,7 +141,7 @@ class IViTGELU(nn.Module):
         with torch.no_grad():
             pre = torch.div(x.detach(), s).round_()
             s_sig = s * self.SIGMOID_K
-            x_max, idx = pre.max(dim=-1, keepdim=True)
+            x_max, idx = row_max(pre)
             e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True, nonpositive=True)
             y = self._sigmoid_times_x(pre, e, shift_exp(-x_max, s_sig, self.N)[0], s / 2 ** (self.output_bit - 1))
             d, w = self._gradient_parts(pre, x_max, e, de, s)
