@@ -278,7 +278,9 @@ def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top = x.amax(dim=-1, keepdim=True)
     n = x.shape[-1]
     rank = torch.arange(n, 0, -1, dtype=torch.float32, device=x.device)  # n - index
-    first = (x == top).to(torch.float32).mul_(rank).amax(dim=-1, keepdim=True)
+    # 1 where x equals the maximum (sign(x - top) + 1, float passes only; an all -inf row's NaN
+    # differences count as maxima, so its index is 0 as torch.max's), 0 below
+    first = torch.sub(x, top).sign_().add_(1.0).nan_to_num_(nan=1.0).mul_(rank).amax(dim=-1, keepdim=True)
     return top, first.neg_().add_(n).clamp_(max=n - 1).long()
 
 

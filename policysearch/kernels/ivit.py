@@ -88,7 +88,7 @@ class IViTSoftmax(nn.Module):
             u, du, idx = softmax_front(x.detach(), s)
             e, de = shift_exp_parts(u, s, self.N, inplace=True, nonpositive=True)
             total = e.sum(dim=-1, keepdim=True)
-            passes = (total < _NUMERATOR).to(total.dtype)
+            passes = torch.sub(_NUMERATOR, total).sign_().clamp_(min=0.0)  # total < NUM: float passes only
             total = torch.clamp_(total, max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
             y = torch.floor_(e.mul(factor).mul_(2.0 ** (self.output_bit - 32))).mul_(out_scale)
@@ -161,7 +161,7 @@ class IViTGELU(nn.Module):
         s_sig = s * self.SIGMOID_K
         m, dm = shift_exp_parts(-x_max, s_sig, self.N)
         total = e + m
-        passes = (total < _NUMERATOR).to(total.dtype)
+        passes = torch.sub(_NUMERATOR, total).sign_().clamp_(min=0.0)  # total < NUM: float passes only
         total = torch.clamp_(total, max=_NUMERATOR)
         factor = torch.floor(_NUMERATOR / total)
         t_coef = e.mul(-shift * _NUMERATOR).div_(total).div_(total).mul_(passes)
