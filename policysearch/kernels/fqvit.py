@@ -43,7 +43,8 @@ graph with every round and floor straight through, scales fixed. Softmax: i-exp 
 ``log_round`` of a value, like a rounding), so ``2^-code`` differentiates as ``exp / sum``.
 LayerNorm: the per-token ``mean`` / ``std`` (float in the reference) carry gradient, the 8-bit
 ``M`` of ``get_MN`` passes that of ``|A| * 2^N`` (a floor), ``N`` and the sign are held fixed; the
-weight reaches the output through ``A`` and ``B``, the bias through ``B``.
+weight reaches the output through ``A`` and ``B``, the bias through ``B``. Both gradients are
+computed in closed form (equal to the op-by-op graphs up to float rounding, tested).
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ from policysearch.kernels._common import (
     exp2_int,
     exp2_int_traceable,
     i_exp_poly,
-    i_exp_poly_ste,
-    round_ste,
-    value_with_grad_of,
+    i_exp_poly_parts,
+    reference_grad,
+    softmax_front,
+    softmax_grad,
     with_ste,
 )
 
@@ -113,59 +115,53 @@ class FQViTSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
-        top = 2**self.bits - 1
+        out_scale = torch.tensor(2.0 ** -(2**self.bits - 1), device=x.device)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach(), out_scale), out_scale
         with torch.no_grad():
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True)).nan_to_num_(nan=0.0, neginf=-3.0e38)
             exp_int, _ = i_exp_poly(x_int, s, inplace=True)
-            total = exp_int.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # 0 only when every exp is
-            # ratio = round(sum / exp) >= 1, inf where exp_int = 0 (the reference's inf, masked)
-            ratio = (total / exp_int).round_()
-            # 2^(top - code) for code <= top, and floor(2^top / 2^code) = 0 for code > top (the
-            # reference's mask, qlog >= 2^bits) and for ratio = inf: one pass each, no bool mask
-            power = log_round_power(ratio, inplace=True)
-            q_out = power.reciprocal_().mul_(2.0**top).floor_()
-            out_scale = torch.tensor(2.0**-top, device=x.device)
-        return with_ste(x, q_out.mul_(out_scale), lambda: x.softmax(-1),
-                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+            y = self._output(exp_int, out_scale)
+        return with_ste(x, y, lambda: x.softmax(-1)), out_scale
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """The integer computation with straight-through roundings (module docstring)."""
-        x_int = x / s
-        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-        return _LogIntTail.apply(i_exp_poly_ste(x_int, s), 2**self.bits - 1, out_scale)
+    def _output(self, exp_int: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``2^-log_round(round(sum / exp))`` on the output grid (overwrites ``exp_int``)."""
+        total = exp_int.sum(dim=-1, keepdim=True).clamp_(min=1.0)  # 0 only when every exp is
+        # ratio = round(sum / exp) >= 1, inf where exp_int = 0 (the reference's inf, masked)
+        ratio = (total / exp_int).round_()
+        # 2^(top - code) for code <= top, and floor(2^top / 2^code) = 0 for code > top (the
+        # reference's mask, qlog >= 2^bits) and for ratio = inf: one pass each, no bool mask
+        power = log_round_power(ratio, inplace=True)
+        return power.reciprocal_().mul_(2.0 ** (2**self.bits - 1)).floor_().mul_(out_scale)
 
-
-class _LogIntTail(torch.autograd.Function):
-    """``exp_int -> 2^-log_round(round(sum / exp))`` (masked), with the closed-form gradient of its
-    straight-through graph: ``y = 2^(top - code)``, ``code`` passing ``d log2(ratio)``, gives
-    ``dy/dratio = -y / ratio``, and ``ratio = round_ste(S / d)`` (``d = exp``, or 1 where ``exp = 0``)
-    sends ``1/d`` of that to the row sum ``S`` and ``-S / d^2`` to its own non-zero entry; the
-    clamp of ``code`` to ``[0, top]`` passes for ``0 < code < top`` (``torch.clamp``'s gradient is 0
-    at its bounds). The op-by-op graph gives the same up to float rounding (tested)."""
-
-    @staticmethod
-    def forward(ctx, exp_int: torch.Tensor, top: int, out_scale: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        total = exp_int.sum(dim=-1, keepdim=True)
-        zero = exp_int == 0
-        denom = torch.where(zero, torch.ones_like(exp_int), exp_int)
-        ratio = torch.clamp(torch.round(total / denom), min=1.0)
-        power = log_round_power(ratio)
-        y = power.reciprocal_().mul_(2.0**top).floor_().masked_fill_(zero, 0.0)  # 2^(top - code)
-        # the clamp of code to [0, top] passes its gradient for 0 < code < top only (open bounds, as
-        # torch.clamp's gradient), i.e. for 2 <= y <= 2^(top - 1); masked entries are y = 0
-        passes = ((y > 1.0) & (y < 2.0**top)).to(y.dtype)
-        y = y.mul_(out_scale)
-        ctx.save_for_backward(y * passes, ratio, denom, zero, total)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
-        y_passing, ratio, denom, zero, total = ctx.saved_tensors
-        g_ratio = (grad * y_passing).div_(ratio).neg_()
-        g_sum = (g_ratio / denom).sum(dim=-1, keepdim=True)
-        g_own = g_ratio.mul_(total).div_(denom).div_(denom).neg_().masked_fill_(zero, 0.0)
-        return g_own.add_(g_sum), None, None
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers) with the integer
+        computation's straight-through gradient (module docstring) in closed form
+        (:func:`softmax_grad`): ``y = 2^(top - code)``, ``code`` passing ``d log2(ratio)``, gives
+        ``dy/dratio = -y / ratio``, and ``ratio = round_ste(S / d)`` (``d = exp``, or 1 where ``exp =
+        0``) sends ``1/d`` of that to the row sum ``S`` and ``-S / d^2`` to its own non-zero entry; the
+        clamp of ``code`` to ``[0, top]`` passes for ``0 < code < top`` (``torch.clamp``'s gradient
+        is 0 at its bounds). Equal to the op-by-op graph up to float rounding (tested)."""
+        top = 2**self.bits - 1
+        with torch.no_grad():
+            u, du, idx = softmax_front(x.detach(), s)
+            e, de = i_exp_poly_parts(u, s, inplace=True)
+            total = e.sum(dim=-1, keepdim=True)
+            zero = (e == 0).to(e.dtype)
+            denom = e.add_(zero)  # exp, or 1 where exp = 0
+            ratio = torch.clamp(torch.round(total / denom), min=1.0)
+            y = log_round_power(ratio).reciprocal_().mul_(2.0**top).floor_().mul_(1.0 - zero)  # 2^(top - code)
+            # the integer pass's output: its ratio is the same where exp > 0 (then sum >= exp >= 1),
+            # and it gives 0 where exp = 0 (ratio = inf), as the masked 2^(top - code) here
+            out = y * out_scale
+            # the clamp of code to [0, top] passes for 0 < code < top, i.e. 2 <= y <= 2^(top - 1)
+            y_passing = y.mul_(((y > 1.0) & (y < 2.0**top)).to(y.dtype)).mul_(out_scale)
+            d = y_passing.div_(ratio).div_(denom)  # y / (ratio d)
+            a = (d * total).div_(denom).mul_(1.0 - zero)
+            d = d.neg_()
+            du = du.mul_(de)
+        return softmax_grad(x, out, a.mul_(du), du, d, idx)
 
 
 def get_mn(a: torch.Tensor, bit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,24 +226,68 @@ class FQViTLayerNorm(nn.Module):
                         params=(self.norm.weight, self.norm.bias)), out_scale
 
     def _reference_graph(self, x: torch.Tensor, in_scale: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``QIntLayerNorm`` ``'int'`` mode with straight-through roundings (module docstring)."""
+        """``QIntLayerNorm`` ``'int'`` mode's straight-through gradient (module docstring) in closed
+        form (:class:`_LayerNormGrad`), equal to the op-by-op graph up to float rounding (tested).
+
+        The graph: ``x_q = round(x / s) R``, ``mean = avg(x_q) s1``, ``spread = C sum x_q^2 - (sum
+        x_q)^2``, ``std = s1 / C sqrt(max(spread, 1))`` (1 on a flat row), ``a = s1 / std w / o``,
+        ``m`` passing the gradient of ``|a| 2^N``, ``b = round((bias - mean / std w) / o 2^N)``,
+        ``out = round((sign(a) m x_q + b) / 2^N) o`` (``round(bias / o) o`` on a flat row). Per
+        element, ``d out`` sends ``g o / 2^N sign(a) m`` to ``x_q`` directly, ``g o x_q |sign(a)|``
+        to ``a`` and ``g`` to ``b o / 2^N``; ``a`` and ``mean / std`` collect per row into ``std``
+        and ``mean``, which return to ``x_q`` through the spread and the average."""
         weight, bias = self.norm.weight, self.norm.bias
         in_scale, out_scale = in_scale.detach(), out_scale.detach()
-        channels = x.shape[-1]
-        s1 = in_scale.min()
-        x_q = round_ste(x / in_scale) * torch.round(in_scale / s1)
-        mean = x_q.mean(dim=-1) * s1
-        spread = channels * (x_q**2).sum(dim=-1) - x_q.sum(dim=-1) ** 2  # an integer, >= C - 1 unless flat
-        flat = ~(spread.detach() > 0)
-        std = torch.where(flat, torch.ones_like(spread), (s1 / channels) * torch.sqrt(torch.clamp(spread, min=1.0)))
-        a = (s1 / std).unsqueeze(-1) * weight / out_scale
         with torch.no_grad():
-            m, _, p2n = _mn_and_power(a.detach().abs())
-        m = value_with_grad_of(m, a.abs() * p2n)
-        b = round_ste((bias - (mean / std).unsqueeze(-1) * weight) / out_scale * p2n)
-        out_int = round_ste((a.detach().sign() * m * x_q + b) / p2n)
-        out_int = torch.where(flat.unsqueeze(-1), round_ste(bias / out_scale).expand_as(out_int), out_int)
-        return out_int * out_scale
+            w = weight.detach()
+            channels = x.shape[-1]
+            s1 = in_scale.min()
+            rep = torch.round(in_scale / s1)
+            x_q = torch.round(x.detach() / in_scale) * rep
+            total = x_q.sum(dim=-1, keepdim=True)
+            mean = x_q.mean(dim=-1, keepdim=True) * s1
+            spread = channels * (x_q**2).sum(dim=-1, keepdim=True) - total**2
+            live = (spread > 0).to(x_q.dtype)  # 0 on a flat row: its output is the bias's
+            root = torch.sqrt(torch.clamp(spread, min=1.0))
+            std = torch.where(live > 0, (s1 / channels) * root, torch.ones_like(root))
+            inv = s1 / std
+            a = inv * w / out_scale
+            m, _, p2n = _mn_and_power(a.abs())
+            sign = a.sign()
+            k_a = (x_q * out_scale).mul_(sign.abs()).mul_(live)  # d out / d a, per unit g
+            k_std = (k_a * (w / out_scale)).mul_(-s1).add_(live * w * mean).div_(std).div_(std)
+            k_mean = (live * w).div_(std).neg_()
+            k_w = (k_a * inv / out_scale).sub_(live * (mean / std))
+            d_in = rep / in_scale
+            d_direct = (out_scale * live / p2n).mul_(sign).mul_(m).mul_(d_in)
+            d_spread = (x_q * (2 * channels)).sub_(2 * total).mul_(
+                ((s1 / channels) * 0.5 / root).mul_((spread > 1.0).to(root.dtype)).mul_(live)).mul_(d_in)
+            d_mean = (s1 / channels) * d_in
+        return _LayerNormGrad.apply(x, weight, bias, d_direct, d_spread, d_mean, k_std, k_mean, k_w)
+
+
+class _LayerNormGrad(torch.autograd.Function):
+    """Backward of :meth:`FQViTLayerNorm._reference_graph`: ``dx = g d_direct + (sum g k_std)
+    d_spread + (sum g k_mean) d_mean`` (row sums), ``dw = sum_rows g k_w``, ``db = sum_rows g``;
+    the forward returns ``d_direct`` (a surrogate value: ``with_ste`` forwards the integer pass)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *parts: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(*parts)
+        return parts[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        d_direct, d_spread, d_mean, k_std, k_mean, k_w = ctx.saved_tensors
+        lead = tuple(range(grad.dim() - 1))
+        g_w = (grad * k_w).sum(dim=lead) if ctx.needs_input_grad[1] else None
+        g_b = grad.sum(dim=lead) if ctx.needs_input_grad[2] else None
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_std = (grad * k_std).sum(dim=-1, keepdim=True)
+            g_mean = (grad * k_mean).sum(dim=-1, keepdim=True)
+            g_x = (grad * d_direct).addcmul_(g_std, d_spread).addcmul_(g_mean, d_mean)
+        return g_x, g_w, g_b, *([None] * 6)
 
 
 # ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----

@@ -48,8 +48,9 @@ Deviations, each tested:
   ``dim_sqrt`` is computed per call from the last dim (the reference caches it and needs 3-D input);
   any rank works, reduced over the last dim.
 
-Gradients with ``ste_gradients("reference")`` (``_common``): the graphs of ``IntSoftmax``,
-``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``, on this module's
+Gradients with ``ste_gradients("reference")`` (``_common``): the gradients of the graphs of
+``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``, computed
+in closed form (equal to the op-by-op graphs up to float rounding, tested), on this module's
 integers (so with the deviations above: the coarsened grid, this call's 16-bit range). The 16-bit
 requantisation passes ``1 / act_sf`` backward, as the reference's ``fixedpoint_mul`` does. Guards
 the reference lacks: the LayerNorm's ``sqrt`` sees ``var_int >= 1`` (a constant row has no
@@ -65,10 +66,13 @@ from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
     exp2_int,
-    floor_ste,
     i_exp_poly,
-    i_exp_poly_ste,
-    round_ste,
+    i_exp_poly_parts,
+    i_exp_scale,
+    reference_grad,
+    softmax_front,
+    softmax_grad,
+    with_grad_coef,
     with_ste,
 )
 
@@ -84,6 +88,11 @@ _F64_SLICE = 2**18
 def _frexp31(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mantissa, exponent = torch.frexp(ratio.double())
     return torch.floor(mantissa * 2.0**31 + 0.5), 31.0 - exponent.double()
+
+
+def _min_mask(x: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``torch.minimum(x, bound)``'s gradient for ``x``: 1 below, 1/2 at a tie, 0 above."""
+    return (bound - x).sign_().add_(1.0).mul_(0.5)
 
 
 class IBertSoftmax(nn.Module):
@@ -137,36 +146,53 @@ class IBertSoftmax(nn.Module):
             z_int.copy_(z_int.double().mul_(ratio).round_().clamp_(-lim, lim - 1))
         return z_int.mul_(act_sf).div_(act_sf)
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``IntSoftmax.forward``'s autograd graph (straight-through floors and rounds)."""
-        x_int = x / s
-        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-        with torch.no_grad():
-            k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
-        x_int = torch.where(k > 0, floor_ste(x_int * exp2_int(-k)), x_int)
-        exp_int = i_exp_poly_ste(x_int, s * exp2_int(k))
-        with torch.no_grad():  # this call's QuantAct(16) range (module docstring)
-            act_sf = torch.clamp(exp_int.detach().abs().max(), min=1e-8) / (2 ** (_EXP_BITS - 1) - 1)
-        exp_int = torch.clamp(round_ste(exp_int / act_sf), -(2 ** (_EXP_BITS - 1)), 2 ** (_EXP_BITS - 1) - 1)
-        factor = floor_ste(2**32 / exp_int.sum(dim=-1, keepdim=True))
-        return floor_ste(exp_int * factor / 2 ** (32 - self.output_bit)) * out_scale
+    def _output(self, exp_int: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """``floor(z floor(2^32 / sum z) 2^(b-32)) out_scale`` of the requantized ``z`` (overwritten)."""
+        total = exp_int.sum(dim=-1, keepdim=True)
+        factor = torch.floor_(2**32 / total)
+        # floor(exp_int * factor / 2^(32 - bits)): the division by a power of two is exact
+        return torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32))).mul_(out_scale)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
+        out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach(), out_scale), out_scale
         with torch.no_grad():
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
             x_int = torch.nan_to_num_(x_int, nan=0.0, neginf=-3.0e38)
             x_int, s_exp = self._coarsen(x_int, s)
             exp_int, exp_scale = i_exp_poly(x_int, s_exp, inplace=True)
-            exp_int = self._requant16(exp_int, exp_scale)
-            total = exp_int.sum(dim=-1, keepdim=True)
-            factor = torch.floor_(2**32 / total)
-            # floor(exp_int * factor / 2^(32 - bits)): the division by a power of two is exact
-            out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_scale = torch.tensor(1.0 / 2**self.output_bit, device=x.device)
-        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1),
-                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+            y = self._output(self._requant16(exp_int, exp_scale), out_scale)
+        return with_ste(x, y, lambda: x.softmax(-1)), out_scale
+
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers up to i-exp, then the
+        requantization on a copy) with ``IntSoftmax.forward``'s straight-through gradient (``x / s``
+        minus the row maximum, the coarsening shift, i-exp, the 16-bit requantization ``clamp(round(e
+        / act_sf))`` with this call's ``act_sf`` fixed, ``f = floor(2^32 / sum z)``, ``floor(z f
+        2^(b-32))``; every floor and round passing) in closed form (:func:`softmax_grad`): ``dy_i/dz_i
+        = c f``, ``dy_i/dz_j`` gains ``-c z_i 2^32 / T^2``, ``dz/de = 1 / act_sf`` inside the clamp's
+        open bounds. Equal to the op-by-op graph up to float rounding (tested)."""
+        with torch.no_grad():
+            u, du, idx = softmax_front(x.detach(), s)
+            k = torch.clamp(torch.ceil(torch.log2(SOFTMAX_MIN_SCALE / s)), 0.0, 126.0)
+            du = du.mul_(torch.where(k > 0, exp2_int(-k), torch.ones_like(k)))
+            u, s_exp = self._coarsen(u, s)
+            e, de = i_exp_poly_parts(u, s_exp, inplace=True)
+            y = self._output(self._requant16(e.clone(), i_exp_scale(s_exp)), out_scale)
+            lim = 2 ** (_EXP_BITS - 1)
+            act_sf = torch.clamp(e.abs().max(), min=1e-8) / (lim - 1)
+            z = torch.round_(e.div_(act_sf))
+            du = du.mul_(de).mul_(((z > -lim) & (z < lim - 1)).to(z.dtype)).div_(act_sf)  # the clamp's open bounds
+            z = z.clamp_(-lim, lim - 1)
+            total = z.sum(dim=-1, keepdim=True)
+            factor = torch.floor(2**32 / total)
+            c = out_scale / 2 ** (32 - self.output_bit)
+            d = z.mul_(((-(2**32) / total) / total).mul_(c))
+            a = du.mul(factor.mul_(c))
+        return softmax_grad(x, y, a, du, d, idx)
 
 
 class IBertGELU(nn.Module):
@@ -193,17 +219,24 @@ class IBertGELU(nn.Module):
         return torch.floor_(y_int.mul_(2.0**-self.N)), scale * 2**self.N
 
     def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``IntGELU.forward``'s autograd graph: ``sign``, ``b_int``, ``c_int`` and ``shift_int``
-        held fixed, ``floor_ste`` on the 2^14 shift."""
+        """``IntGELU.forward``'s straight-through gradient (``sign``, ``b_int``, ``c_int`` and
+        ``shift_int`` held fixed, ``floor_ste`` on the 2^14 shift, ``round_ste`` on ``x / s``) in
+        closed form: with ``m = min(|x_int|, -b_int)`` (``torch.minimum``: half the gradient at a
+        tie), ``d out / dx = c (y_int + shift_int + x_int 2^(1-N) (m + b_int) [|x_int| < -b_int]) / s``,
+        ``c = s sig_scale / 2``. Equal to the op-by-op graph up to float rounding (tested)."""
         a, b, c = self.COEF
-        s_e = s / self.K
-        x_int = round_ste(x / s)
-        b_int = torch.floor(b / s_e)
-        y_int = torch.sign(x_int.detach()) * ((torch.minimum(x_int.abs(), -b_int) + b_int) ** 2
-                                              + torch.floor((c / a) / s_e**2))
-        sig_scale = s_e**2 * a * 2**self.N
-        y_int = floor_ste(y_int / 2**self.N)
-        return x_int * (y_int + torch.floor(1.0 / sig_scale)) * (s * sig_scale / 2)
+        with torch.no_grad():
+            s_e = s / self.K
+            x_int = torch.round(x.detach() / s)
+            b_int = torch.floor(b / s_e)
+            mag = x_int.abs()
+            passes = _min_mask(mag, -b_int)
+            mn = torch.minimum(mag, -b_int).add_(b_int)
+            y_int = torch.sign(x_int).mul_(mn * mn + torch.floor((c / a) / s_e**2))
+            sig_scale = s_e**2 * a * 2**self.N
+            y_int = torch.floor_(y_int.div_(2**self.N)).add_(torch.floor(1.0 / sig_scale))
+            coef = mn.mul_(passes).mul_(x_int).mul_(2.0 ** (1 - self.N)).add_(y_int).mul_(s * sig_scale / 2).div_(s)
+        return with_grad_coef(x, coef, coef)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
@@ -239,11 +272,16 @@ class IBertLayerNorm(IntSqrtLayerNorm):
         r = torch.where((r + 1) * (r + 1) <= var, r + 1, r)
         return torch.clamp(r.float() * 2**shift, min=1.0)
 
-    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            shift = self._shift(y_int.detach())
-        var_int = (floor_ste(y_int / 2**shift) ** 2).sum(dim=-1, keepdim=True)
-        return floor_ste(torch.sqrt(torch.clamp(var_int, min=1.0))) * 2**shift
+    def std_int_grad(self, y_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph's ``floor(sqrt(max(sum floor(y / 2^shift)^2, 1))) 2^shift`` and its derivative
+        ``floor(y_i / 2^shift) / sqrt(var)`` (0 where ``var <= 1``: the clamp's bound); the
+        reference's graph with ``floor_ste``, its ``sqrt`` guarded by the clamp (module docstring)."""
+        shift = self._shift(y_int)
+        fy = torch.floor(y_int / 2**shift)
+        var = (fy**2).sum(dim=-1, keepdim=True)
+        root = torch.sqrt(torch.clamp(var, min=1.0))
+        dstd = fy.mul_((var > 1.0).to(var.dtype) / root)
+        return torch.floor(root) * 2**shift, dstd
 
 
 # ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----

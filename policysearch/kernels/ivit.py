@@ -25,9 +25,10 @@ Not a deviation: at fine input scales a very negative GELU row makes ``2^(n - q)
 ``inf`` in the reference (its output is then 0 or garbage); the same ``inf`` is reproduced here.
 GELU ``bits`` is the sigmoid's ``output_bit`` (8 only, the reference's default and wiring).
 
-Gradients with ``ste_gradients("reference")`` (``_common``): the graphs of the reference's
-``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` / ``round_ste``
-(``shift_exp_ste``; the LayerNorm's Newton steps pass straight through). Deviations: the exponent
+Gradients with ``ste_gradients("reference")`` (``_common``): the gradients of the graphs of the
+reference's ``IntSoftmax``, ``IntGELU`` and ``IntLayerNorm`` with their ``floor_ste`` /
+``round_ste`` (the LayerNorm's Newton steps pass straight through), computed in closed form
+(equal to the op-by-op graphs up to float rounding, tested). Deviations: the exponent
 ``n - q`` is capped at 127 in the graph (no NaN gradient where the integers saturate to ``inf``),
 and the LayerNorm bias gets its gradient (``IntSqrtLayerNorm``).
 """
@@ -40,10 +41,12 @@ from torch import nn
 from policysearch.kernels._common import (
     IntSqrtLayerNorm,
     as_scale,
-    floor_ste,
-    round_ste,
+    reference_grad,
+    row_max,
     shift_exp,
-    shift_exp_ste,
+    shift_exp_parts,
+    softmax_front,
+    softmax_grad,
     with_ste,
 )
 
@@ -66,6 +69,9 @@ class IViTSoftmax(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
+        out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach(), out_scale), out_scale
         with torch.no_grad():
             x_int = x.detach() / s
             x_int = x_int.sub_(x_int.amax(dim=-1, keepdim=True))
@@ -74,18 +80,27 @@ class IViTSoftmax(nn.Module):
             total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
             factor = torch.floor(_NUMERATOR / total)
             out_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_scale = torch.tensor(1.0 / 2 ** (self.output_bit - 1), device=x.device)
-        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1),
-                        lambda: self._reference_graph(x, s.detach(), out_scale)), out_scale
+        return with_ste(x, out_int.mul_(out_scale), lambda: x.softmax(-1)), out_scale
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
-        """``IntSoftmax.forward``'s autograd graph (straight-through floors)."""
-        x_int = x / s
-        x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-        exp_int = shift_exp_ste(x_int, s, self.N)
-        total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=_NUMERATOR)
-        factor = floor_ste(_NUMERATOR / total)
-        return floor_ste(exp_int * factor / 2 ** (32 - self.output_bit)) * out_scale
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers: ``x / s - max <= 0`` never
+        reaches :func:`shift_exp_parts`' exponent cap) with ``IntSoftmax.forward``'s straight-through
+        gradient (``e = int_exp_shift(x / s - max)``, ``T = min(sum e, NUM)``, ``f = floor(NUM / T)``,
+        ``floor(e f 2^(b-32))``; floors passing) in closed form (:func:`softmax_grad`): ``dy_i/de_i =
+        c f`` and ``dy_i/de_j`` gains ``-c e_i NUM / T^2`` where ``sum e < NUM`` (the clamp's open
+        bound). Equal to the op-by-op graph up to float rounding (tested)."""
+        with torch.no_grad():
+            u, du, idx = softmax_front(x.detach(), s)
+            e, de = shift_exp_parts(u, s, self.N, inplace=True, nonpositive=True)
+            total = e.sum(dim=-1, keepdim=True)
+            passes = torch.sub(_NUMERATOR, total).sign_().clamp_(min=0.0)  # total < NUM: float passes only
+            total = torch.clamp_(total, max=_NUMERATOR)
+            factor = torch.floor(_NUMERATOR / total)
+            y = torch.floor_(e.mul(factor).mul_(2.0 ** (self.output_bit - 32))).mul_(out_scale)
+            c = out_scale / 2 ** (32 - self.output_bit)
+            d = e.mul_(((-_NUMERATOR / total) / total).mul_(passes).mul_(c))
+            du = du.mul_(de)
+        return softmax_grad(x, y, du.mul(factor.mul_(c)), du, d, idx)
 
 
 class IViTGELU(nn.Module):
@@ -103,58 +118,81 @@ class IViTGELU(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = as_scale(scale, x)
+        out_scale = s / 2 ** (self.output_bit - 1)
+        if reference_grad(x):
+            return self._forward_reference(x, s.detach()), out_scale
         with torch.no_grad():
             pre_x_int = torch.div(x.detach(), s).round_()  # the integers (see the deviation)
             s_sig = s * self.SIGMOID_K
             x_max = pre_x_int.amax(dim=-1, keepdim=True)
             exp_int, _ = shift_exp(pre_x_int - x_max, s_sig, self.N, inplace=True)
-            exp_max, _ = shift_exp(-x_max, s_sig, self.N)
-            total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
-            factor = torch.floor_(total.reciprocal_().mul_(_NUMERATOR))  # NUM / total, as torch forms it
-            sig_int = torch.floor_(exp_int.mul_(factor).mul_(2.0 ** (self.output_bit - 32)))
-            out_scale = s / 2 ** (self.output_bit - 1)
-            y = sig_int.mul_(pre_x_int).mul_(out_scale)
-        return with_ste(x, y, lambda: F.gelu(x), lambda: self._reference_graph(x, s.detach())), out_scale
+            y = self._sigmoid_times_x(pre_x_int, exp_int, shift_exp(-x_max, s_sig, self.N)[0], out_scale)
+        return with_ste(x, y, lambda: F.gelu(x)), out_scale
 
-    def _reference_graph(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``IntGELU.forward``'s autograd graph (straight-through floors; the row maximum and
-        ``e^(-x_max)`` carry gradient as there; ``x_int`` rounded straight through, as forward)."""
-        pre_x_int = round_ste(x / s)
+    def _sigmoid_times_x(self, pre_x_int: torch.Tensor, exp_int: torch.Tensor, exp_max: torch.Tensor,
+                         out_scale: torch.Tensor) -> torch.Tensor:
+        """The integer pass after its two exps, in one new buffer."""
+        total = torch.clamp_(exp_max + exp_int, max=_NUMERATOR)
+        factor = torch.floor_(total.reciprocal_().mul_(_NUMERATOR))  # NUM / total, as torch forms it
+        sig_int = torch.floor_(factor.mul_(exp_int).mul_(2.0 ** (self.output_bit - 32)))  # (e * f) * 2^-k
+        return sig_int.mul_(pre_x_int).mul_(out_scale)
+
+    def _forward_reference(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The integer pass (the same operations on the same integers: ``x_int - x_max <= 0`` never
+        reaches :func:`shift_exp_parts`' exponent cap) with ``IntGELU.forward``'s straight-through
+        gradient (floors pass; the row maximum and ``e^(-x_max)`` carry gradient as there; ``x_int``
+        rounded straight through, as forward) in closed form (:class:`_GELUGrad`): equal to the
+        op-by-op graph up to float rounding (tested)."""
+        with torch.no_grad():
+            pre = torch.div(x.detach(), s).round_()
+            s_sig = s * self.SIGMOID_K
+            x_max, idx = row_max(pre)
+            e, de = shift_exp_parts(pre - x_max, s_sig, self.N, inplace=True, nonpositive=True)
+            y = self._sigmoid_times_x(pre, e, shift_exp(-x_max, s_sig, self.N)[0], s / 2 ** (self.output_bit - 1))
+            d, w = self._gradient_parts(pre, x_max, e, de, s)
+        return _GELUGrad.apply(x, y, d, w, idx)
+
+    def _gradient_parts(self, pre: torch.Tensor, x_max: torch.Tensor, e: torch.Tensor, de: torch.Tensor,
+                        s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dy_i/dx_i = d`` and ``dy_j/dx_max = s w_j`` (``x_max`` at the ``max``'s index) from the
+        graph's values (``e^(-x_max)`` with the exponent capped, as :func:`shift_exp_ste`); may
+        overwrite ``pre`` and ``e``.
+
+        With ``u = x_int - x_max``, ``e = exp(u)``, ``m = exp(-x_max)``, ``t = min(e + m, NUM)``,
+        ``f = floor(NUM / t)``, ``sig = floor(e f 2^-k)`` and ``y = x_int sig c``: ``dy/dx_int = c sig
+        + c x_int (f 2^-k + T) e'(u)`` with ``T = -e 2^-k NUM / t^2`` (where ``e + m < NUM``, the
+        clamp's open bound), and ``dy/dx_max = -c x_int ((f 2^-k + T) e'(u) + T m'(-x_max))``."""
+        shift, out_scale = 2.0 ** (self.output_bit - 32), s / 2 ** (self.output_bit - 1)
         s_sig = s * self.SIGMOID_K
-        x_max = pre_x_int.max(dim=-1, keepdim=True).values
-        exp_int = shift_exp_ste(pre_x_int - x_max, s_sig, self.N)
-        exp_max = shift_exp_ste(-x_max, s_sig, self.N)
-        return _SigmoidTail.apply(pre_x_int, exp_int, exp_max, 2.0 ** (self.output_bit - 32),
-                                  s / 2 ** (self.output_bit - 1))
-
-
-class _SigmoidTail(torch.autograd.Function):
-    """``pre_x * floor(e * floor(NUM / min(e + e_max, NUM)) * 2^-k) * c`` (I-ViT's GELU after its
-    two exps) with the closed-form gradient of its straight-through graph: each floor passes, the
-    clamp at ``NUM`` passes where ``e + e_max < NUM`` (open bound, as ``torch.clamp``), and
-    ``d floor(NUM / t) / dt = -NUM / t^2``. Same as the op-by-op graph up to float rounding (tested)."""
-
-    @staticmethod
-    def forward(ctx, pre_x_int: torch.Tensor, exp_int: torch.Tensor, exp_max: torch.Tensor,  # noqa: ANN001
-                shift: float, out_scale: torch.Tensor) -> torch.Tensor:
-        total = exp_int + exp_max
-        passes = (total < _NUMERATOR).to(total.dtype)
+        m, dm = shift_exp_parts(-x_max, s_sig, self.N)
+        total = e + m
+        passes = torch.sub(_NUMERATOR, total).sign_().clamp_(min=0.0)  # total < NUM: float passes only
         total = torch.clamp_(total, max=_NUMERATOR)
         factor = torch.floor(_NUMERATOR / total)
-        sig_int = torch.floor((exp_int * factor) * shift)
-        ctx.save_for_backward(pre_x_int, exp_int, factor, total, passes, sig_int, out_scale)
-        ctx.shift = shift
-        return pre_x_int * sig_int * out_scale
+        t_coef = e.mul(-shift * _NUMERATOR).div_(total).div_(total).mul_(passes)
+        sig = torch.floor_(e.mul_(factor).mul_(shift))  # floor((e * factor) * shift), in e's buffer
+        c_pre = pre.mul_(out_scale)  # c * x_int
+        q = factor.mul_(shift).add_(t_coef).mul_(de).mul_(c_pre)
+        w = t_coef.mul_(dm).mul_(c_pre).add_(q).neg_().div_(s)
+        d = sig.mul_(out_scale).add_(q).div_(s)
+        return d, w
+
+
+class _GELUGrad(torch.autograd.Function):
+    """Forward ``y`` (the integer pass); backward ``dx_i = g_i d_i + [i = idx] sum_j g_j w_j``
+    (:meth:`IViTGELU._gradient_parts`; the ``1 / s`` of ``x / s`` is in ``d`` and ``w``)."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
-        pre_x_int, exp_int, factor, total, passes, sig_int, out_scale = ctx.saved_tensors
-        g = grad * out_scale
-        g_sig = g * pre_x_int
-        g_total = (g_sig * exp_int).mul_(-ctx.shift * _NUMERATOR).div_(total).div_(total).mul_(passes)
-        g_exp = g_sig.mul_(factor).mul_(ctx.shift).add_(g_total)
-        g_max = g_total.sum(dim=-1, keepdim=True)
-        return g.mul_(sig_int), g_exp, g_max, None, None
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, d: torch.Tensor, w: torch.Tensor,  # noqa: ANN001
+                idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d, w, idx)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: ANN001
+        d, w, idx = ctx.saved_tensors
+        row = (grad * w).sum(dim=-1, keepdim=True)
+        return (grad * d).scatter_add_(-1, idx, row), None, None, None, None
 
 
 class IViTLayerNorm(IntSqrtLayerNorm):
@@ -172,12 +210,16 @@ class IViTLayerNorm(IntSqrtLayerNorm):
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
         return self.newton_sqrt((y_int.double() ** 2).sum(dim=-1, keepdim=True).float())
 
-    def std_int_ste(self, y_int: torch.Tensor) -> torch.Tensor:
-        var_int = (y_int**2).sum(dim=-1, keepdim=True)
-        k = torch.full_like(var_int, 2.0**16)
+    def std_int_grad(self, y_int: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The graph's Newton root of ``sum y^2`` and its straight-through derivative: each step
+        ``k' = floor((k + floor(v / k)) / 2)`` passes ``dk' = (dk + 1 / k - v dk / k^2) / 2``."""
+        var = (y_int**2).sum(dim=-1, keepdim=True)
+        k = torch.full_like(var, 2.0**16)
+        dk = torch.zeros_like(var)
         for _ in range(self.ITERATIONS):
-            k = floor_ste((k + floor_ste(var_int / k)) / 2)
-        return k
+            dk = (dk + (1.0 / k - var * dk / k**2)) / 2
+            k = torch.floor((k + torch.floor(var / k)) / 2)
+        return k, (2.0 * y_int).mul_(dk)
 
 
 # ---- kernel factories (the method catalogue's ``kernel``: policysearch.methods) ----
