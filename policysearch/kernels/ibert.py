@@ -254,19 +254,31 @@ class IBertLayerNorm(IntSqrtLayerNorm):
     NUMERATOR = 2**31
 
     @staticmethod
-    def _shift(y_int: torch.Tensor) -> torch.Tensor:
-        """The overflow shift a fresh reference module sets on this call (0 without overflow)."""
+    def _squares(y_int: torch.Tensor) -> torch.Tensor:
+        """The exact row sums of squares (float64: below 2^53), ``(..., 1)``."""
+        return y_int.double().square_().sum(dim=-1, keepdim=True)
+
+    @staticmethod
+    def _shift(y_int: torch.Tensor, squares: torch.Tensor | None = None) -> torch.Tensor:
+        """The overflow shift a fresh reference module sets on this call (0 without overflow), from
+        the rows' exact sums of squares (``squares``, computed here when not given)."""
         # The reference takes max over rows of ceil(log2(sqrt(var / 2^32))) when max(var) >= 2^32;
         # the functions are monotone, so this is the same on the largest row, and it is <= 0 (so
         # clamped to 0) exactly when there is no overflow: no branch, no device sync.
         # ceil(log2(sqrt(v / 2^32))) = ceil((ceil(log2 v) - 32) / 2), from the exact sum (float64)
-        mant, exp = torch.frexp((y_int.double() ** 2).sum(dim=-1).max())
+        sq = IBertLayerNorm._squares(y_int) if squares is None else squares
+        mant, exp = torch.frexp(sq.max())
         return torch.clamp(torch.ceil((exp - (mant == 0.5).to(exp.dtype) - 32) / 2), min=0).float()
 
     def std_int(self, y_int: torch.Tensor) -> torch.Tensor:
-        """``floor(sqrt(var))``, exact (module docstring), at least 1 (PR #30: no NaN)."""
-        shift = self._shift(y_int)
-        var = (torch.floor(y_int / 2**shift).double() ** 2).sum(dim=-1, keepdim=True)  # exact: < 2^53
+        """``floor(sqrt(var))``, exact (module docstring), at least 1 (PR #30: no NaN). Without
+        overflow (shift 0, read on the CPU) the sums of squares that gave the shift are ``var``."""
+        squares = self._squares(y_int)
+        shift = self._shift(y_int, squares)
+        if y_int.device.type == "cpu" and not torch.jit.is_tracing() and float(shift) == 0.0:
+            var = squares  # floor(y / 2^0) = y: the same sums
+        else:
+            var = self._squares(torch.floor(y_int / 2**shift))  # exact: < 2^53
         r = torch.floor(torch.sqrt(var))  # within one of the root: corrected to the integer root
         r = torch.where(r * r > var, r - 1, r)
         r = torch.where((r + 1) * (r + 1) <= var, r + 1, r)
