@@ -5,7 +5,7 @@ a few images at a time gives the same integers as the whole batch, provided noth
 a statistic of the batch: every quantizer calibrated (a static scale), the site's kernel row-local
 (``QuantSite.row_local``), no recorder, no autograd. A slice of about :data:`SLICE_ELEMENTS`
 elements of its largest intermediate keeps the many elementwise passes of the integer kernels
-and requantizations in cache instead of streaming each whole tensor through memory. Swin's
+and requantizations in the caches instead of streaming each whole tensor through memory. Swin's
 window attention is not sliced: its windows are small already, and slicing them measured no gain
 (swin_tiny at batch 32, fmnist_swin at 256); LayerNorms are not (I-BERT's overflow shift is a
 statistic of the whole tensor).
@@ -20,8 +20,10 @@ from policysearch.quant import IntAct, IntLinear
 
 __all__ = ["ATTENTION_SLICE_FACTOR", "SLICE_ELEMENTS", "calibrated", "run_sliced", "slice_step"]
 
-#: elements of the largest intermediate per slice: 1 MiB of float32, an L2 cache
-SLICE_ELEMENTS = 2**18
+#: elements of the largest intermediate per slice: 4 MiB of float32, the fastest of 2^16 to 2^21
+#: at 2 threads (``benchmarks/bench_forward.py``'s models: deit_small at batch 32 went from 1.13-1.19x
+#: the float forward unsliced to 0.76-0.80x, fmnist_vit at batch 256 from 1.63-1.67x to 1.14-1.25x)
+SLICE_ELEMENTS = 2**20
 #: the attention's slices are 4x larger: it has more fixed cost per call (two matmuls, the
 #: softmax's scalar set-up), which small slices would multiply (measured: fmnist_vit, batch 32)
 ATTENTION_SLICE_FACTOR = 4
