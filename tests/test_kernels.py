@@ -14,6 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from ste_graphs import fqvit_softmax_graph, i_exp_poly_graph, ivit_gelu_graph, shift_exp_graph
 from torch import nn
 
 from policysearch import kernels
@@ -482,31 +483,6 @@ def test_shift_exp_keeps_the_reference_float_order() -> None:
     assert torch.equal(shift_exp(x.clone(), s, 15, inplace=True)[0], formula(x))
 
 
-def _i_exp_poly_graph(x_int, s):
-    """I-BERT's ``int_exp`` as an op-by-op autograd graph (``floor_ste``): the closed form's oracle."""
-    from policysearch.kernels._common import IEXP_COEF, IEXP_N, IEXP_X0, floor_ste
-
-    a, b, c = IEXP_COEF
-    x0_int = torch.floor(IEXP_X0 / s)
-    x_int = torch.maximum(x_int, IEXP_N * x0_int)
-    q = floor_ste(x_int / x0_int)
-    r = x_int - x0_int * q
-    z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
-    return torch.clamp(floor_ste(z * torch.pow(2.0, IEXP_N - q)), min=0)
-
-
-def _shift_exp_graph(x_int, s, n):
-    """I-ViT's ``int_exp_shift`` as an op-by-op autograd graph (``floor_ste``): the closed form's oracle."""
-    from policysearch.kernels._common import floor_ste
-
-    t = x_int + floor_ste(x_int / 2) - floor_ste(x_int / 16)
-    x0_int = torch.floor(-1.0 / s)
-    t = torch.maximum(t, n * x0_int)
-    q = floor_ste(t / x0_int)
-    e = (t - x0_int * q) / 2 - x0_int
-    return torch.clamp(floor_ste(e * torch.pow(2.0, torch.clamp(n - q, max=127.0))), min=0)
-
-
 @pytest.mark.parametrize("which", ["i_exp_poly", "shift_exp"])
 @pytest.mark.parametrize("s_val", [2e-5, 1e-3, 0.05, 0.4])
 def test_exp_closed_form_gradient_matches_op_by_op_graph(which, s_val) -> None:
@@ -521,33 +497,14 @@ def test_exp_closed_form_gradient_matches_op_by_op_graph(which, s_val) -> None:
     w = torch.randn(x.shape, generator=g)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     if which == "i_exp_poly":
-        fast, slow, value = i_exp_poly_ste(a, s), _i_exp_poly_graph(b, s), i_exp_poly(x, s)[0]
+        fast, slow, value = i_exp_poly_ste(a, s), i_exp_poly_graph(b, s), i_exp_poly(x, s)[0]
     else:
-        fast, slow, value = shift_exp_ste(a, s, 15), _shift_exp_graph(b, s, 15), shift_exp(x.clone(), s, 15)[0]
+        fast, slow, value = shift_exp_ste(a, s, 15), shift_exp_graph(b, s, 15), shift_exp(x.clone(), s, 15)[0]
     assert torch.equal(fast, value) and torch.equal(fast, slow)
     (fast * w).sum().backward()
     (slow * w).sum().backward()
     assert a.grad.abs().sum() > 0
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6 * float(b.grad.abs().max()))
-
-
-def _lis_graph(x, s, out_scale, bits=4):
-    """FQ-ViT's Log-Int-Softmax as an op-by-op straight-through graph: the closed form's oracle."""
-    from policysearch.kernels._common import round_ste, value_with_grad_of
-    from policysearch.kernels.fqvit import log_round
-
-    top = 2**bits - 1
-    x_int = x / s
-    x_int = torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-    exp_int = _i_exp_poly_graph(x_int, s)
-    zero = (exp_int == 0).detach()
-    ratio = round_ste(exp_int.sum(dim=-1, keepdim=True) / torch.where(zero, torch.ones_like(exp_int), exp_int))
-    ratio = torch.clamp(ratio, min=1.0)
-    with torch.no_grad():
-        code_int = log_round(ratio)
-        mask = zero | (code_int >= 2**bits)
-    code = torch.clamp(value_with_grad_of(code_int, torch.log2(ratio)), 0, top)
-    return torch.pow(2.0, top - code).masked_fill(mask, 0.0) * out_scale
 
 
 @pytest.mark.parametrize("s_val", [1e-3, 0.05, 0.3])
@@ -561,30 +518,13 @@ def test_fqvit_softmax_reference_gradient_matches_op_by_op_graph(s_val) -> None:
     w = torch.randn(x.shape, generator=g)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     with ste_gradients("reference"):
-        y, out_scale = kernels.create("softmax", "fqvit")(a, s)
-    ref = _lis_graph(b, s, out_scale)
+        y, _ = kernels.create("softmax", "fqvit")(a, s)
+    ref = fqvit_softmax_graph(b, s)
     assert torch.equal(y, ref)
     (y * w).sum().backward()
     (ref * w).sum().backward()
     assert a.grad.abs().sum() > 0
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5 * float(b.grad.abs().max()))
-
-
-def _ivit_gelu_graph(x, s, bits=8):
-    """I-ViT's ``IntGELU`` as an op-by-op straight-through graph: the closed form's oracle (with
-    the kernel's one deviation: ``x_int = round(x / s)``, straight through)."""
-    from policysearch.kernels._common import floor_ste, round_ste
-
-    num = 2**31 - 1
-    pre_x_int = round_ste(x / s)
-    s_sig = s * 1.702
-    x_max = pre_x_int.max(dim=-1, keepdim=True).values
-    exp_int = _shift_exp_graph(pre_x_int - x_max, s_sig, 23)
-    exp_max = _shift_exp_graph(-x_max, s_sig, 23)
-    total = torch.clamp(exp_int + exp_max, max=num)
-    factor = floor_ste(num / total)
-    sig_int = floor_ste(exp_int * factor / 2 ** (32 - bits))
-    return pre_x_int * sig_int * (s / 2 ** (bits - 1))
 
 
 @pytest.mark.parametrize("s_val", [1e-3, 0.02, 0.1])
@@ -598,7 +538,7 @@ def test_ivit_gelu_reference_gradient_matches_op_by_op_graph(s_val) -> None:
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     with ste_gradients("reference"):
         y, _ = kernels.create("gelu", "ivit")(a, s)
-    ref = _ivit_gelu_graph(b, s)
+    ref = ivit_gelu_graph(b, s)
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     (y * w).sum().backward()
     (ref * w).sum().backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ste_graphs import fqvit_softmax_graph, i_exp_poly_graph, ivit_gelu_graph, shift_exp_graph, shifted_rows
 from torch import nn
 
 from policysearch import kernels
@@ -15,29 +16,6 @@ RTOL = 1e-5
 
 
 # ---- the op-by-op graphs (the kernels' reference gradients before they were closed forms) -------
-def _shift_exp_graph(x_int: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
-    """I-ViT's ``int_exp_shift`` with ``floor_ste`` (the exponent capped at 127, as the kernel)."""
-    t = x_int + floor_ste(x_int / 2) - floor_ste(x_int / 16)
-    x0_int = torch.floor(-1.0 / s)
-    t = torch.maximum(t, n * x0_int)
-    q = floor_ste(t / x0_int)
-    e = (t - x0_int * q) / 2 - x0_int
-    return torch.clamp(floor_ste(e * torch.pow(2.0, torch.clamp(n - q, max=127.0))), min=0)
-
-
-def _ivit_gelu_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    num = 2**31 - 1
-    pre_x_int = round_ste(x / s)
-    s_sig = s * 1.702
-    x_max = pre_x_int.max(dim=-1, keepdim=True).values
-    exp_int = _shift_exp_graph(pre_x_int - x_max, s_sig, 23)
-    exp_max = _shift_exp_graph(-x_max, s_sig, 23)
-    total = torch.clamp(exp_int + exp_max, max=num)
-    factor = floor_ste(num / total)
-    sig_int = floor_ste(exp_int * factor / 2 ** (32 - bits))
-    return pre_x_int * sig_int * (s / 2 ** (bits - 1))
-
-
 # ---- helpers -----------------------------------------------------------------------------------
 def _close(fast: torch.Tensor, slow: torch.Tensor) -> None:
     """Equal up to float rounding, relative to the gradient's magnitude (sums of terms of both
@@ -80,7 +58,7 @@ def _inputs(shape, s_val: float, spread: float, seed: int) -> torch.Tensor:
 def test_ivit_gelu(s_val, spread) -> None:
     s = torch.tensor(s_val)
     x = _inputs((3, 7, 48), s_val, spread, 1)
-    _compare(lambda: kernels.create("gelu", "ivit"), _ivit_gelu_graph, x, s)
+    _compare(lambda: kernels.create("gelu", "ivit"), ivit_gelu_graph, x, s)
 
 
 # ---- I-BERT GELU ---------------------------------------------------------------------------------
@@ -152,28 +130,12 @@ def test_sqrt_layernorm(method, s_val, spread) -> None:
 
 
 # ---- softmaxes -----------------------------------------------------------------------------------
-def _i_exp_poly_graph(x_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """I-BERT's ``int_exp`` with ``floor_ste``."""
-    a, b, c = 0.35815147, 0.96963238, 1.0
-    x0_int = torch.floor(-0.6931 / s)
-    x_int = torch.maximum(x_int, 30 * x0_int)
-    q = floor_ste(x_int / x0_int)
-    r = x_int - x0_int * q
-    z = r * (r + torch.floor((b / a) / s)) + torch.floor((c / a) / s**2)
-    return torch.clamp(floor_ste(z * torch.pow(2.0, 30 - q)), min=0)
-
-
-def _shifted_rows(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    x_int = x / s
-    return torch.nan_to_num(x_int - x_int.max(dim=-1, keepdim=True).values, nan=0.0, neginf=-3.0e38)
-
-
 def _ibert_softmax_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """I-BERT's ``IntSoftmax.forward`` graph (with the kernel's coarsening and this call's range)."""
-    x_int = _shifted_rows(x, s)
+    x_int = shifted_rows(x, s)
     k = torch.clamp(torch.ceil(torch.log2(2e-5 / s)), 0.0, 126.0)
     x_int = torch.where(k > 0, floor_ste(x_int * 2.0**-k), x_int)
-    exp_int = _i_exp_poly_graph(x_int, s * 2.0**k)
+    exp_int = i_exp_poly_graph(x_int, s * 2.0**k)
     act_sf = torch.clamp(exp_int.detach().abs().max(), min=1e-8) / (2**15 - 1)
     exp_int = torch.clamp(round_ste(exp_int / act_sf), -(2**15), 2**15 - 1)
     factor = floor_ste(2**32 / exp_int.sum(dim=-1, keepdim=True))
@@ -200,7 +162,7 @@ def test_ibert_softmax(s_val, spread) -> None:
 def _ivit_softmax_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """I-ViT's ``IntSoftmax.forward`` graph."""
     num = 2**31 - 1
-    exp_int = _shift_exp_graph(_shifted_rows(x, s), s, 15)
+    exp_int = shift_exp_graph(shifted_rows(x, s), s, 15)
     total = torch.clamp(exp_int.sum(dim=-1, keepdim=True), max=num)
     factor = floor_ste(num / total)
     return floor_ste(exp_int * factor / 2 ** (32 - bits)) * (1.0 / 2 ** (bits - 1))
@@ -213,28 +175,10 @@ def test_ivit_softmax(s_val, spread) -> None:
              _softmax_inputs(s_val, spread, 6), s)
 
 
-def _fqvit_softmax_graph(x: torch.Tensor, s: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """FQ-ViT's Log-Int-Softmax with straight-through roundings (``log2`` code passing the gradient
-    of ``log2(ratio)``, the ``fqvit`` module docstring)."""
-    from policysearch.kernels._common import value_with_grad_of
-    from policysearch.kernels.fqvit import log_round
-
-    top = 2**bits - 1
-    exp_int = _i_exp_poly_graph(_shifted_rows(x, s), s)
-    zero = (exp_int == 0).detach()
-    ratio = round_ste(exp_int.sum(dim=-1, keepdim=True) / torch.where(zero, torch.ones_like(exp_int), exp_int))
-    ratio = torch.clamp(ratio, min=1.0)
-    with torch.no_grad():
-        code_int = log_round(ratio)
-        mask = zero | (code_int >= 2**bits)
-    code = torch.clamp(value_with_grad_of(code_int, torch.log2(ratio)), 0, top)
-    return torch.pow(2.0, top - code).masked_fill(mask, 0.0) * 2.0**-top
-
-
 @pytest.mark.parametrize("s_val, spread", [(1e-3, 2.0), (0.05, 2.0), (0.3, 3.0), (1.0, 3.0)])
 def test_fqvit_softmax(s_val, spread) -> None:
     s = torch.tensor(s_val)
-    _compare(lambda: kernels.create("softmax", "fqvit", bits=4), _fqvit_softmax_graph,
+    _compare(lambda: kernels.create("softmax", "fqvit", bits=4), fqvit_softmax_graph,
              _softmax_inputs(s_val, spread, 7), s)
 
 
